@@ -1,0 +1,173 @@
+"""certificate.json: what was proved, about which artifact, how, and under which assumptions (DESIGN §7)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import BundleError
+
+FORMAT = "domainguard-certificate/1"
+StatusName = Literal["PROVED", "REFUTED", "UNKNOWN"]
+
+
+class Method(BaseModel):
+    """How a claim was established."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str  # "graph-search" | "z3" | "exhaustive" | "empirical" | "trace"
+    version: str | None = None
+    seconds: float | None = None
+
+
+class Claim(BaseModel):
+    """One claim with its scope, method and result."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    kind: str
+    statement: str
+    scope: dict[str, Any] = Field(default_factory=dict)
+    method: Method
+    status: StatusName
+    witness: list[Any] | None = None
+    reason: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Finding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    code: str
+    severity: Literal["info", "warning", "error"]
+    message: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class Certificate(BaseModel):
+    """The whole certificate; ``verdict`` is derived from the claims, never set by hand."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["domainguard-certificate/1"] = FORMAT
+    verdict: StatusName = "UNKNOWN"
+    subject: dict[str, Any] = Field(default_factory=dict)
+    tools: dict[str, str | None] = Field(default_factory=dict)
+    scope: dict[str, Any] = Field(default_factory=dict)
+    claims: list[Claim] = Field(default_factory=list)
+    findings: list[Finding] = Field(default_factory=list)
+    assumptions: list[str] = Field(default_factory=list)
+    threat_model: dict[str, Any] = Field(default_factory=dict)
+    audit: dict[str, Any] | None = None
+    leak_test: dict[str, Any] | None = None
+    signature: dict[str, Any] | None = None
+
+    def add_claim(self, claim: Claim | dict) -> Claim:
+        c = claim if isinstance(claim, Claim) else Claim.model_validate(claim)
+        if any(old.id == c.id for old in self.claims):
+            raise ValueError(f"duplicate claim id {c.id!r}")
+        self.claims.append(c)
+        self.verdict = overall(self.claims)
+        return c
+
+    def add_finding(self, code: str, severity: str, message: str, **details: Any) -> None:
+        self.findings.append(Finding(code=code, severity=severity, message=message, details=details))
+
+    def to_json(self, *, include_signature: bool = True) -> str:
+        """Canonical JSON: sorted keys, fixed separators, so equal certificates hash equally."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        if not include_signature:
+            data.pop("signature", None)
+        return json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+
+    def canonical_bytes(self) -> bytes:
+        """The bytes a signature covers: the certificate without its signature."""
+        return self.to_json(include_signature=False).encode()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Certificate":
+        p = Path(path)
+        if p.is_dir():
+            p = p / "certificate.json"
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise BundleError(f"{p}: no certificate.json", code="DG401") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BundleError(f"{p}: not a readable certificate ({exc})", code="DG402") from None
+        try:
+            return cls.model_validate(data)
+        except Exception as exc:  # pydantic ValidationError: report it once, as a bundle problem
+            raise BundleError(f"{p}: malformed certificate: {exc}", code="DG402") from None
+
+
+def overall(claims: list[Claim]) -> StatusName:
+    """REFUTED if any claim is refuted, else UNKNOWN if any is unknown, else PROVED (no claims: UNKNOWN)."""
+    if not claims:
+        return "UNKNOWN"
+    statuses = {c.status for c in claims}
+    if "REFUTED" in statuses:
+        return "REFUTED"
+    if "UNKNOWN" in statuses:
+        return "UNKNOWN"
+    return "PROVED"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def tool_versions() -> dict[str, str | None]:
+    """Versions of everything that can change a result."""
+    from . import __version__
+
+    return {
+        "domainguard": __version__,
+        "python": platform.python_version(),
+        "z3": _version("z3-solver"),
+        "networkx": _version("networkx"),
+        "pydantic": _version("pydantic"),
+        "torch": _version("torch"),
+        "triton": _version("triton"),
+        "numpy": _version("numpy"),
+    }
+
+
+ASSUMPTIONS = [
+    "Attention is the only operation that mixes information across sequence positions "
+    "(checked by the graph audit for guarded models; assumed for a compiled policy alone).",
+    "Each token carries exactly one domain id, assigned by the caller's layout; mislabelled input is out of scope.",
+    "A path may use each layer once per forward pass; generated tokens re-enter at layer 0 in the generation domain.",
+    "Domain-level verdicts hold for every sparsity pattern because patterns only remove token pairs "
+    "(translation validation checks the compiled tables against this).",
+]
+
+THREAT_MODEL = {
+    "adversary": "controls the contents (tokens, embeddings, even NaN/Inf activations) of domains a protected domain may not read",
+    "protects": "outputs and gradients of protected tokens are independent of forbidden domains' contents",
+    "not_covered": [
+        "side channels outside the model (timing, memory, batch composition)",
+        "the length of forbidden segments when positions are global (reported as a finding)",
+        "information present in the weights themselves (training data memorisation)",
+        "operations outside the guarded model (tokeniser, sampling code, retrieval)",
+    ],
+}

@@ -1,0 +1,140 @@
+"""CompiledPolicy: the resolved, frozen form every later stage consumes.
+
+Domain ids are positions in ``domains`` (pre-order of the domain tree, so every
+subtree is a contiguous id interval). One extra id, ``pad_id == len(domains)``,
+marks padding: nobody reads it and it reads nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from .errors import LayoutError
+from .flow import FlowSpec, resolve
+from .policy import Pattern, Policy, parse_layer_range
+
+
+@dataclass(frozen=True, eq=False)
+class CompiledPolicy:
+    """A policy resolved for a model depth and a deployment profile."""
+
+    policy: Policy
+    flow: FlowSpec
+    source: str | None = None
+    _patterns: dict = field(default_factory=dict, repr=False)
+
+    # --- names and ids -------------------------------------------------------------
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return self.flow.tree.names
+
+    @property
+    def num_domains(self) -> int:
+        return len(self.flow.tree.names)
+
+    @property
+    def pad_id(self) -> int:
+        return len(self.flow.tree.names)
+
+    @property
+    def num_layers(self) -> int:
+        return self.flow.num_layers
+
+    @property
+    def profile(self) -> str | None:
+        return self.flow.profile
+
+    @property
+    def generation_id(self) -> int | None:
+        return self.flow.generation
+
+    @property
+    def positions(self) -> str:
+        return self.policy.positions
+
+    def id_of(self, name: str) -> int:
+        try:
+            return self.flow.tree.index[name]
+        except KeyError:
+            raise LayoutError(
+                f"unknown domain {name!r}; declared domains: {', '.join(self.domains)}",
+                code="DG301",
+            ) from None
+
+    # --- relations -----------------------------------------------------------------
+    @property
+    def relations(self) -> np.ndarray:
+        """bool [L, D, D], read-only: ``relations[l, r, s]`` — at layer l, tokens of r may attend tokens of s."""
+        return self.flow.relations
+
+    def relation(self, layer: int):
+        """torch.bool [D+1, D+1] for ``layer`` including the pad row/column (all False)."""
+        import torch
+
+        if not 0 <= layer < self.num_layers:
+            raise LayoutError(f"layer {layer} outside 0..{self.num_layers - 1}", code="DG302")
+        d = self.num_domains
+        out = torch.zeros(d + 1, d + 1, dtype=torch.bool)
+        out[:d, :d] = torch.from_numpy(np.ascontiguousarray(self.relations[layer]))
+        return out
+
+    # --- patterns ------------------------------------------------------------------
+    def pattern(self, domain: int, layer: int, head: int = 0) -> Pattern | None:
+        """Pattern for queries of ``domain`` at ``layer``/``head``: the nearest ancestor's entry, else ``default``."""
+        key = (domain, layer, head)
+        if key in self._patterns:
+            return self._patterns[key]
+        tree = self.flow.tree
+        pats = self.policy.patterns
+        chosen = None
+        node = domain if domain < self.num_domains else -1
+        candidates = []
+        while node >= 0:
+            candidates.append(tree.names[node])
+            node = tree.parents[node]
+        candidates.append("default")
+        for name in candidates:
+            value = pats.get(name)
+            if value is None:
+                continue
+            for pat in value if isinstance(value, list) else [value]:
+                if pat.layers is not None and layer not in parse_layer_range(pat.layers, self.num_layers):
+                    continue
+                if pat.heads is not None and head not in parse_layer_range(pat.heads, 1 << 30):
+                    continue
+                chosen = pat
+                break
+            if chosen is not None:
+                break
+        self._patterns[key] = chosen
+        return chosen
+
+    # --- digests -------------------------------------------------------------------
+    @cached_property
+    def canonical_policy(self) -> str:
+        """The policy as canonical JSON (sorted keys, aliases, defaults dropped)."""
+        data = self.policy.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+
+    @cached_property
+    def tables_digest(self) -> str:
+        """sha256 over the domain names, layer count, profile and relation tables."""
+        h = hashlib.sha256()
+        h.update(json.dumps([list(self.domains), self.num_layers, self.profile]).encode())
+        h.update(np.packbits(self.relations, axis=None).tobytes())
+        return h.hexdigest()
+
+    @cached_property
+    def policy_digest(self) -> str:
+        return hashlib.sha256(self.canonical_policy.encode()).hexdigest()
+
+
+def compile(policy: Policy, layers: int | None = None, profile: str | None = None, *, source: str | None = None) -> CompiledPolicy:
+    """Resolve ``policy`` for a model of ``layers`` layers under deployment ``profile``."""
+    flow = resolve(policy, num_layers=layers, profile=profile, source=source)
+    return CompiledPolicy(policy=policy, flow=flow, source=source)

@@ -1,0 +1,1 @@
+"""Triton kernels that enforce a frozen domain relation (imported as ``domainguard.kernels``)."""
