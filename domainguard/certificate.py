@@ -171,3 +171,30 @@ THREAT_MODEL = {
         "operations outside the guarded model (tokeniser, sampling code, retrieval)",
     ],
 }
+
+
+def from_verdict(compiled, verdict, *, files: dict[str, str] | None = None) -> Certificate:
+    """A certificate for a compiled policy: subject digests, tool versions, one claim per result."""
+    cert = Certificate(
+        subject={
+            "policy": {"name": compiled.policy.name, "sha256": compiled.policy_digest, "file": compiled.source},
+            "tables": {"sha256": compiled.tables_digest, "domains": list(compiled.domains),
+                       "layers": compiled.num_layers},
+            "files": dict(sorted((files or {}).items())),
+        },
+        tools=tool_versions(),
+        scope={
+            "layers": compiled.num_layers if compiled.flow.depth_given else "any",
+            "profile": compiled.profile,
+            "generation": compiled.domains[compiled.generation_id] if compiled.generation_id is not None else None,
+            "positions": compiled.positions,
+        },
+        assumptions=list(ASSUMPTIONS),
+        threat_model=dict(THREAT_MODEL),
+    )
+    for result in verdict.results:
+        cert.add_claim(result.to_claim())
+    for f in verdict.findings:
+        cert.add_finding(f["code"], f["severity"], f["message"])
+    cert.verdict = overall(cert.claims) if cert.claims else "PROVED"
+    return cert

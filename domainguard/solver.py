@@ -198,12 +198,12 @@ def _rule_encoding(flow, rule, enabled: dict, tag: str):
 _MAX_EXPLAIN_CELLS = 400_000  # (domains × layers × entries) beyond which explanations are skipped, not guessed
 
 
-def explain(compiled, result: Result, timeout_ms: int = 20_000) -> Result:
+def explain(compiled, result: Result, timeout_ms: int = 20_000, rule=None) -> Result:
     """Attach to a refuted rule the entries its leak relies on and the single entries whose removal restores it."""
     flow = compiled.flow
     t0 = time.perf_counter()
-    idx = int(result.id.split("[")[1].rstrip("]"))
-    rule = compiled.policy.forbid[idx]
+    if rule is None:
+        rule = compiled.policy.forbid[int(result.id.split("[")[1].rstrip("]"))]
     size = len(flow.tree.names) * (flow.num_layers + 1) * max(1, len(flow.atoms))
     if size > _MAX_EXPLAIN_CELLS:
         exp = {"status": Status.UNKNOWN.value, "reason": f"policy too large for explanations ({size} cells)"}

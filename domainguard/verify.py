@@ -234,8 +234,8 @@ def _statement(kind: str, a: str, b: str) -> str:
     }[kind]
 
 
-def check_rules(compiled, reach: np.ndarray, unbounded: np.ndarray) -> list[Result]:
-    """One Result per forbid rule, by graph search."""
+def check_rules(compiled, reach: np.ndarray, unbounded: np.ndarray, rules=None) -> list[Result]:
+    """One Result per forbid rule (or per (id, rule) in ``rules``), by graph search."""
     from .parse import locate
 
     flow, policy = compiled.flow, compiled.policy
@@ -245,7 +245,8 @@ def check_rules(compiled, reach: np.ndarray, unbounded: np.ndarray) -> list[Resu
         "decode_steps": "any" if flow.generation is not None else 0,
     }
     out = []
-    for i, rule in enumerate(policy.forbid):
+    todo = rules if rules is not None else [(f"forbid[{i}]", r) for i, r in enumerate(policy.forbid)]
+    for rule_id, rule in todo:
         t0 = time.perf_counter()
         kind, pairs = _rule_parts(flow, rule)
         statuses, witness, ub_statuses, ub_paths = [], [], [], []
@@ -262,7 +263,7 @@ def check_rules(compiled, reach: np.ndarray, unbounded: np.ndarray) -> list[Resu
             status, witness_final = any_depth, tuple(ub_paths) if any_depth is Status.REFUTED else ()
         else:
             status, witness_final = at_depth, tuple(witness)
-        loc = locate(policy, ("forbid", i))
+        loc = locate(policy, ("forbid", int(rule_id[7:-1]))) if rule_id.startswith("forbid[") else None
         details = {
             "rule": rule.model_dump(mode="json", by_alias=True, exclude_none=True),
             "at_depth": at_depth.value if flow.depth_given else None,
@@ -273,7 +274,7 @@ def check_rules(compiled, reach: np.ndarray, unbounded: np.ndarray) -> list[Resu
         a, b = pairs[0]
         out.append(
             Result(
-                id=f"forbid[{i}]",
+                id=rule_id,
                 kind=kind,
                 statement=_statement(kind, a, b),
                 status=status,
@@ -323,3 +324,18 @@ def verify(compiled, *, explain: bool = True, suggest: bool = False, timeout_ms:
     suggestion = solver.suggest(compiled, timeout_ms=timeout_ms) if suggest else None
     status = combine_status(r.status for r in results) if results else Status.PROVED
     return Verdict(status, tuple(results), reach_report(flow, reach), tuple(findings), suggestion)
+
+
+def explain_flow(compiled, src: str, dst: str, *, timeout_ms: int = 20_000) -> Result:
+    """Is there an information path from ``src`` to ``dst``? With the witness and, if so, the Z3 explanation."""
+    from . import solver
+    from .policy import Flow
+
+    for name in (src, dst):
+        compiled.id_of(name)
+    rule = ForbidFlow(flow=Flow.model_validate({"from": src, "to": dst}))
+    flow = compiled.flow
+    result = check_rules(compiled, reach_table(flow), closure(flow), rules=[("query", rule)])[0]
+    if result.status is Status.REFUTED:
+        result = solver.explain(compiled, result, timeout_ms=timeout_ms, rule=rule)
+    return result

@@ -1,0 +1,363 @@
+"""The `domainguard` command (DESIGN §8). Errors are formatted here, once.
+
+Exit codes: 0 proved / clean, 1 refuted (findings), 2 bad input or usage, 3 inconclusive.
+``--json`` puts machine output alone on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import BundleError, DomainGuardError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Compile domain policies into proved attention masks, kernels and certified models.")
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+EXIT = {"PROVED": 0, "REFUTED": 1, "UNKNOWN": 3}
+STYLE = {"PROVED": "bold green", "REFUTED": "bold red", "UNKNOWN": "bold yellow"}
+
+
+class _Fail(Exception):
+    def __init__(self, error: DomainGuardError, as_json: bool):
+        self.error, self.as_json = error, as_json
+
+
+def _emit_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+# --- shared steps --------------------------------------------------------------------------
+def _load(policy_path: str, layers: int | None, profile: str | None):
+    from .compiled import compile
+    from .parse import load_policy
+
+    policy = load_policy(policy_path)
+    return compile(policy, layers=layers, profile=profile, source=policy_path)
+
+
+def _show_results(verdict, compiled, title: str) -> None:
+    out.print(f"[bold]{title}[/]  policy [cyan]{compiled.policy.name}[/]  "
+              f"layers {compiled.num_layers if compiled.flow.depth_given else 'any'}"
+              f"{'  profile ' + compiled.profile if compiled.profile else ''}")
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("claim")
+    table.add_column("statement")
+    table.add_column("verdict")
+    table.add_column("method")
+    for r in verdict.results:
+        table.add_row(r.id, r.statement, f"[{STYLE[r.status.value]}]{r.status.value}[/]", r.method.get("name", ""))
+    out.print(table)
+    for r in verdict.results:
+        for path in r.witness:
+            out.print(f"  [red]{r.id}[/] witness: {path}")
+        if r.reason:
+            out.print(f"  [yellow]{r.id}[/] {r.reason}")
+        exp = r.details.get("explanation")
+        if exp and exp.get("text"):
+            out.print(f"  [cyan]{r.id}[/] relies on {', '.join(exp['relies_on'])}; {exp['text']}")
+        loc = r.details.get("location")
+        if loc and r.status.value != "PROVED":
+            out.print(f"  [dim]{loc['file']}:{loc['line']}:{loc['column']}[/]")
+    for f in verdict.findings:
+        out.print(f"  [yellow]finding {f['code']}[/]: {f['message']}")
+    if verdict.suggestion:
+        out.print(f"  [cyan]suggest[/]: {verdict.suggestion.get('text') or verdict.suggestion.get('reason')}")
+    out.print(f"verdict: [{STYLE[verdict.status.value]}]{verdict.status.value}[/]")
+
+
+def _verdict_json(verdict, compiled) -> dict:
+    return {
+        "status": verdict.status.value,
+        "policy": compiled.policy.name,
+        "scope": {"layers": compiled.num_layers if compiled.flow.depth_given else "any", "profile": compiled.profile},
+        "claims": [r.to_claim() for r in verdict.results],
+        "findings": list(verdict.findings),
+        "reach": verdict.reach,
+        "suggestion": verdict.suggestion,
+    }
+
+
+def _write_compiled(compiled, verdict, target: Path) -> dict[str, str]:
+    """Write the compiled directory atomically: everything lands, or nothing changes."""
+    import numpy as np
+
+    from .certificate import from_verdict, sha256_file
+
+    target = target.resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        if compiled.source:
+            shutil.copyfile(compiled.source, tmp / "policy.yaml")
+        (tmp / "policy.json").write_text(compiled.canonical_policy + "\n")
+        (tmp / "domains.json").write_text(json.dumps({"domains": list(compiled.domains), "pad_id": compiled.pad_id,
+                                                      "layers": compiled.num_layers, "profile": compiled.profile,
+                                                      "depth_given": compiled.flow.depth_given}, indent=1) + "\n")
+        with open(tmp / "relations.npy", "wb") as f:
+            np.save(f, np.ascontiguousarray(compiled.relations), allow_pickle=False)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        cert = from_verdict(compiled, verdict, files=files)
+        (tmp / "certificate.json").write_text(cert.to_json())
+        backup = None
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old")
+            if backup.exists():
+                shutil.rmtree(backup)
+            target.rename(backup)
+        tmp.rename(target)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+        return files
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_dir(path: Path):
+    """Re-derive a compiled directory or bundle from its policy; returns (compiled, certificate, problems)."""
+    from .certificate import Certificate, sha256_file
+    from .compiled import compile
+    from .parse import load_policy, loads_policy
+
+    cert = Certificate.load(path)
+    problems: list[str] = []
+    for name, digest in cert.subject.get("files", {}).items():
+        p = path / name
+        if not p.is_file():
+            problems.append(f"{p}: listed in the certificate but missing")
+        elif sha256_file(p) != digest:
+            problems.append(f"{p}: contents changed since certification (sha256 mismatch)")
+    if (path / "policy.yaml").is_file():
+        policy = load_policy(path / "policy.yaml")
+        src = str(path / "policy.yaml")
+    elif (path / "policy.json").is_file():
+        policy = loads_policy((path / "policy.json").read_text(), str(path / "policy.json"))
+        src = str(path / "policy.json")
+    else:
+        raise BundleError(f"{path}: no policy.yaml or policy.json", code="DG403")
+    scope = cert.scope
+    layers = scope.get("layers")
+    compiled = compile(policy, layers=layers if isinstance(layers, int) else None, profile=scope.get("profile"),
+                       source=src)
+    rel_file = path / "relations.npy"
+    if rel_file.is_file():
+        import numpy as np
+
+        try:
+            stored = np.load(rel_file, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            stored = None
+            problems.append(f"{rel_file}: unreadable ({exc})")
+        if stored is not None and (stored.shape != compiled.relations.shape or not (stored == compiled.relations).all()):
+            problems.append(f"{rel_file}: tables do not match the policy")
+    if cert.subject.get("tables", {}).get("sha256") not in (None, compiled.tables_digest):
+        problems.append(f"{path / 'certificate.json'}: tables digest does not match the policy")
+    return compiled, cert, problems
+
+
+# --- commands ------------------------------------------------------------------------------
+@app.command("compile")
+def compile_cmd(
+    policy: str = typer.Argument(..., help="Policy YAML file."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Deployment profile."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Model depth (transformer layers)."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output directory."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
+):
+    """Compile POLICY into per-layer relation tables and a certificate."""
+    from .verify import verify
+
+    try:
+        compiled = _load(policy, layers, profile)
+        verdict = verify(compiled)
+        if profile is not None:
+            ref = verdict.result(f"profile[{profile}]")
+            if ref.status.value != "PROVED":
+                if as_json:
+                    _emit_json({"status": ref.status.value, "written": None, "claims": [ref.to_claim()]})
+                else:
+                    err.print(f"[red]refusing to compile profile {profile!r}[/]: {ref.reason}")
+                raise typer.Exit(EXIT[ref.status.value])
+        target = Path(output or f"{Path(policy).stem}.compiled")
+        files = _write_compiled(compiled, verdict, target)
+    except DomainGuardError as e:
+        raise _Fail(e, as_json) from None
+    if as_json:
+        _emit_json({**_verdict_json(verdict, compiled), "written": str(target), "files": files})
+    else:
+        _show_results(verdict, compiled, "compile")
+        out.print(f"wrote [cyan]{target}[/] ({', '.join(files)}, certificate.json)")
+    raise typer.Exit(EXIT[verdict.status.value])
+
+
+@app.command("verify")
+def verify_cmd(
+    target: str = typer.Argument(..., help="Policy YAML, compiled directory or bundle."),
+    profile: Optional[str] = typer.Option(None, "--profile"),
+    layers: Optional[int] = typer.Option(None, "--layers"),
+    suggest: bool = typer.Option(False, "--suggest", help="Also find a maximal set of reads that satisfies every rule."),
+    pubkey: Optional[str] = typer.Option(None, "--pubkey", help="Check the bundle's signature with this public key."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Prove every forbid rule (or re-check a compiled directory/bundle from scratch)."""
+    from .verdict import Result, Status, Verdict
+    from .verify import verify
+
+    try:
+        path = Path(target)
+        problems: list[str] = []
+        if path.is_dir():
+            if pubkey is not None:
+                from .signing import verify_bundle_signature
+
+                verify_bundle_signature(str(path), pubkey)
+            compiled, cert, problems = _load_dir(path)
+            if profile is not None or layers is not None:
+                raise BundleError("--profile and --layers are fixed by the compiled directory's certificate",
+                                  code="DG404")
+        else:
+            if pubkey is not None:
+                raise BundleError("--pubkey needs a bundle directory", code="DG404")
+            compiled = _load(target, layers, profile)
+        verdict = verify(compiled, suggest=suggest)
+        if path.is_dir():
+            integrity = Result(
+                id="artifact", kind="artifact-matches-policy",
+                statement="the directory's files and tables are exactly what its policy compiles to",
+                status=Status.REFUTED if problems else Status.PROVED,
+                method={"name": "digest-and-recompile"}, scope={}, reason="; ".join(problems) or None,
+            )
+            results = verdict.results + (integrity,)
+            from .verdict import combine_status
+
+            verdict = Verdict(combine_status(r.status for r in results), results, verdict.reach,
+                              verdict.findings, verdict.suggestion)
+    except DomainGuardError as e:
+        raise _Fail(e, as_json) from None
+    if as_json:
+        _emit_json(_verdict_json(verdict, compiled))
+    else:
+        _show_results(verdict, compiled, "verify")
+    raise typer.Exit(EXIT[verdict.status.value])
+
+
+@app.command("explain")
+def explain_cmd(
+    policy: str = typer.Argument(...),
+    src: str = typer.Option(..., "--from", help="Source domain."),
+    dst: str = typer.Option(..., "--to", help="Destination domain."),
+    layers: Optional[int] = typer.Option(None, "--layers"),
+    profile: Optional[str] = typer.Option(None, "--profile"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Show whether and how information can flow from one domain to another."""
+    from .verify import explain_flow
+
+    try:
+        compiled = _load(policy, layers, profile)
+        result = explain_flow(compiled, src, dst)
+    except DomainGuardError as e:
+        raise _Fail(e, as_json) from None
+    leaks = result.status.value == "REFUTED"
+    if as_json:
+        _emit_json({"flows": leaks, **result.to_claim()})
+    else:
+        if not leaks:
+            out.print(f"[green]no information path[/] from {src} to {dst} "
+                      f"(layers {compiled.num_layers if compiled.flow.depth_given else 'any'})")
+        else:
+            out.print(f"[red]information flows[/] from {src} to {dst}:")
+            for p in result.witness:
+                out.print(f"  {p}")
+            exp = result.details.get("explanation", {})
+            if exp.get("relies_on"):
+                out.print(f"  relies on: {', '.join(exp['relies_on'])}")
+                out.print(f"  {exp.get('text', '')}")
+    raise typer.Exit(1 if leaks else 0)
+
+
+@app.command("schema")
+def schema_cmd():
+    """Print the policy JSON Schema (for YAML editors)."""
+    from .policy import json_schema
+
+    _emit_json(json_schema())
+
+
+@app.command("certify")
+def certify_cmd(
+    model: str = typer.Option(..., "--model", help="Model directory (Hugging Face format)."),
+    policy: str = typer.Option(..., "--policy", help="Policy YAML."),
+    profile: Optional[str] = typer.Option(None, "--profile"),
+    output: str = typer.Option(..., "-o", "--output", help="Bundle directory to write."),
+):
+    """Guard a model, audit and leak-test it, and write a certified bundle."""
+    from .bundle import certify_cli
+
+    try:
+        code = certify_cli(model, policy, profile, output)
+    except DomainGuardError as e:
+        raise _Fail(e, False) from None
+    raise typer.Exit(code)
+
+
+@app.command("report")
+def report_cmd(
+    target: str = typer.Argument(..., help="Compiled directory or bundle."),
+    fmt: str = typer.Option("html", "--format", help="html, pdf, md, json or sarif."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output file (default: stdout for text formats)."),
+):
+    """Write the audit report for a compiled directory or bundle."""
+    from . import report
+
+    try:
+        if output:
+            report.write_report(target, fmt, output)
+        else:
+            data = report.render(target, fmt)
+            if isinstance(data, bytes):
+                raise DomainGuardError("binary format: give -o FILE", code="DG001")
+            sys.stdout.write(data if data.endswith("\n") else data + "\n")
+    except DomainGuardError as e:
+        raise _Fail(e, False) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, format DomainGuardErrors once, map them to exit code 2."""
+    try:
+        rv = app(args=argv, standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except typer.Exit as e:
+        return e.exit_code
+    except _Fail as f:
+        e = f.error
+        if f.as_json:
+            _emit_json(e.to_dict())
+        err.print(str(e), markup=False)
+        return e.exit_code
+    except DomainGuardError as e:
+        err.print(str(e), markup=False)
+        return e.exit_code
+    except Exception as e:
+        # Usage errors from the (vendored) click layer: shown once, exit 2.
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            e.show()
+            return 2
+        if type(e).__name__ == "Abort":
+            return 2
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
