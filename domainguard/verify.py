@@ -28,7 +28,9 @@ _INF = np.iinfo(np.int32).max // 4
 def _propagate(flow, start: np.ndarray) -> np.ndarray:
     """One forward pass: start float32 [D, K] (node × source, 0/1) at level 0 → reach at level L."""
     R = start.copy()
-    rel = flow.relations.astype(np.float32)
+    rel = flow.__dict__.get("_rel_f32")
+    if rel is None:
+        rel = flow.__dict__["_rel_f32"] = flow.relations.astype(np.float32)
     L = flow.num_layers
     l = 0
     while l < L:
@@ -80,8 +82,12 @@ class _Pass:
     choice: np.ndarray  # int32 [L+1, D]: -1 stay/origin, -2 decode feedback (level 0), >=0 attended source
 
 
-def _hop_passes(flow, start: np.ndarray) -> list[_Pass]:
-    """Fewest cross-domain hops to every (domain, level), pass by pass through decode feedback."""
+def _hop_passes(flow, start: np.ndarray, targets: np.ndarray | None = None, stop_at: int | None = None) -> list[_Pass]:
+    """Fewest cross-domain hops to every (domain, level), pass by pass through decode feedback.
+
+    With ``targets``, stops at the first level where one is reached (later levels copy it):
+    witnesses are then shortest in layers first, hops second.
+    """
     D, L, g = len(flow.tree.names), flow.num_layers, flow.generation
     dist0 = np.where(start, 0, _INF).astype(np.int32)
     choice0 = np.full(D, -1, dtype=np.int32)
@@ -92,12 +98,17 @@ def _hop_passes(flow, start: np.ndarray) -> list[_Pass]:
         choice = np.full((L + 1, D), -1, dtype=np.int32)
         dist[0], choice[0] = dist0, choice0
         for l in range(L):
-            cand = np.where(flow.relations[l], dist[l][None, :] + 1, _INF)
-            best_s = cand.argmin(axis=1)
-            best = cand[rows, best_s]
+            if (targets is not None and (dist[l, targets] < _INF).any()) or (stop_at is not None and l >= stop_at):
+                dist[l + 1:] = dist[l]
+                passes.append(_Pass(dist, choice))
+                return passes
+            active = np.flatnonzero(dist[l] < _INF)  # only reached nodes can pass anything on
+            cand = np.where(flow.relations[l][:, active], dist[l, active][None, :] + 1, _INF)
+            best_j = cand.argmin(axis=1)
+            best = cand[rows, best_j]
             take = best < dist[l]
             dist[l + 1] = np.where(take, best, dist[l])
-            choice[l + 1] = np.where(take, best_s, -1)
+            choice[l + 1] = np.where(take, active[best_j], -1)
         passes.append(_Pass(dist, choice))
         if g is None or dist[L, g] + 1 >= dist0[g] or len(passes) > D + 1:
             return passes
@@ -142,7 +153,10 @@ def _earliest(passes: list[_Pass], targets: np.ndarray) -> tuple[int, int] | Non
 
 # --- unbounded depth: compact networkx graph over reads entries -------------------------
 def _entry_graph(flow) -> nx.DiGraph:
-    """Paths between ("d", i) nodes = information paths at any depth (O(D + entries) edges)."""
+    """Paths between ("d", i) nodes = information paths at any depth (O(D + entries) edges); built once per flow."""
+    cached = flow.__dict__.get("_entry_graph")
+    if cached is not None:
+        return cached
     G = nx.DiGraph()
     tree = flow.tree
     for i, parent in enumerate(tree.parents):
@@ -153,17 +167,19 @@ def _entry_graph(flow) -> nx.DiGraph:
             G.add_edge(("in", parent), ("in", i))
     for atom in flow.atoms:
         G.add_edge(("out", atom.source), ("in", atom.reader), origin=atom.origin_text)
+    flow.__dict__["_entry_graph"] = G
     return G
 
 
 def _unbounded_path(flow, G: nx.DiGraph, sources, targets) -> Path | None:
-    G = G.copy()
-    G.add_edges_from((("src",), ("d", s)) for s in sources)
-    G.add_edges_from((("d", t), ("dst",)) for t in targets)
+    G.add_edges_from((("src",), ("d", int(s))) for s in sources)
+    G.add_edges_from((("d", int(t)), ("dst",)) for t in targets)
     try:
         nodes = nx.shortest_path(G, ("src",), ("dst",))
     except nx.NetworkXNoPath:
         return None
+    finally:
+        G.remove_nodes_from([("src",), ("dst",)])
     doms = [n[1] for n in nodes if n[0] == "d"]
     names = flow.tree.names
     return Path(tuple(Step(names[d], i, "origin" if i == 0 else "attention") for i, d in enumerate(doms)))
@@ -195,7 +211,7 @@ def prove_no_flow(flow, src: str, dst: str, reach: np.ndarray, unbounded: np.nda
     if at_depth:
         start = np.zeros(len(flow.tree.names), dtype=bool)
         start[S] = True
-        passes = _hop_passes(flow, start)
+        passes = _hop_passes(flow, start, T)
         hit = _earliest(passes, T)
         assert hit is not None, f"reach table says {src}->{dst} leaks but the hop search found no path"
         witness.append(_path_to(flow, passes, *hit))
@@ -213,7 +229,17 @@ def prove_no_combine(flow, a: str, b: str, reach: np.ndarray, unbounded: np.ndar
         D = len(flow.tree.names)
         sa, sb = np.zeros(D, dtype=bool), np.zeros(D, dtype=bool)
         sa[A], sb[B] = True, True
-        pa, pb = _hop_passes(flow, sa), _hop_passes(flow, sb)
+        # Earliest level of the first pass where some node holds both (cheap level-wise vectors).
+        stop_at, fa, fb = None, sa.astype(np.float32), sb.astype(np.float32)
+        for l in range(flow.num_layers + 1):
+            if (fa > 0).__and__(fb > 0).any():
+                stop_at = l
+                break
+            if l < flow.num_layers:
+                rel = flow.relations[l]
+                fa = ((fa + rel @ fa) > 0).astype(np.float32)
+                fb = ((fb + rel @ fb) > 0).astype(np.float32)
+        pa, pb = _hop_passes(flow, sa, stop_at=stop_at), _hop_passes(flow, sb, stop_at=stop_at)
         total = pa[-1].dist.astype(np.int64) + pb[-1].dist.astype(np.int64)
         total[(pa[-1].dist >= _INF) | (pb[-1].dist >= _INF)] = np.iinfo(np.int64).max
         level, node = np.unravel_index(int(np.argmin(total)), total.shape)
