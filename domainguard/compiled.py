@@ -80,7 +80,7 @@ class CompiledPolicy:
             raise LayoutError(f"layer {layer} outside 0..{self.num_layers - 1}", code="DG302")
         d = self.num_domains
         out = torch.zeros(d + 1, d + 1, dtype=torch.bool)
-        out[:d, :d] = torch.from_numpy(np.ascontiguousarray(self.relations[layer]))
+        out[:d, :d] = torch.from_numpy(self.relations[layer].copy())
         return out
 
     # --- patterns ------------------------------------------------------------------
