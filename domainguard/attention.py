@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
+from dataclasses import dataclass
 
 import torch
 
 from .errors import KernelError
 
-__all__ = ["attention", "attention_reference", "GuardedAttention", "EMPTY_ROW_LSE"]
+__all__ = ["attention", "attention_reference", "GuardedAttention", "AttentionPlan", "KernelConfig", "EMPTY_ROW_LSE"]
 
 # Log-sum-exp reported for a row with no allowed key (its output is 0).
 EMPTY_ROW_LSE = 0.0
@@ -191,11 +193,248 @@ def attention_reference(
     return (out, lse) if return_lse else out
 
 
-# --- public entry ---------------------------------------------------------------------
-def _triton_available(device: torch.device) -> bool:
-    if device.type == "cuda":
+# --- kernel path ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of the forward and backward kernels."""
+
+    block_m: int = 128
+    block_n: int = 128
+    num_warps: int = 8
+    num_stages: int = 3
+    dkdv: tuple = (("SUB_N", 64), ("SUB_M", 64), ("num_warps", 8), ("num_stages", 2))
+    dq: tuple = (("SUB_M", 64), ("SUB_N", 64), ("num_warps", 8), ("num_stages", 2))
+    check_full: bool = True
+
+
+def default_config(dtype: torch.dtype, head_dim: int) -> KernelConfig:
+    """The tuned configuration for a dtype and head dim (see BENCHMARKS.md)."""
+    if dtype == torch.float32:
+        return KernelConfig(
+            block_m=64, block_n=64, num_warps=4, num_stages=2,
+            dkdv=(("SUB_N", 32), ("SUB_M", 32), ("num_warps", 4), ("num_stages", 1)),
+            dq=(("SUB_M", 32), ("SUB_N", 32), ("num_warps", 4), ("num_stages", 1)),
+        )
+    return KernelConfig()
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionPlan:
+    """Everything a call needs besides q/k/v: slot order, tile lists, schedule. Reusable across calls."""
+
+    qs: "Slots"
+    ks: "Slots"
+    lists: tuple  # (full_num, full_idx, partial_num, partial_idx) [B, Hm, Tq, (Tk)] int32
+    lists_t: tuple  # the same, key-major, for dk/dv
+    order: torch.Tensor  # int32 [B, Tq]: query tiles by descending work
+    q_inv: torch.Tensor  # int32 [B, Nq]: slot of each query token
+    tables_digest: str
+    config: KernelConfig
+    nq: int
+    nk: int
+    heads: int  # Hm: 1 when heads share the mask
+
+    def stats(self) -> dict:
+        full = int(self.lists[0].sum())
+        part = int(self.lists[2].sum())
+        return {"full_tiles": full, "partial_tiles": part, "slots_q": self.qs.size, "slots_k": self.ks.size}
+
+
+class _FrozenView:
+    """What the blockmap builder needs from a CompiledPolicy, with the relation taken from frozen tables."""
+
+    def __init__(self, compiled, relations: dict[int, torch.Tensor]) -> None:
+        self._compiled = compiled
+        self._relations = relations
+        self.policy = compiled.policy
+        self.num_domains = compiled.num_domains
+        self.pad_id = compiled.pad_id
+
+    def relation(self, layer: int) -> torch.Tensor:
+        return self._relations[layer].clone()
+
+    def pattern(self, domain: int, layer: int, head: int = 0):
+        return self._compiled.pattern(domain, layer, head)
+
+
+def _kernels_usable(q: torch.Tensor) -> bool:
+    if q.device.type == "cuda":
         return True
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class _GuardedAttentionFn(torch.autograd.Function):
+    """Forward and backward through the frozen kernels (wired for fine-tuning certified models)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: AttentionPlan, tables, scale: float):
+        from domainguard.kernels.forward import launch_forward
+        from domainguard.kernels.permute import gather_rows
+
+        cfg = plan.config
+        kp = gather_rows(k, plan.ks.tok)
+        vp = gather_rows(v, plan.ks.tok)
+        out, lse2 = launch_forward(
+            q, kp, vp, plan.qs, plan.ks, plan.lists, plan.order, tables, scale,
+            block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            check_full=cfg.check_full,
+        )
+        ctx.save_for_backward(q, k, v, out, lse2)
+        ctx.plan, ctx.tables, ctx.scale = plan, tables, scale
+        ctx.mark_non_differentiable(lse2)
+        return out, lse2
+
+    @staticmethod
+    def backward(ctx, dout, _dlse2):
+        from domainguard.kernels.backward import launch_backward
+        from domainguard.kernels.permute import gather_rows
+
+        q, k, v, out, lse2 = ctx.saved_tensors
+        plan, cfg = ctx.plan, ctx.plan.config
+        dout = dout.contiguous()
+        delta = (out.float() * dout.float()).sum(-1)  # [B, Hq, Nq]
+        tok = plan.qs.tok.long()
+        delta_s = torch.where(
+            (tok >= 0)[:, None, :], delta.gather(2, tok.clamp(min=0)[:, None, :].expand(-1, q.shape[1], -1)), 0.0
+        ).contiguous()
+        qp = gather_rows(q, plan.qs.tok)
+        dop = gather_rows(dout, plan.qs.tok)
+        kp = gather_rows(k, plan.ks.tok)
+        vp = gather_rows(v, plan.ks.tok)
+        dq = torch.zeros_like(q)
+        dk = torch.zeros_like(k)
+        dv = torch.zeros_like(v)
+        launch_backward(
+            qp, dop, lse2, delta_s, kp, vp, dq, dk, dv, plan.qs, plan.ks, plan.lists, plan.lists_t,
+            ctx.tables, ctx.scale, block_m=cfg.block_m, block_n=cfg.block_n,
+            dkdv_cfg=dict(cfg.dkdv), dq_cfg=dict(cfg.dq),
+        )
+        return dq, dk, dv, None, None, None
+
+
+class GuardedAttention:
+    """Frozen guarded attention for one compiled policy.
+
+    At construction the relation of every layer is copied into constants (``FrozenTables``)
+    that the kernels are specialised on; tile tables are built from that copy too, so
+    nothing passed to a call — tensors, layouts, plans — can widen what is enforced.
+    ``digest()`` covers the kernel source files and those tables.
+    """
+
+    def __init__(self, compiled, config: KernelConfig | None = None) -> None:
+        from domainguard.kernels.tables import freeze
+
+        self.compiled = compiled
+        self.config = config
+        self._relations = {l: compiled.relation(l).clone() for l in range(compiled.num_layers)}
+        self._tables = {}
+        self._unsupported: dict[int, KernelError] = {}
+        for layer in range(compiled.num_layers):
+            try:
+                self._tables[layer] = freeze(compiled, layer)
+            except KernelError as err:  # kept; raised when that layer is asked to run on the kernels
+                self._unsupported[layer] = err
+        self._view = _FrozenView(compiled, self._relations)
+        self._heads_vary = _heads_vary(compiled)
+
+    # --- identity ------------------------------------------------------------------
+    def tables(self, layer: int):
+        """The FrozenTables of ``layer`` (KernelError if the kernels cannot enforce it)."""
+        if layer in self._unsupported:
+            raise self._unsupported[layer]
+        if layer not in self._tables:
+            raise KernelError(f"layer {layer} outside 0..{self.compiled.num_layers - 1}", code="DG317")
+        return self._tables[layer]
+
+    def digest(self) -> str:
+        """sha256 over the kernel source files and every layer's frozen tables."""
+        import hashlib
+
+        from domainguard.kernels import source_digest
+
+        h = hashlib.sha256(source_digest().encode())
+        for layer in sorted(self._tables):
+            h.update(self._tables[layer].digest().encode())
+        for layer in sorted(self._unsupported):
+            h.update(f"unsupported:{layer}".encode())
+        return h.hexdigest()
+
+    # --- planning ------------------------------------------------------------------
+    def plan(self, layout, layer: int = 0, *, q_slice=None, heads: int = 1, dtype=torch.bfloat16, head_dim: int = 128) -> AttentionPlan:
+        """Slot order and tile lists for ``layout`` at ``layer`` (reusable across calls and layers with equal tables)."""
+        from domainguard.blockmap import build_blockmap_from_attrs
+        from domainguard.kernels.plan import sort_slots, tile_lists, inverse
+        from domainguard.layout import TokenAttrs
+
+        tables = self.tables(layer)
+        cfg = self.config or default_config(dtype, head_dim)
+        n = layout.domain_ids.shape[1]
+        qsl = _normalize_q_slice(q_slice, n)
+        pad_id = self.compiled.pad_id
+        pad_to = max(cfg.block_m, cfg.block_n)
+        qa, ka = layout.attrs(qsl), layout.attrs()
+        qs = sort_slots(qa.domain, qa.index, qa.rank, pad_id, pad_to, query=True)
+        ks = sort_slots(ka.domain, ka.index, ka.rank, pad_id, pad_to, query=False)
+        attrs = lambda s: TokenAttrs(s.dom.long(), s.idx.long(), s.rank.long())  # noqa: E731
+        head_list = list(range(heads)) if self._heads_vary else None
+        bm = build_blockmap_from_attrs(
+            attrs(qs), attrs(ks), self._view, layer, block_q=cfg.block_m, block_k=cfg.block_n, heads=head_list
+        )
+        lists = tuple(t.to(torch.int32).contiguous() for t in (bm.full_num, bm.full_idx, bm.partial_num, bm.partial_idx))
+        lists_t = tile_lists(bm.kinds.transpose(-1, -2).contiguous())
+        work = (lists[0] + lists[2]).sum(1)  # [B, Tq]
+        order = torch.sort(-work, dim=1, stable=True).indices.to(torch.int32).contiguous()
+        return AttentionPlan(
+            qs=qs, ks=ks, lists=lists, lists_t=lists_t, order=order, q_inv=inverse(qs, qsl.stop - qsl.start),
+            tables_digest=tables.digest(), config=cfg, nq=qsl.stop - qsl.start, nk=n,
+            heads=bm.kinds.shape[1],
+        )
+
+    # --- running -------------------------------------------------------------------
+    def __call__(self, q, k, v, layout, layer: int = 0, *, q_slice=None, scale=None, return_lse=False, plan=None, backend="auto"):
+        """Guarded attention of ``layer``; see ``attention``."""
+        b, hq, hkv, nq, nk, d = _check_shapes(q, k, v)
+        if backend not in ("auto", "triton", "reference"):
+            raise KernelError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}", code="DG311")
+        if backend == "reference" or (backend == "auto" and not _kernels_usable(q)):
+            return attention_reference(q, k, v, layout, self.compiled, layer, q_slice=q_slice, scale=scale, return_lse=return_lse)
+        if d not in _SUPPORTED_HEAD_DIMS:
+            raise KernelError(
+                f"head dim {d} is not supported by the kernels (supported: 64, 128)", code="DG316",
+                hint="use backend='reference' or pad the head dim",
+            )
+        tables = self.tables(layer)
+        n = layout.domain_ids.shape[1]
+        qsl = _normalize_q_slice(q_slice, n)
+        if nk != n or nq != qsl.stop - qsl.start:
+            raise KernelError(
+                f"layout has {n} tokens (queries {qsl.start}..{qsl.stop - 1}) but q has {nq} and k/v {nk}", code="DG311"
+            )
+        if plan is None:
+            plan = self.plan(layout, layer, q_slice=qsl, heads=hq, dtype=q.dtype, head_dim=d)
+        elif plan.tables_digest != tables.digest() or plan.nq != nq or plan.nk != nk:
+            raise KernelError("plan was built for another layer, policy or shape", code="DG318")
+        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        out, lse2 = _GuardedAttentionFn.apply(q, k, v, plan, tables, scale)
+        if not return_lse:
+            return out
+        from domainguard.kernels.forward import LN2
+
+        inv = plan.q_inv.long()[:, None, :].expand(-1, hq, -1)
+        return out, lse2.gather(2, inv) * LN2
+
+
+_GUARDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _guard_for(compiled) -> GuardedAttention:
+    guard = _GUARDS.get(compiled)
+    if guard is None:
+        guard = GuardedAttention(compiled)
+        _GUARDS[compiled] = guard
+    return guard
 
 
 def attention(
@@ -209,22 +448,16 @@ def attention(
     q_slice=None,
     scale: float | None = None,
     return_lse: bool = False,
+    backend: str = "auto",
 ):
-    """Guarded attention: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] → [B, Hq, Nq, D]."""
-    return attention_reference(
-        q, k, v, layout, compiled, layer, q_slice=q_slice, scale=scale, return_lse=return_lse
+    """Guarded attention: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] → [B, Hq, Nq, D].
+
+    ``backend="auto"`` runs the frozen Triton kernels on CUDA (or under
+    ``TRITON_INTERPRET=1``) and the reference elsewhere; ``"triton"`` / ``"reference"``
+    force one. ``q_slice`` (an int: the last q tokens, or a slice) selects the query
+    tokens of the layout (chunked prefill, decode). ``return_lse`` also returns the
+    natural-log log-sum-exp [B, Hq, Nq] (0 for rows with no allowed key).
+    """
+    return _guard_for(compiled)(
+        q, k, v, layout, layer, q_slice=q_slice, scale=scale, return_lse=return_lse, backend=backend
     )
-
-
-class GuardedAttention:
-    """Frozen guarded attention for one compiled policy (relation tables copied and digested)."""
-
-    def __init__(self, compiled) -> None:
-        self.compiled = compiled
-        self._relations = torch.from_numpy(compiled.relations.copy())
-        self._relations.requires_grad_(False)
-
-    def __call__(self, q, k, v, layout, layer: int = 0, *, q_slice=None, scale=None, return_lse=False):
-        return attention(
-            q, k, v, layout, self.compiled, layer, q_slice=q_slice, scale=scale, return_lse=return_lse
-        )

@@ -1,0 +1,280 @@
+"""Guarded attention vs FlexAttention vs SDPA on one GPU (issue 4; results in BENCHMARKS.md).
+
+    python benchmarks/attention.py                      # the full table (N = 8K..128K)
+    python benchmarks/attention.py --sizes 32768 --no-flex --configs   # kernel configs only
+
+Layouts: 8 domains in random segments (geometric lengths, mean 1000 or 64 tokens),
+each segment's domain drawn uniformly; policies where each domain reads 1 or 3 other
+domains (and itself); causal everywhere. bf16, batch 1, 16 heads, head dim 128.
+Effective TFLOP/s count allowed (query, key) pairs only: 4·D·H per pair forward,
+3.5× that forward+backward; dense causal SDPA is credited its N(N+1)/2 causal pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+
+import torch
+
+import domainguard as dg
+from domainguard.attention import GuardedAttention, KernelConfig, default_config
+
+HEADS, HEAD_DIM, DOMAINS = 16, 128, 8
+
+
+# --- workloads -------------------------------------------------------------------------------
+def policy_yaml(reads: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    names = [f"d{i}" for i in range(DOMAINS)]
+    lines = ["domainguard: 1", f"name: bench-reads{reads}", "domains:"]
+    lines += [f"  {n}: {{}}" for n in names]
+    lines.append("reads:")
+    for i, n in enumerate(names):
+        others = rng.sample([m for j, m in enumerate(names) if j != i], reads)
+        lines.append(f"  {n}: [{', '.join(others)}]")
+    lines += ["patterns:", "  default: {causal: true}"]
+    return "\n".join(lines) + "\n"
+
+
+def segment_ids(n: int, mean_len: int, seed: int = 0) -> torch.Tensor:
+    """[1, n] domain ids: segments of geometric length (mean ``mean_len``), uniform random domains."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.empty(n, dtype=torch.long)
+    pos = 0
+    p = 1.0 / mean_len
+    while pos < n:
+        u = float(torch.rand((), generator=g))
+        length = max(1, int(math.ceil(math.log(max(u, 1e-12)) / math.log(1 - p))))
+        ids[pos : pos + length] = int(torch.randint(DOMAINS, (), generator=g))
+        pos += length
+    return ids[None, :n]
+
+
+def allowed_pairs(layout, compiled, layer: int = 0) -> int:
+    """Number of allowed (query, key) pairs, in O(N·D) (causal ∧ relation)."""
+    dom = layout.domain_ids[0].cpu()
+    rel = compiled.relation(layer)[:DOMAINS, :DOMAINS].to(torch.float64)
+    onehot = torch.nn.functional.one_hot(dom, DOMAINS).to(torch.float64)
+    before = onehot.cumsum(0)  # keys of each domain at index <= i
+    return int((before * rel[dom]).sum().item())
+
+
+# --- timing ----------------------------------------------------------------------------------
+def bench(fn, reps: int = 20) -> float:
+    """Median milliseconds over ``reps`` timed runs (CUDA events), after warm-up."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=50, rep=max(100, reps * 5), return_mode="median"))
+
+
+def tflops(pairs: float, ms: float, factor: float = 1.0) -> float:
+    return 4.0 * HEAD_DIM * HEADS * pairs * factor / (ms * 1e-3) / 1e12
+
+
+# --- contenders --------------------------------------------------------------------------------
+def run_ours(guard, plan, q, k, v, layout, do):
+    fwd = lambda: guard(q, k, v, layout, plan=plan)  # noqa: E731
+
+    def fwd_bwd():
+        out = guard(q, k, v, layout, plan=plan)
+        out.backward(do)
+
+    return fwd, fwd_bwd
+
+
+def run_flex(block_mask, q, k, v, do, flex):
+    fwd = lambda: flex(q, k, v, block_mask=block_mask)  # noqa: E731
+
+    def fwd_bwd():
+        out = flex(q, k, v, block_mask=block_mask)
+        out.backward(do)
+
+    return fwd, fwd_bwd
+
+
+def run_sdpa(q, k, v, do, *, causal: bool, mask=None):
+    import torch.nn.functional as F
+
+    fwd = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # noqa: E731
+
+    def fwd_bwd():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        out.backward(do)
+
+    return fwd, fwd_bwd
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="8192,32768,65536,131072")
+    ap.add_argument("--segments", default="1000,64")
+    ap.add_argument("--reads", default="1,3")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--mask-limit-gb", type=float, default=8.0, help="skip SDPA+bool mask above this N*N size")
+    ap.add_argument("--configs", action="store_true", help="time several kernel configs (forward) instead")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    segs = [int(s) for s in args.segments.split(",")]
+    reads = [int(s) for s in args.reads.split(",")]
+    flex = None
+    if not args.no_flex:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "python": platform.python_version(),
+        "command": "python " + " ".join(sys.argv),
+    }
+    print(json.dumps(info), flush=True)
+    policies = {r: dg.compile(dg.loads_policy(policy_yaml(r)), layers=1) for r in reads}
+    guards = {r: GuardedAttention(c) for r, c in policies.items()}
+    for n in sizes:
+        q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        for t in (q, k, v):
+            t.requires_grad_(True)
+        do = torch.randn_like(q)
+        causal_pairs = n * (n + 1) / 2
+        # Dense causal SDPA once per N (independent of the layout).
+        s_f, s_fb = run_sdpa(q, k, v, do, causal=True)
+        sd = {"fwd": bench(s_f), "fwdbwd": None if args.no_backward else bench(s_fb)}
+        sd_tf = {kk: (tflops(causal_pairs, ms, 1.0 if kk == "fwd" else 3.5) if ms else None) for kk, ms in sd.items()}
+        for seg in segs:
+            ids = segment_ids(n, seg, seed=n + seg)
+            for r in reads:
+                compiled, guard = policies[r], guards[r]
+                layout = dg.Layout.from_ids(compiled, ids.to(dev))
+                pairs = allowed_pairs(layout, compiled)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                plan = guard.plan(layout, 0, heads=HEADS, dtype=q.dtype, head_dim=HEAD_DIM)
+                torch.cuda.synchronize()
+                plan_ms = (time.perf_counter() - t0) * 1e3
+                row = {"N": n, "segment": seg, "reads": r, "pairs": pairs, "density": pairs / causal_pairs,
+                       "plan_ms": plan_ms, **plan.stats(), "sdpa_causal": sd, "sdpa_causal_tflops": sd_tf}
+                if args.configs:
+                    row["configs"] = time_configs(guard, layout, q, k, v, pairs)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    continue
+                o_f, o_fb = run_ours(guard, plan, q, k, v, layout, do)
+                ours = {"fwd": bench(o_f), "fwdbwd": None if args.no_backward else bench(o_fb)}
+                row["ours"] = ours
+                row["ours_tflops"] = {kk: tflops(pairs, ms, 1.0 if kk == "fwd" else 3.5) if ms else None for kk, ms in ours.items()}
+                if flex is not None:
+                    bm = dg.build_blockmap(layout, compiled, 0).to_flex_block_mask()
+                    f_f, f_fb = run_flex(bm, q, k, v, do, flex)
+                    with torch.no_grad():
+                        err = (flex(q, k, v, block_mask=bm).float() - o_f().float()).abs().max().item()
+                    row["max_abs_diff_vs_flex"] = err
+                    fl = {"fwd": bench(f_f), "fwdbwd": None if args.no_backward else bench(f_fb)}
+                    row["flex"] = fl
+                    row["flex_tflops"] = {kk: tflops(pairs, ms, 1.0 if kk == "fwd" else 3.5) if ms else None for kk, ms in fl.items()}
+                if n * n / 2**30 <= args.mask_limit_gb:
+                    from domainguard.patterns import dense_mask
+
+                    mask = dense_mask(layout, compiled, 0)[:, None]
+                    m_f, m_fb = run_sdpa(q, k, v, do, causal=False, mask=mask)
+                    row["sdpa_mask"] = {"fwd": bench(m_f), "fwdbwd": None if args.no_backward else bench(m_fb)}
+                    del mask
+                else:
+                    row["sdpa_mask"] = "skipped: N x N mask too large"
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"info": info, "rows": rows}, fh, indent=1)
+    print_table(info, rows)
+    return 0
+
+
+def time_configs(guard, layout, q, k, v, pairs):
+    """Forward and forward+backward time of several KernelConfigs on one layout."""
+    out = {}
+    base = default_config(q.dtype, q.shape[-1])
+    variants = {
+        "default": base,
+        "bn64": KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3),
+        "bn64_s4": KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=4),
+        "s2": KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=2),
+        "nocheck": KernelConfig(check_full=False),
+        "w4": KernelConfig(block_m=128, block_n=64, num_warps=4, num_stages=3),
+    }
+    do = torch.randn_like(q)
+    for name, cfg in variants.items():
+        g = GuardedAttention(guard.compiled, cfg)
+        try:
+            plan = g.plan(layout, 0, heads=q.shape[1], dtype=q.dtype, head_dim=q.shape[-1])
+            f, fb = run_ours(g, plan, q, k, v, layout, do)
+            ms = bench(f)
+            out[name] = {"fwd": ms, "tflops": tflops(pairs, ms)}
+        except Exception as err:  # report and go on: this is a sweep
+            out[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+    bwd_variants = {
+        "b64x64_w8_s2": (("SUB_N", 64), ("SUB_M", 64), ("num_warps", 8), ("num_stages", 2)),
+        "b128x32_w8_s2": (("SUB_N", 128), ("SUB_M", 32), ("num_warps", 8), ("num_stages", 2)),
+        "b64x32_w4_s3": (("SUB_N", 64), ("SUB_M", 32), ("num_warps", 4), ("num_stages", 3)),
+    }
+    dq_variants = {
+        "b64x64_w8_s2": (("SUB_M", 64), ("SUB_N", 64), ("num_warps", 8), ("num_stages", 2)),
+        "b128x32_w8_s2": (("SUB_M", 128), ("SUB_N", 32), ("num_warps", 8), ("num_stages", 2)),
+        "b64x32_w4_s3": (("SUB_M", 64), ("SUB_N", 32), ("num_warps", 4), ("num_stages", 3)),
+    }
+    for name in bwd_variants:
+        cfg = KernelConfig(dkdv=bwd_variants[name], dq=dq_variants[name])
+        g = GuardedAttention(guard.compiled, cfg)
+        try:
+            plan = g.plan(layout, 0, heads=q.shape[1], dtype=q.dtype, head_dim=q.shape[-1])
+            f, fb = run_ours(g, plan, q, k, v, layout, do)
+            ms = bench(fb)
+            out["bwd_" + name] = {"fwdbwd": ms, "tflops": tflops(pairs, ms, 3.5)}
+        except Exception as err:
+            out["bwd_" + name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+    return out
+
+
+def _fmt(x, nd=2):
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def print_table(info, rows):
+    print(f"\n{info['device']}, torch {info['torch']}, triton {info['triton']}")
+    hdr = ("| N | seg | reads | density | ours fwd ms | TF/s | flex fwd ms | TF/s | vs flex | SDPA causal ms | TF/s | "
+           "ours/SDPA TF | SDPA mask ms | ours f+b ms | TF/s | flex f+b ms | vs flex | SDPA causal f+b ms |")
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for r in rows:
+        if "ours" not in r:
+            continue
+        o, ot = r["ours"], r["ours_tflops"]
+        fl, ft = r.get("flex", {}), r.get("flex_tflops", {})
+        sd, st = r["sdpa_causal"], r["sdpa_causal_tflops"]
+        sm = r["sdpa_mask"]
+        sm_f = sm["fwd"] if isinstance(sm, dict) else None
+        vs = fl.get("fwd") / o["fwd"] if fl.get("fwd") else None
+        vsb = fl.get("fwdbwd") / o["fwdbwd"] if fl.get("fwdbwd") and o.get("fwdbwd") else None
+        print(
+            f"| {r['N']//1024}K | {r['segment']} | {r['reads']} | {r['density']:.3f} | {_fmt(o['fwd'])} | {_fmt(ot['fwd'],0)} | "
+            f"{_fmt(fl.get('fwd'))} | {_fmt(ft.get('fwd'),0)} | {_fmt(vs)}× | {_fmt(sd['fwd'])} | {_fmt(st['fwd'],0)} | "
+            f"{_fmt(ot['fwd'] / st['fwd'] if st['fwd'] else None)} | {_fmt(sm_f) if sm_f else 'skip'} | {_fmt(o.get('fwdbwd'))} | "
+            f"{_fmt(ot.get('fwdbwd'),0)} | {_fmt(fl.get('fwdbwd'))} | {_fmt(vsb)}× | {_fmt(sd.get('fwdbwd'))} |"
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Forward guarded attention (flash-style online softmax over non-EMPTY tiles only).
+
+Works in slot order (``plan.py``): K/V arrive permuted into slot order (``[B, Hkv, Sk, D]``
+contiguous, zero rows at padding slots); Q is gathered and O scattered in the kernel,
+so the caller's tensors keep their order. For each query tile the kernel walks its
+FULL key tiles (no element mask: every pair allowed) and then its PARTIAL key tiles
+(relation and causal mask from the frozen constants, and K/V loads the tile's domain
+may not read are never issued: a forbidden value is never multiplied, so ``0 * NaN``
+cannot reach a protected row). EMPTY tiles are never touched.
+
+Masked scores are ``-inf``; a row with no allowed key yields 0 and log-sum-exp 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .masks import _domain_pair_allowed, _key_readable, _pair_mask, pair_mask_reference
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _dot(a, b, acc, PREC: tl.constexpr):
+    """a @ b (+ acc) in float32. PREC 0: tensor-core default; 1: IEEE fp32; 2: operands upcast
+    to fp32 first (only for the CPU interpreter, whose bf16 dot is wrong)."""
+    if PREC == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif PREC == 1:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _online_step(acc, l_i, m_i, q, k, v, allowed, qk_scale, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """One key tile of the online softmax; scores in log2 units. Returns (acc, l, m)."""
+    s = _dot(q, k, None, PREC)
+    if MASKED:
+        s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    # A row with nothing allowed yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = _dot(p.to(v.dtype), v, acc, PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, Lse2,
+    sqb, sqh, sqn,
+    sob, soh, son,
+    QTok, QDom, QIdx, KDom, KIdx,
+    FullNum, FullIdx, PartNum, PartIdx, Order,
+    Hq, Hkv, Sq, Sk, Tq, Tk, Hm,
+    qk_scale,
+    REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, CHECK_FULL: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M % 16 == 0, "BLOCK_M must be a multiple of 16")
+    pid_bh = tl.program_id(0)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUP
+    hm = h % Hm  # Hm is 1 (heads share the mask) or Hq
+    # Heaviest query tiles first (Order is sorted by work, descending).
+    t = tl.load(Order + b * Tq + tl.program_id(1))
+
+    rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, HEAD_DIM)
+    q_tok = tl.load(QTok + b * Sq + rows)
+    q_dom = tl.load(QDom + b * Sq + rows)
+    q_idx = tl.load(QIdx + b * Sq + rows)
+    q_ok = q_tok >= 0
+    q_row = tl.where(q_ok, q_tok, 0).to(tl.int64)
+    q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    q = tl.load(q_base + q_row[:, None] * sqn + d[None, :], mask=q_ok[:, None], other=0.0)
+    # INVARIANT: query tiles are domain-pure (plan.sort_slots), so one domain decides
+    # which keys of a tile may be loaded at all.
+    tile_dom = tl.load(QDom + b * Sq + t * BLOCK_M)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    kv_off = (b * Hkv + hk).to(tl.int64) * Sk * HEAD_DIM
+    k_base = K + kv_off
+    v_base = V + kv_off
+    lrow = ((b * Hm + hm) * Tq + t).to(tl.int64)
+    n_full = tl.load(FullNum + lrow)
+    for j in range(n_full):
+        kt = tl.load(FullIdx + lrow * Tk + j)
+        cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+        # FULL: every pair allowed and no padding slot inside; no mask of any kind.
+        k = tl.load(k_base + cols[None, :] * HEAD_DIM + d[:, None])
+        v = tl.load(v_base + cols[:, None] * HEAD_DIM + d[None, :])
+        if CHECK_FULL:
+            # The frozen relation must allow the (pure) tile pair, whatever the lists say;
+            # a tile that fails is skipped: its values are loaded but never used.
+            k_tile_dom = tl.load(KDom + b * Sk + kt * BLOCK_N)
+            if _domain_pair_allowed(tile_dom, k_tile_dom, REL, DP):
+                acc, l_i, m_i = _online_step(acc, l_i, m_i, q, k, v, None, qk_scale, False, PREC)
+        else:
+            acc, l_i, m_i = _online_step(acc, l_i, m_i, q, k, v, None, qk_scale, False, PREC)
+    n_part = tl.load(PartNum + lrow)
+    for j in range(n_part):
+        kt = tl.load(PartIdx + lrow * Tk + j)
+        cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_dom = tl.load(KDom + b * Sk + cols)
+        k_idx = tl.load(KIdx + b * Sk + cols)
+        readable = _key_readable(tile_dom, k_dom, REL, DP)
+        k = tl.load(k_base + cols[None, :] * HEAD_DIM + d[:, None], mask=readable[None, :], other=0.0)
+        v = tl.load(v_base + cols[:, None] * HEAD_DIM + d[None, :], mask=readable[:, None], other=0.0)
+        allowed = _pair_mask(q_dom, q_idx, k_dom, k_idx, REL, CAUSAL, DP) & readable[None, :]
+        acc, l_i, m_i = _online_step(acc, l_i, m_i, q, k, v, allowed, qk_scale, True, PREC)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
+    lse2 = tl.where(empty, 0.0, m_i + tl.math.log2(l_safe))
+    tl.store(Lse2 + (b * Hq + h).to(tl.int64) * Sq + rows, lse2)
+    o_base = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh
+    tl.store(o_base + q_row[:, None] * son + d[None, :], out.to(O.dtype.element_ty), mask=q_ok[:, None])
+
+
+def dot_precision(q: torch.Tensor) -> int:
+    """The ``PREC`` constant for ``_dot``: IEEE for fp32, and fp32 operands under the CPU interpreter."""
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        return 2
+    return 1 if q.dtype == torch.float32 else 0
+
+
+def launch_forward(
+    q, kp, vp, qs, ks, lists, order, tables, scale, *, block_m, block_n, num_warps, num_stages, check_full=True, out=None
+):
+    """Run ``_fwd_kernel``. Returns (out [B, Hq, Nq, D] in q's order, lse2 [B, Hq, Sq] log2 units, slot order)."""
+    b, hq, nq, d = q.shape
+    hkv = kp.shape[1]
+    full_num, full_idx, part_num, part_idx = lists
+    hm = full_num.shape[1]
+    tq, tk = full_num.shape[2], full_idx.shape[3]
+    if out is None:
+        out = torch.empty_like(q)
+    lse2 = torch.empty(b, hq, qs.size, dtype=torch.float32, device=q.device)
+    grid = (b * hq, tq)
+    _fwd_kernel[grid](
+        q, kp, vp, out, lse2,
+        q.stride(0), q.stride(1), q.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        qs.tok, qs.dom, qs.idx, ks.dom, ks.idx,
+        full_num, full_idx, part_num, part_idx, order,
+        hq, hkv, qs.size, ks.size, tq, tk, hm,
+        scale * LOG2E,
+        REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp,
+        GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        PREC=dot_precision(q), CHECK_FULL=check_full,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse2
+
+
+def forward_reference(q, kp, vp, qs, ks, tables, scale):
+    """PyTorch twin of ``launch_forward`` (same slot inputs, dense mask from the frozen constants)."""
+    from domainguard.attention import reference_from_mask
+
+    from .permute import gather_rows_reference
+
+    qp = gather_rows_reference(q, qs.tok)
+    mask = pair_mask_reference(qs.dom, qs.idx, ks.dom, ks.idx, tables.rel_bits, tables.causal_bits)
+    out_p, lse = reference_from_mask(qp, kp, vp, mask[:, None], scale=scale)
+    # Back to the caller's order: padding slots are dropped.
+    n = q.shape[2]
+    out = torch.zeros_like(q)
+    for bi in range(q.shape[0]):
+        real = qs.tok[bi] >= 0
+        out[bi][:, qs.tok[bi][real].long()] = out_p[bi][:, real]
+    return out, lse / LN2
+

@@ -1,0 +1,118 @@
+"""Slot order: tokens sorted by domain so that kernel tiles are domain-pure.
+
+Attention does not depend on the order of keys, and every mask predicate is a
+function of per-token attributes only (domain, sequence index, domain rank), so the
+kernels may work on any permutation of the tokens. We sort each row's tokens by
+domain (stably, so sequence order is kept inside a domain) and pad every domain's
+group to a multiple of the tile size. Then each tile holds one domain only:
+
+* a tile pair whose domains the relation forbids is EMPTY and never loaded, however
+  finely the domains interleave in the original sequence (64-token chat turns as much
+  as 4K-token documents);
+* inside an allowed pair, causality follows the original sequence index, which is
+  monotone inside a group, so the allowed region is a staircase and most tiles are
+  FULL: a fragmented layout costs what a contiguous one does.
+
+Padding slots: a query padding slot copies the attributes of the last real query of
+its group (its output is never stored, and it cannot change a tile's kind); a key
+padding slot has the pad domain (nobody reads it) and index -1, and its K/V rows are
+zero. ``slot_tok[b, s]`` is the token a slot holds, or -1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Per-slot attributes of one side (queries or keys), all int32 [B, S]."""
+
+    tok: torch.Tensor  # token position in the caller's tensor, -1 for padding
+    dom: torch.Tensor  # domain id (pad id D for key padding)
+    idx: torch.Tensor  # sequence index (-1 for key padding)
+    rank: torch.Tensor  # rank within the domain (-1 for key padding)
+    block: int  # every domain group starts at a multiple of this
+
+    @property
+    def size(self) -> int:
+        return self.tok.shape[1]
+
+
+def sort_slots(dom: torch.Tensor, idx: torch.Tensor, rank: torch.Tensor, pad_id: int, block: int, *, query: bool) -> Slots:
+    """Sort tokens [B, N] by domain into groups padded to ``block``; see the module docstring.
+
+    O(B·N log N) on the tokens' device; never materialises anything N x N.
+    """
+    b, n = dom.shape
+    dev = dom.device
+    dom = dom.long()
+    num = pad_id + 1
+    counts = torch.zeros(b, num, dtype=torch.long, device=dev)
+    counts.scatter_add_(1, dom, torch.ones_like(dom))
+    padded = (counts + block - 1) // block * block
+    group_start = padded.cumsum(1) - padded  # [B, num] first slot of each group
+    size = int(padded.sum(1).max().item()) if n else 0
+    size = max(size, block)
+    # Stable sort by domain keeps sequence order inside each group.
+    order = torch.sort(dom, dim=1, stable=True).indices  # [B, N] token positions
+    sdom = dom.gather(1, order)
+    unpadded_start = counts.cumsum(1) - counts
+    within = torch.arange(n, device=dev).expand(b, n) - unpadded_start.gather(1, sdom)
+    slot = group_start.gather(1, sdom) + within  # [B, N]
+
+    tok = torch.full((b, size), -1, dtype=torch.long, device=dev)
+    tok.scatter_(1, slot, order)
+    real = tok >= 0
+    safe = tok.clamp(min=0)
+    s_dom = torch.where(real, dom.gather(1, safe), torch.full_like(tok, pad_id))
+    s_idx = torch.where(real, idx.long().gather(1, safe), torch.full_like(tok, -1))
+    s_rank = torch.where(real, rank.long().gather(1, safe), torch.full_like(tok, -1))
+    if query:
+        # Query padding copies the last real slot before it (same group, same tile):
+        # a duplicate of a real query changes no tile's kind, and its row is never stored.
+        pos = torch.arange(size, device=dev).expand(b, size)
+        last_real = torch.where(real, pos, torch.zeros_like(pos)).cummax(1).values
+        s_dom = s_dom.gather(1, last_real)
+        s_idx = s_idx.gather(1, last_real)
+        s_rank = s_rank.gather(1, last_real)
+        # Slots before the first real token (a row with no tokens at all) read nothing.
+        none_yet = ~real.cummax(1).values
+        s_dom = torch.where(none_yet, torch.full_like(s_dom, pad_id), s_dom)
+    return Slots(
+        tok=tok.int().contiguous(),
+        dom=s_dom.int().contiguous(),
+        idx=s_idx.int().contiguous(),
+        rank=s_rank.int().contiguous(),
+        block=block,
+    )
+
+
+def inverse(slots: Slots, n: int) -> torch.Tensor:
+    """int32 [B, n]: the slot holding each token (every token has exactly one)."""
+    b, s = slots.tok.shape
+    tok = slots.tok.long()
+    inv = torch.full((b, n), -1, dtype=torch.long, device=tok.device)
+    rows, cols = (tok >= 0).nonzero(as_tuple=True)
+    inv[rows, tok[rows, cols]] = cols
+    return inv.int().contiguous()
+
+
+def tile_lists(kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kinds uint8 [..., T, U] → (full_num, full_idx, partial_num, partial_idx), int32, ascending."""
+    full = kinds == FULL
+    part = kinds == PARTIAL
+    full_num = full.sum(-1, dtype=torch.int32)
+    part_num = part.sum(-1, dtype=torch.int32)
+    u = kinds.shape[-1]
+    ar = torch.arange(u, device=kinds.device, dtype=torch.int32)
+    # Valid entries first, ascending: sort by (not selected, index).
+    full_idx = torch.sort(torch.where(full, ar, ar + u), dim=-1).values
+    part_idx = torch.sort(torch.where(part, ar, ar + u), dim=-1).values
+    full_idx = torch.where(full_idx < u, full_idx, torch.zeros_like(full_idx))
+    part_idx = torch.where(part_idx < u, part_idx, torch.zeros_like(part_idx))
+    return full_num.contiguous(), full_idx.int().contiguous(), part_num.contiguous(), part_idx.int().contiguous()

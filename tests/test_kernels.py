@@ -1,0 +1,210 @@
+"""Frozen Triton kernels vs the PyTorch reference: outputs, gradients, exactness under poisoning.
+
+On the CPU these run through TRITON_INTERPRET=1 (tests/conftest.py) at small shapes and
+tile size 16; with CUDA they run on the GPU at the default tile sizes as well.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import domainguard as dg
+from domainguard.attention import GuardedAttention, KernelConfig, attention, attention_reference
+from domainguard.errors import KernelError
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+
+POLICY = """
+domainguard: 1
+name: kernel-test
+domains: {sys: {}, user: {}, tool: {}, secret: {}, answer: {}}
+reads:
+  user: [sys]
+  tool: [sys, user]
+  answer: [sys, user, tool]
+  secret: {sources: [sys], self: true}
+patterns: {default: {causal: true}}
+"""
+# Nobody reads secret (the "forbidden" domain); secret itself reads sys.
+SECRET = 3
+
+LONELY = """
+domainguard: 1
+name: lonely
+domains: {a: {}, b: {}, mute: {}}
+reads:
+  b: [a]
+  mute: {sources: [], self: false}
+patterns: {default: {causal: true}, b: {}}
+"""
+
+SMALL = KernelConfig(
+    block_m=16, block_n=16, num_warps=4, num_stages=1,
+    dkdv=(("SUB_N", 16), ("SUB_M", 16), ("num_warps", 4), ("num_stages", 1)),
+    dq=(("SUB_M", 16), ("SUB_N", 16), ("num_warps", 4), ("num_stages", 1)),
+)
+CONFIGS = [SMALL] + ([None] if CUDA else [])  # None: the tuned default
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return dg.compile(dg.loads_policy(POLICY), layers=2)
+
+
+def _ids(b: int, n: int, seed: int, d: int = 5) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    # Short random segments so domain boundaries fall inside tiles of the original order.
+    seg = torch.randint(0, d, (b, n // 3 + 1), generator=g)
+    return seg.repeat_interleave(3, dim=1)[:, :n]
+
+
+def _qkv(b, hq, hkv, n, d, dtype, seed, nq=None):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda h, m: torch.randn(b, h, m, d, generator=g).to(DEV, dtype).requires_grad_(True)  # noqa: E731
+    return mk(hq, nq or n), mk(hkv, n), mk(hkv, n)
+
+
+def _rel_err(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+CASES = [  # (dtype, head dim, Hq, Hkv)
+    (torch.float32, 64, 4, 2),
+    (torch.bfloat16, 128, 2, 2),
+    (torch.float16, 64, 2, 1),
+]
+if CUDA:
+    CASES += [(torch.bfloat16, 64, 4, 1), (torch.float16, 128, 8, 2), (torch.float32, 128, 2, 2)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "small" if c is SMALL else "default")
+@pytest.mark.parametrize("dtype,hd,hq,hkv", CASES, ids=lambda x: str(x).replace("torch.", ""))
+def test_forward_backward_match_reference(compiled, cfg, dtype, hd, hq, hkv):
+    n = 45 if not CUDA else (45 if cfg is SMALL else 700)
+    ids = _ids(2, n, seed=hd + hq)
+    ids[1, -7:] = compiled.pad_id  # a shorter second row: a batch of different layouts
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    guard = GuardedAttention(compiled, cfg)
+    q, k, v = _qkv(2, hq, hkv, n, hd, dtype, seed=1)
+    out, lse = guard(q, k, v, layout, 1, return_lse=True)
+    ref, ref_lse = attention_reference(q, k, v, layout, compiled, 1, return_lse=True)
+    assert _rel_err(out, ref) < TOL[dtype]
+    assert torch.allclose(lse, ref_lse, atol=TOL[dtype] * 10, rtol=TOL[dtype])
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert _rel_err(g, r) < TOL[dtype] * 2, name
+
+
+@pytest.mark.parametrize("poison", ["random", "nan", "inf", "-inf", "1e30"])
+def test_poisoned_forbidden_domain_is_invisible(compiled, poison):
+    """Outputs and gradients of tokens that cannot depend on `secret` are bitwise unchanged."""
+    n = 48 if not CUDA else 600
+    ids = _ids(1, n, seed=7)
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    guard = GuardedAttention(compiled, SMALL if not CUDA else None)
+    dtype = torch.bfloat16
+    q, k, v = _qkv(1, 2, 2, n, 64, dtype, seed=3)
+    do = torch.randn(1, 2, n, 64).to(DEV, dtype)
+    secret = (ids[0] == SECRET).to(DEV)
+    assert 0 < int(secret.sum()) < n
+
+    def run(q, k, v):
+        out = guard(q, k, v, layout, 0)
+        return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+    clean = run(q, k, v)
+    pq, pk, pv = (t.detach().clone() for t in (q, k, v))
+    for t in (pq, pk, pv):
+        fill = torch.randn(t.shape[0], t.shape[1], int(secret.sum()), t.shape[3]) * 1e3 if poison == "random" else float(poison)
+        t[:, :, secret] = fill.to(DEV, dtype) if isinstance(fill, torch.Tensor) else fill
+    dirty = run(*(t.requires_grad_(True) for t in (pq, pk, pv)))
+    # dk/dv of a key legitimately depend on the queries that read it: secret reads sys.
+    read_by_secret = secret | (ids[0] == 0).to(DEV)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), clean, dirty):
+        keep = ~read_by_secret if name in ("dk", "dv") else ~secret
+        assert torch.equal(a[:, :, keep], b[:, :, keep]), name
+        assert torch.isfinite(a[:, :, keep]).all(), name
+
+
+def test_fully_masked_rows_give_zero_and_finite_lse():
+    lonely = dg.compile(dg.loads_policy(LONELY), layers=1)
+    n = 40
+    ids = _ids(1, n, seed=11, d=3)
+    layout = dg.Layout.from_ids(lonely, ids).to(DEV)
+    q, k, v = _qkv(1, 2, 2, n, 64, torch.float16, seed=5)
+    with torch.no_grad():
+        v[:, :, ids[0].to(DEV) == 2] = float("nan")
+    out, lse = GuardedAttention(lonely, SMALL)(q, k, v, layout, return_lse=True)
+    mute = ids[0].to(DEV) == 2
+    assert torch.equal(out[:, :, mute], torch.zeros_like(out[:, :, mute]))
+    assert torch.isfinite(lse).all() and torch.isfinite(out).all()
+    ref = attention_reference(q, k, v, layout, lonely)
+    assert _rel_err(out, ref) < 5e-3
+
+
+def test_q_slice_prefill_chunk_matches_reference(compiled):
+    n, m = 50, 19
+    ids = _ids(1, n, seed=13)
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=9, nq=m)
+    guard = GuardedAttention(compiled, SMALL)
+    out = guard(q, k, v, layout, 0, q_slice=m)
+    ref = attention_reference(q, k, v, layout, compiled, 0, q_slice=m)
+    assert _rel_err(out, ref) < 1e-4
+
+
+def test_forged_full_tiles_cannot_widen_the_relation(compiled):
+    """A plan claiming every tile FULL is not trusted at domain level (and would leak without the check)."""
+    import dataclasses
+
+    n = 48
+    ids = _ids(1, n, seed=17)
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    secret = (ids[0] == SECRET).to(DEV)
+    q, k, v = _qkv(1, 1, 1, n, 64, torch.float32, seed=2)
+
+    def leaks(check_full: bool) -> bool:
+        guard = GuardedAttention(compiled, dataclasses.replace(SMALL, check_full=check_full))
+        plan = guard.plan(layout, 0, heads=1, dtype=q.dtype, head_dim=64)
+        fn, fi, pn, pi = plan.lists
+        tk = fi.shape[-1]
+        forged_idx = torch.arange(tk, dtype=torch.int32, device=DEV).expand_as(fi).contiguous()
+        forged = dataclasses.replace(plan, lists=(torch.full_like(fn, tk), forged_idx, torch.zeros_like(pn), pi))
+        with torch.no_grad():
+            a = guard(q, k, v, layout, 0, plan=forged)
+            v2 = v.detach().clone()
+            v2[:, :, secret] = 1e4
+            b = guard(q, k, v2, layout, 0, plan=forged)
+        return not torch.equal(a[:, :, ~secret], b[:, :, ~secret])
+
+    assert not leaks(check_full=True)
+    assert leaks(check_full=False)  # the test can fail: without the in-kernel check the forgery leaks
+
+
+def test_digest_covers_tables_and_sources(compiled):
+    from domainguard.kernels import source_digest, source_manifest
+
+    other = dg.compile(dg.loads_policy(LONELY), layers=2)
+    assert GuardedAttention(compiled).digest() != GuardedAttention(other).digest()
+    assert GuardedAttention(compiled).digest() == GuardedAttention(compiled).digest()
+    assert len(source_digest()) == 64 and "forward.py" in source_manifest()
+
+
+def test_refusals_are_clear(compiled):
+    layout = dg.Layout.from_ids(compiled, _ids(1, 8, seed=1)).to(DEV)
+    q, k, v = _qkv(1, 1, 1, 8, 96, torch.float32, seed=1)
+    with pytest.raises(KernelError) as e:
+        attention(q, k, v, layout, compiled, backend="triton")
+    assert e.value.code == "DG316"
+    windowed = dg.compile(dg.loads_policy(POLICY.replace("{causal: true}", "{causal: true, window: 4}")), layers=1)
+    q, k, v = _qkv(1, 1, 1, 8, 64, torch.float32, seed=1)
+    with pytest.raises(KernelError) as e:
+        attention(q, k, v, dg.Layout.from_ids(windowed, _ids(1, 8, seed=1)).to(DEV), windowed, backend="triton")
+    assert e.value.code == "DG315"
