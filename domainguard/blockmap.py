@@ -31,7 +31,7 @@ import torch
 
 from .errors import LayoutError
 from .layout import Layout, TokenAttrs
-from .patterns import TORCH, MaskRule, Span, group_domains, representative_heads, rules_for
+from .patterns import TORCH, MaskRule, Span, _torch_in_group, group_domains, link_hash, pair_mask, representative_heads, rules_for
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _BIG = 1 << 40  # beyond any index or rank; spans of absent domains use ±_BIG
@@ -108,8 +108,6 @@ def _random_hits(q: TokenAttrs, k: TokenAttrs, rel: torch.Tensor, rules, block_q
         member = torch.isin(q.domain, torch.tensor(doms, device=dev)) & (q.index >= 0)
         for part in rule.random_parts:
             for j in range(part.links):
-                from .patterns import link_hash
-
                 target = link_hash(part.seed, q.index, j) % (q.index.clamp_min(0) + 1)
                 kcol = pos_of.gather(1, target.clamp(0, size - 1))
                 ok = member & (target < size) & (kcol >= 0)
@@ -249,15 +247,11 @@ class BlockMap:
             ka = TokenAttrs(k.domain[b, kv_idx], k.index[b, kv_idx], k.rank[b, kv_idx])
             out = None
             for row, rules in enumerate(rule_sets):
-                for rule, doms in group_domains(rules).items():
-                    in_group = qa.domain == doms[0]
-                    for d in doms[1:]:
-                        in_group = in_group | (qa.domain == d)
-                    term = in_group & rule.mask(TORCH, qa, ka)
-                    if len(rule_sets) > 1:
-                        term = term & (h == row)
-                    out = term if out is None else out | term
-            return rel[qa.domain, ka.domain] & out
+                term = pair_mask(TORCH, lambda x, y: rel[x, y], _torch_in_group, rules, qa, ka)
+                if len(rule_sets) > 1:
+                    term = term & (h == row)
+                out = term if out is None else out | term
+            return out
 
         return mask_mod
 

@@ -390,6 +390,15 @@ def group_domains(rules: Sequence[MaskRule]) -> dict[MaskRule, list[int]]:
 # --- dense reference -----------------------------------------------------------------------
 
 
+def pair_mask(ops, rel_of, in_group, rules: Sequence[MaskRule], q: TokenAttrs, k: TokenAttrs):
+    """relation(d_q, d_k) AND the query domain's rule — written once for every backend.
+
+    ``rel_of(dq, dk)`` looks the relation up; ``in_group(dq, doms)`` tests membership.
+    """
+    terms = [ops.and_(in_group(q.domain, doms), rule.mask(ops, q, k)) for rule, doms in group_domains(rules).items()]
+    return ops.and_(rel_of(q.domain, k.domain), ops.or_(*terms))
+
+
 def token_mask(q: TokenAttrs, k: TokenAttrs, relation: torch.Tensor, rules: Sequence[MaskRule]) -> torch.Tensor:
     """bool [..., Nq, Nk]: may query q attend key k. ``q``/``k`` fields are [..., Nq] / [..., Nk] in any order.
 
@@ -399,12 +408,14 @@ def token_mask(q: TokenAttrs, k: TokenAttrs, relation: torch.Tensor, rules: Sequ
     rel = relation.to(q.domain.device)
     qb = TokenAttrs(*(t.unsqueeze(-1) for t in q))  # [..., Nq, 1]
     kb = TokenAttrs(*(t.unsqueeze(-2) for t in k))  # [..., 1, Nk]
-    allowed = rel[qb.domain, kb.domain]
-    pat = torch.zeros_like(allowed)
-    for rule, doms in group_domains(rules).items():
-        in_group = torch.isin(qb.domain, torch.tensor(doms, device=qb.domain.device))
-        pat |= in_group & rule.mask(TORCH, qb, kb)
-    return allowed & pat
+    return pair_mask(TORCH, lambda a, b: rel[a, b], _torch_in_group, rules, qb, kb)
+
+
+def _torch_in_group(dom: torch.Tensor, doms: list[int]) -> torch.Tensor:
+    out = dom == doms[0]
+    for d in doms[1:]:
+        out = out | (dom == d)
+    return out
 
 
 def dense_mask(layout: Layout, compiled, layer: int, head: int = 0, *, q_slice=None) -> torch.Tensor:
@@ -435,6 +446,7 @@ __all__ = [
     "rules_for",
     "representative_heads",
     "link_hash",
+    "pair_mask",
     "token_mask",
     "dense_mask",
     "query_columns",
