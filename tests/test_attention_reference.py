@@ -1,8 +1,6 @@
 """attention_reference: the plain-PyTorch ground truth every kernel is compared with."""
 
 import math
-from types import SimpleNamespace
-
 import pytest
 import torch
 
@@ -19,13 +17,8 @@ patterns: {default: {causal: true}}
 """
 
 
-def _layout(ids: torch.Tensor):
-    b, n = ids.shape
-    return SimpleNamespace(
-        domain_ids=ids,
-        index=torch.arange(n).expand(b, n),
-        valid=torch.ones(b, n, dtype=torch.bool),
-    )
+def _layout(ids: torch.Tensor, compiled):
+    return dg.Layout.from_ids(compiled, ids)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +36,7 @@ def _naive(q, k, v, mask):
 def test_matches_naive_softmax(compiled):
     torch.manual_seed(0)
     ids = torch.randint(0, 3, (2, 37))
-    lay = _layout(ids)
+    lay = _layout(ids, compiled)
     q, k, v = (torch.randn(2, 2, 37, 16) for _ in range(3))
     out = attention_reference(q, k, v, lay, compiled)
     rel = compiled.relation(0)
@@ -65,7 +58,7 @@ def test_fully_masked_row_is_zero_with_finite_lse():
 def test_forbidden_domain_poison_is_invisible(compiled, poison):
     torch.manual_seed(1)
     ids = torch.tensor([[0, 2, 1, 2, 0, 1, 2, 1, 1, 2]])
-    lay = _layout(ids)
+    lay = _layout(ids, compiled)
     q, k, v = (torch.randn(1, 2, 10, 16) for _ in range(3))
     out = attention_reference(q, k, v, lay, compiled)
     forb = ids[0] == 2  # nobody else reads c
@@ -80,7 +73,7 @@ def test_forbidden_domain_poison_is_invisible(compiled, poison):
 def test_gqa_and_q_slice(compiled):
     torch.manual_seed(2)
     ids = torch.randint(0, 3, (1, 20))
-    lay = _layout(ids)
+    lay = _layout(ids, compiled)
     q = torch.randn(1, 4, 20, 8)
     k, v = torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
     full = attention_reference(q, k, v, lay, compiled)
@@ -89,7 +82,7 @@ def test_gqa_and_q_slice(compiled):
 
 
 def test_bad_shapes_refused(compiled):
-    lay = _layout(torch.zeros(1, 4, dtype=torch.long))
+    lay = _layout(torch.zeros(1, 4, dtype=torch.long), compiled)
     with pytest.raises(KernelError) as e:
         attention(torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), lay, compiled)
     assert e.value.code == "DG312"
