@@ -1,0 +1,260 @@
+"""Ed25519 signatures over a certificate and its bundle: a one-byte change anywhere fails, naming the file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from domainguard import cli, report, signing
+from domainguard.errors import BundleError
+from test_report_fixtures import PROVED_POLICY, REFUTED_POLICY, add_model_evidence, compile_dir
+
+
+@pytest.fixture
+def keys(tmp_path):
+    (tmp_path / "keys").mkdir()
+    return signing.generate_keypair(tmp_path / "keys" / "signer.pem")
+
+
+@pytest.fixture
+def bundle(tmp_path, keys):
+    d = compile_dir(tmp_path, PROVED_POLICY, name="bundle")
+    add_model_evidence(d)
+    (d / "weights").mkdir()
+    (d / "weights" / "model.safetensors").write_bytes(os.urandom(3000))
+    report.write_report(d, "html", d / "report.html")
+    signing.sign_certificate(d, keys[0])
+    return d
+
+
+def _raises(fn, *args) -> BundleError:
+    with pytest.raises(BundleError) as e:
+        fn(*args)
+    return e.value
+
+
+# --- canonical JSON (RFC 8785) -----------------------------------------------------------------
+@pytest.mark.parametrize("value, text", [
+    (0.0, "0"), (-0.0, "0"), (1.0, "1"), (4.50, "4.5"), (2e-3, "0.002"), (1e-27, "1e-27"),
+    (333333333.33333329, "333333333.3333333"), (1e30, "1e+30"), (1e21, "1e+21"), (1e20, "100000000000000000000"),
+    (5e-324, "5e-324"), (-1.5e-7, "-1.5e-7"), (0.000001, "0.000001"), (1.7976931348623157e308, "1.7976931348623157e+308"),
+    (9007199254740992.0, "9007199254740992"), (123.456, "123.456"),
+])
+def test_jcs_numbers_follow_ecmascript(value, text):
+    assert signing.canonical_json(value) == text.encode()
+
+
+def test_jcs_objects_sort_by_utf16_and_escape_minimally():
+    value = {"\U0001F600": 1, "\ue000": 2, "b": [True, None, "é\n\"\\\u0001"], "a": {"z": 1, "y": 2.5}}
+    assert signing.canonical_json(value) == (
+        '{"a":{"y":2.5,"z":1},"b":[true,null,"é\\n\\"\\\\\\u0001"],"\U0001F600":1,"\ue000":2}').encode()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), {1: 2}, {"a": object()}])
+def test_jcs_refuses_what_json_cannot_say(bad):
+    with pytest.raises((ValueError, TypeError)):
+        signing.canonical_json(bad)
+
+
+def test_canonical_certificate_ignores_only_the_signature_field():
+    cert = {"verdict": "PROVED", "claims": [{"id": "a"}], "signature": {"key_id": "x"}}
+    assert signing.canonical_certificate(cert) == signing.canonical_certificate({**cert, "signature": {"other": 1}})
+    assert signing.canonical_certificate(cert) != signing.canonical_certificate({**cert, "verdict": "UNKNOWN"})
+
+
+# --- keys ----------------------------------------------------------------------------------------
+def test_generate_keypair_writes_private_key_0600_and_never_overwrites(tmp_path):
+    priv, pub = signing.generate_keypair(tmp_path / "k.pem")
+    assert pub == tmp_path / "k.pem.pub"
+    assert stat.S_IMODE(priv.stat().st_mode) == 0o600
+    assert isinstance(signing.load_private_key(priv), Ed25519PrivateKey)
+    assert isinstance(signing.load_public_key(pub), Ed25519PublicKey)
+    e = _raises(signing.generate_keypair, tmp_path / "k.pem")
+    assert e.code == "DG419" and e.location.file.endswith("k.pem")
+
+
+def test_public_key_formats(tmp_path):
+    key = Ed25519PrivateKey.generate()
+    pub = key.public_key()
+    raw = signing.raw_public_key(pub)
+    forms = {
+        "raw.bin": raw,
+        "hex.txt": raw.hex().encode() + b"\n",
+        "key.pub": pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH),
+        "key.pem": pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+        "private.pem": key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()),
+    }
+    for name, data in forms.items():
+        (tmp_path / name).write_bytes(data)
+        assert signing.raw_public_key(signing.load_public_key(tmp_path / name)) == raw, name
+
+
+def test_encrypted_private_key_needs_the_password(tmp_path, monkeypatch):
+    key = Ed25519PrivateKey.generate()
+    p = tmp_path / "enc.pem"
+    p.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.BestAvailableEncryption(b"hunter2")))
+    monkeypatch.delenv(signing.KEY_PASSWORD_ENV, raising=False)
+    e = _raises(signing.load_private_key, p)
+    assert e.code == "DG412" and signing.KEY_PASSWORD_ENV in str(e)
+    monkeypatch.setenv(signing.KEY_PASSWORD_ENV, "hunter2")
+    assert signing.load_private_key(p).public_key() == key.public_key()
+
+
+def test_non_ed25519_or_garbage_key_names_the_key_file(tmp_path, bundle):
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ecpub = ec.generate_private_key(ec.SECP256R1()).public_key()
+    (tmp_path / "ec.pem").write_bytes(ecpub.public_bytes(serialization.Encoding.PEM,
+                                                         serialization.PublicFormat.SubjectPublicKeyInfo))
+    (tmp_path / "junk.pem").write_text("hello")
+    for name in ("ec.pem", "junk.pem", "missing.pem"):
+        e = _raises(signing.verify_bundle_signature, bundle, tmp_path / name)
+        assert e.code == "DG412" and e.location.file.endswith(name)
+
+
+# --- sign and verify -------------------------------------------------------------------------------
+def test_sign_and_verify_roundtrip(bundle, keys):
+    info = signing.verify_bundle_signature(bundle, keys[1])
+    assert info.authenticated and info.key_id == signing.key_id(signing.load_public_key(keys[1]))
+    assert info.files == 7  # policy.yaml/json, domains.json, relations.npy, certificate.json, weights, report.html
+    doc = json.loads((bundle / "signature.json").read_text())
+    assert set(doc["payload"]["files"]) == {"certificate.json", "domains.json", "policy.json", "policy.yaml",
+                                            "relations.npy", "report.html", "weights/model.safetensors"}
+    # certificate.json is signed twice over: its exact bytes and its canonical content.
+    cert = json.loads((bundle / "certificate.json").read_text())
+    assert doc["payload"]["certificate"]["canonical_sha256"] == \
+        hashlib.sha256(signing.canonical_certificate(cert)).hexdigest()
+
+
+def test_signature_checks_out_without_domainguard(bundle, keys):
+    """What a third party does: hash the files, rebuild the payload, verify Ed25519 over its JCS bytes."""
+    doc = json.loads((bundle / "signature.json").read_text())
+    files = {p.relative_to(bundle).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(bundle.rglob("*")) if p.is_file() and p.name != "signature.json"}
+    assert files == doc["payload"]["files"]
+    # JCS of this payload (strings and nested objects only) is json.dumps with sorted keys and no spaces.
+    payload = json.dumps(doc["payload"], sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    pub = serialization.load_pem_public_key(Path(keys[1]).read_bytes())
+    pub.verify(bytes.fromhex(doc["signature"]), payload)  # raises if invalid
+    assert doc["key_id"] == "sha256:" + hashlib.sha256(bytes.fromhex(doc["public_key"])).hexdigest()
+
+
+def test_signing_is_deterministic(bundle, keys):
+    first = (bundle / "signature.json").read_bytes()
+    signing.sign_certificate(bundle / "certificate.json", keys[0])
+    assert (bundle / "signature.json").read_bytes() == first
+
+
+def _files(d: Path) -> list[Path]:
+    return sorted(p for p in d.rglob("*") if p.is_file())
+
+
+def test_one_byte_change_anywhere_fails_naming_the_file(bundle, keys):
+    files = _files(bundle)
+    assert len(files) == 8
+    checked = 0
+    for path in files:
+        original = path.read_bytes()
+        for pos in sorted({0, 1, len(original) // 3, len(original) // 2, len(original) - 2, len(original) - 1}):
+            for new in {original[pos] ^ 0x01, original[pos] ^ 0x20, ord(" ") if original[pos] != ord(" ") else ord("\t")}:
+                data = bytearray(original)
+                data[pos] = new
+                path.write_bytes(bytes(data))
+                try:
+                    e = _raises(signing.verify_bundle_signature, bundle, keys[1])
+                finally:
+                    path.write_bytes(original)
+                assert Path(e.location.file) == path, f"{path.name}@{pos}: {e}"
+                checked += 1
+    signing.verify_bundle_signature(bundle, keys[1])  # restored: clean again
+    assert checked > 100
+
+
+def test_added_removed_and_linked_files_fail_naming_the_file(bundle, keys):
+    extra = bundle / "weights" / "extra.bin"
+    extra.write_bytes(b"x")
+    e = _raises(signing.verify_bundle_signature, bundle, keys[1])
+    assert e.code == "DG417" and Path(e.location.file) == extra
+    extra.unlink()
+    html = bundle / "report.html"
+    saved = html.read_bytes()
+    html.unlink()
+    e = _raises(signing.verify_bundle_signature, bundle, keys[1])
+    assert e.code == "DG416" and Path(e.location.file) == html
+    html.symlink_to(bundle / "policy.yaml")
+    e = _raises(signing.verify_bundle_signature, bundle, keys[1])
+    assert e.code == "DG418" and Path(e.location.file) == html
+    html.unlink()
+    html.write_bytes(saved)
+    signing.verify_bundle_signature(bundle, keys[1])
+
+
+def test_other_signer_and_resigned_payload_are_refused(bundle, keys, tmp_path):
+    other_priv, other_pub = signing.generate_keypair(tmp_path / "other.pem")
+    e = _raises(signing.verify_bundle_signature, bundle, other_pub)
+    assert e.code == "DG413" and e.location.file.endswith("signature.json")
+    # An attacker edits a file and re-signs with their own key: the trusted key refuses it.
+    (bundle / "policy.yaml").write_text("tampered")
+    signing.sign_certificate(bundle, other_priv)
+    signing.check_signature_integrity(bundle)  # internally consistent...
+    e = _raises(signing.verify_bundle_signature, bundle, keys[1])
+    assert e.code == "DG413"  # ...but not by the trusted signer
+
+
+def test_swapped_payload_with_valid_hashes_fails_the_signature(bundle, keys):
+    sig = bundle / "signature.json"
+    doc = json.loads(sig.read_text())
+    (bundle / "policy.yaml").write_text("tampered")
+    doc["payload"]["files"]["policy.yaml"] = hashlib.sha256(b"tampered").hexdigest()
+    sig.write_bytes(signing._serialise_signature(doc))
+    e = _raises(signing.verify_bundle_signature, bundle, keys[1])
+    assert e.code == "DG414" and e.location.file.endswith("signature.json")
+
+
+def test_unsigned_bundle(tmp_path, keys):
+    d = compile_dir(tmp_path, REFUTED_POLICY, name="unsigned")
+    e = _raises(signing.verify_bundle_signature, d, keys[1])
+    assert e.code == "DG410" and e.location.file.endswith("signature.json")
+    e = _raises(signing.sign_certificate, tmp_path / "nowhere", keys[0])
+    assert e.code == "DG410"
+
+
+def test_ephemeral_key_warns_and_still_protects_integrity(tmp_path):
+    d = compile_dir(tmp_path, REFUTED_POLICY, name="ephemeral")
+    with pytest.warns(UserWarning, match="integrity, not authorship"):
+        signing.sign_certificate(d, public_key_out=tmp_path / "ephemeral.pub")
+    info = signing.check_signature_integrity(d)
+    assert not info.authenticated
+    assert signing.verify_bundle_signature(d, tmp_path / "ephemeral.pub").authenticated
+    (d / "domains.json").write_text("{}")
+    e = _raises(signing.check_signature_integrity, d)
+    assert e.code == "DG415" and e.location.file.endswith("domains.json")
+
+
+# --- what the report and the CLI make of it ------------------------------------------------------
+def test_report_shows_signature_state(bundle, keys):
+    data = report.build(bundle)
+    sig = data["integrity"]["signature"]
+    assert sig["status"] == "intact" and sig["key_id"] == signing.key_id(signing.load_public_key(keys[1]))
+    assert data["verdict"]["shown"] == "PROVED"
+    (bundle / "report.html").write_text("<p>edited</p>")
+    data = report.build(bundle)
+    assert data["integrity"]["signature"]["status"] == "invalid" and "report.html" in data["integrity"]["signature"]["detail"]
+    assert data["verdict"]["shown"] == "UNKNOWN"
+
+
+def test_cli_verify_with_pubkey(bundle, keys, capsys):
+    assert cli.main(["verify", str(bundle), "--pubkey", str(keys[1])]) == 0
+    (bundle / "weights" / "model.safetensors").write_bytes(b"\0" * 3000)
+    capsys.readouterr()
+    assert cli.main(["verify", str(bundle), "--pubkey", str(keys[1])]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
