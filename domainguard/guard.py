@@ -1,0 +1,463 @@
+"""Guard a Hugging Face transformer: every attention call runs under the frozen policy (DESIGN §6).
+
+``guard(model, compiled)`` registers domainguard's attention function and mask function
+with transformers' ``AttentionInterface`` / ``AttentionMaskInterface`` under the name
+``"domainguard"``, switches the model to it, and wraps the model's ``forward`` so that
+domain ids travel with the inputs::
+
+    model = dg.guard(model, compiled)
+    out = model(input_ids=ids, domain_ids=dom)                  # dom: LongTensor [B, N]
+    gen = model.generate(ids, domain_ids=dom, max_new_tokens=8) # generated tokens: generation domain
+
+How the pieces fit:
+
+* The wrapped ``forward`` builds one ``Layout`` for the whole key sequence (cached tokens
+  plus new ones) on every call, takes position ids from it (global or per-domain, as the
+  policy says) and hands it to the attention function through the model's ``**kwargs``.
+  ``domain_ids`` always covers the sequence from its first token (like a 2-D
+  ``attention_mask``); tokens past its end are generated tokens, of the generation domain.
+* The attention function refuses to run without that context (a submodule called on its
+  own fails closed) and counts its calls: a forward in which some layer's attention did
+  not go through it raises instead of returning.
+* The mask function returns no mask: the policy's mask (relation, patterns, padding) is
+  built from the layout inside guarded attention. The model's own causal mask is not
+  lost: guarding a causal LM requires every pattern of the policy to be causal.
+
+Only architectures whose attention is known to dispatch through the interface are
+accepted (``ARCHITECTURES``); anything else is refused with a ModelError. The graph audit
+(``domainguard.audit``) checks the rest of the model for ops that mix positions.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+__all__ = [
+    "IMPLEMENTATION",
+    "ARCHITECTURES",
+    "Architecture",
+    "GuardState",
+    "guard",
+    "unguard",
+    "guard_state",
+    "is_guarded",
+    "architecture_of",
+    "forbidden_sources",
+]
+
+IMPLEMENTATION = "domainguard"
+_CONTEXT_KEY = "domainguard_context"
+_STATE_ATTR = "_domainguard"
+
+
+# --- architectures ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Architecture:
+    """What the guard needs to know about one model family."""
+
+    name: str
+    causal: bool  # the model's own mask is causal (decoder) rather than bidirectional (encoder)
+    attention_modules: Callable[[nn.Module], list[nn.Module]]  # the self-attention modules, in layer order
+    blocks: Callable[[nn.Module], list[nn.Module]]  # the transformer blocks, in layer order
+    num_layers: Callable[[object], int]
+    num_heads: Callable[[object], int]
+
+
+def _base(model: nn.Module) -> nn.Module:
+    base = getattr(model, "base_model", model)
+    return model if base is None else base
+
+
+def _llama_blocks(model: nn.Module) -> list[nn.Module]:
+    return list(_base(model).layers)
+
+
+def _llama_attention(model: nn.Module) -> list[nn.Module]:
+    return [block.self_attn for block in _llama_blocks(model)]
+
+
+def _bert_blocks(model: nn.Module) -> list[nn.Module]:
+    return list(_base(model).encoder.layer)
+
+
+def _bert_attention(model: nn.Module) -> list[nn.Module]:
+    return [block.attention.self for block in _bert_blocks(model)]
+
+
+def _check_llama(config) -> str | None:
+    if getattr(config, "sliding_window", None):
+        return "sliding-window attention is not supported"
+    types_ = getattr(config, "layer_types", None)
+    if types_ and any(t != "full_attention" for t in types_):
+        return f"layer types {sorted(set(types_))} are not supported (only full attention)"
+    return None
+
+
+def _check_bert(config) -> str | None:
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return "BERT used as a decoder or with cross-attention is not supported"
+    return None
+
+
+def _layers(config) -> int:
+    return config.num_hidden_layers
+
+
+def _heads(config) -> int:
+    return config.num_attention_heads
+
+
+# model_type -> (architecture, config check returning why a config is refused, or None)
+ARCHITECTURES: dict[str, tuple[Architecture, Callable[[object], str | None]]] = {
+    "llama": (Architecture("llama", True, _llama_attention, _llama_blocks, _layers, _heads), _check_llama),
+    "bert": (Architecture("bert", False, _bert_attention, _bert_blocks, _layers, _heads), _check_bert),
+}
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    """The supported architecture of ``model``, or a ModelError saying why it is refused."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise ModelError(
+            f"{type(model).__name__} is not a Hugging Face transformers model",
+            code="DG501",
+            hint="Guard a transformers PreTrainedModel (Llama-family causal LM or BERT-family encoder).",
+        )
+    entry = ARCHITECTURES.get(model_type)
+    if entry is None:
+        raise ModelError(
+            f"architecture {model_type!r} ({type(model).__name__}) is not supported; supported: "
+            f"{', '.join(sorted(ARCHITECTURES))}",
+            code="DG501",
+            hint="Only architectures whose every attention call is known to go through the attention interface "
+            "can be guarded.",
+        )
+    arch, check = entry
+    problem = check(config)
+    if problem:
+        raise ModelError(f"{type(model).__name__}: {problem}", code="DG502")
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"{type(model).__name__}: encoder-decoder models are not supported", code="DG502")
+    return arch
+
+
+# --- state -----------------------------------------------------------------------------
+@dataclass(eq=False)
+class GuardState:
+    """Everything the guard attaches to a model (as ``model._domainguard``)."""
+
+    compiled: object
+    attention: object  # domainguard.attention.GuardedAttention
+    architecture: Architecture
+    layer_of: dict[int, int]  # id(attention module) -> layer index
+    original_forward: Callable
+    original_implementation: str | None
+    certificate: object | None = None  # set by load_certified
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.compiled.num_layers
+
+
+@dataclass(eq=False)
+class _CallContext:
+    """One forward call: its layout and which layers' attention ran under the guard."""
+
+    state: GuardState
+    layout: object
+    calls: list[int]
+
+
+def guard_state(model: nn.Module) -> GuardState:
+    state = getattr(model, _STATE_ATTR, None)
+    if not isinstance(state, GuardState):
+        raise ModelError(f"{type(model).__name__} is not guarded", code="DG508", hint="Call dg.guard(model, compiled).")
+    return state
+
+
+def is_guarded(model: nn.Module) -> bool:
+    return isinstance(getattr(model, _STATE_ATTR, None), GuardState)
+
+
+# --- the attention and mask functions registered with transformers --------------------------
+def _attend(state: GuardState, q, k, v, layout, layer: int, scale):
+    """Guarded attention; the plain-PyTorch reference on CPU (the Triton interpreter is far too slow)."""
+    nq = q.shape[2]
+    if q.device.type == "cpu":
+        from .attention import attention_reference
+
+        return attention_reference(q, k, v, layout, state.compiled, layer, q_slice=nq, scale=scale)
+    return state.attention(q, k, v, layout, layer, q_slice=nq, scale=scale)
+
+
+def guarded_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
+    """The ``AttentionInterface`` entry: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] → ([B, Nq, Hq, D], None)."""
+    ctx = kwargs.get(_CONTEXT_KEY)
+    if not isinstance(ctx, _CallContext):
+        raise ModelError(
+            f"guarded attention in {type(module).__name__} was called without a domain layout",
+            code="DG510",
+            hint="Call the guarded model itself with domain_ids=..., not one of its submodules.",
+        )
+    layer = ctx.state.layer_of.get(id(module))
+    if layer is None:
+        raise ModelError(f"attention module {type(module).__name__} is not one the guard registered", code="DG511")
+    if dropout:
+        raise ModelError(
+            f"attention dropout ({dropout}) is not supported under the guard",
+            code="DG512",
+            hint="Call model.eval() (or set the attention dropout to 0) before running a guarded model.",
+        )
+    for name in ("sliding_window", "s_aux", "softcap"):
+        if kwargs.get(name) is not None:
+            raise ModelError(f"attention argument {name!r} is not supported under the guard", code="DG512")
+    # INVARIANT: the registered mask function returns None and forward refuses 4-D masks,
+    # so no mask built outside the policy can reach this point.
+    if attention_mask is not None:
+        raise ModelError("a prepared attention mask reached guarded attention", code="DG513")
+    n = ctx.layout.domain_ids.shape[1]
+    if key.shape[2] != n:
+        raise ModelError(
+            f"layer {layer}: {key.shape[2]} keys but the layout has {n} tokens (cache out of step with domain_ids)",
+            code="DG514",
+        )
+    out = _attend(ctx.state, query, key, value, ctx.layout, layer, scaling)
+    ctx.calls[layer] += 1
+    return out.transpose(1, 2).contiguous(), None
+
+
+def guarded_mask(*args, **kwargs):
+    """The ``AttentionMaskInterface`` entry: no mask.
+
+    The mask a guarded model runs under is the policy's — relation, patterns and padding —
+    built from the layout inside guarded attention; returning None here keeps transformers
+    from building (and us from trusting) a second one.
+    """
+    return None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPLEMENTATION, guarded_attention_forward)
+    AttentionMaskInterface.register(IMPLEMENTATION, guarded_mask)
+
+
+# --- layouts for one forward call ---------------------------------------------------------
+def _past_length(past) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    raise ModelError(f"unsupported past_key_values of type {type(past).__name__}; use a transformers Cache", code="DG504")
+
+
+def full_domain_ids(compiled, domain_ids: torch.Tensor, total: int, valid: torch.Tensor | None) -> torch.Tensor:
+    """Domain ids for all ``total`` tokens: ``domain_ids`` covers the first ones, the rest are generated.
+
+    A generated token is of the generation domain, and so must be the token whose
+    logits produced the first of them (DESIGN §2, decoding).
+    """
+    if not isinstance(domain_ids, torch.Tensor) or domain_ids.dim() != 2 or domain_ids.dtype not in (
+        torch.int64,
+        torch.int32,
+    ):
+        raise ModelError(
+            f"domain_ids must be an integer tensor [batch, tokens]; got "
+            f"{type(domain_ids).__name__} {tuple(getattr(domain_ids, 'shape', ()))}",
+            code="DG503",
+        )
+    domain_ids = domain_ids.long()
+    given = domain_ids.shape[1]
+    if given > total:
+        raise ModelError(f"domain_ids has {given} tokens but the sequence has {total}", code="DG503")
+    if given == total:
+        return domain_ids
+    gen = compiled.generation_id
+    if gen is None:
+        raise ModelError(
+            f"domain_ids covers {given} of {total} tokens and the policy names no generation domain",
+            code="DG503",
+            hint="Pass domain ids for every token, or add `generation: {domain: ...}` to the policy.",
+        )
+    if given == 0:
+        raise ModelError("domain_ids is empty", code="DG503")
+    last = domain_ids[:, given - 1]
+    rows = torch.ones_like(last, dtype=torch.bool) if valid is None else valid[:, given - 1]
+    bad = ((last != gen) & rows).nonzero().flatten().tolist()
+    if bad:
+        raise ModelError(
+            f"row {bad[0]}: the last prompt token is of domain "
+            f"{compiled.domains[int(last[bad[0]])] if int(last[bad[0]]) < compiled.num_domains else 'pad'}, "
+            f"but tokens are generated from it into {compiled.domains[gen]!r}",
+            code="DG505",
+            hint="End every prompt with a token of the generation domain (Layout.from_segments does this).",
+        )
+    tail = torch.full((domain_ids.shape[0], total - given), gen, dtype=torch.long, device=domain_ids.device)
+    return torch.cat([domain_ids, tail], dim=1)
+
+
+def build_layout(compiled, domain_ids: torch.Tensor, total: int, attention_mask=None):
+    """The Layout of a whole key sequence of ``total`` tokens (padding from a 2-D attention mask)."""
+    from .layout import Layout
+
+    pad = None
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+            raise ModelError(
+                "a guarded model takes only a 2-D padding attention_mask [batch, tokens]",
+                code="DG504",
+                hint="The attention pattern comes from the policy; pass padding as a 0/1 mask.",
+            )
+        if attention_mask.shape[1] != total:
+            raise ModelError(
+                f"attention_mask has {attention_mask.shape[1]} tokens but the sequence has {total}", code="DG504"
+            )
+        pad = attention_mask == 0
+    if pad is not None:
+        domain_ids = domain_ids.to(pad.device)
+    ids = full_domain_ids(compiled, domain_ids, total, None if pad is None else ~pad)
+    return Layout.from_ids(compiled, ids, pad_mask=pad)
+
+
+def _guarded_forward(self, input_ids=None, *, domain_ids=None, **kwargs):
+    """Run the wrapped model with its domain layout; refuse if any layer bypassed the guard."""
+    state = guard_state(self)
+    if domain_ids is None:
+        raise ModelError(
+            "a guarded model needs domain_ids=LongTensor[batch, tokens] with every input",
+            code="DG503",
+            hint="Build them with dg.Layout.from_segments(...) or pass one domain id per token.",
+        )
+    tokens = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if tokens is None:
+        raise ModelError("pass input_ids or inputs_embeds", code="DG503")
+    n_new = tokens.shape[1]
+    total = _past_length(kwargs.get("past_key_values")) + n_new
+    if isinstance(domain_ids, torch.Tensor):
+        domain_ids = domain_ids.to(tokens.device)
+    layout = build_layout(state.compiled, domain_ids, total, kwargs.get("attention_mask"))
+    positions = layout.position_ids[:, total - n_new :].to(tokens.device)
+    given = kwargs.get("position_ids")
+    if given is not None and not torch.equal(given.to(positions.device).expand_as(positions), positions):
+        raise ModelError(
+            "position_ids differ from the layout's; under the guard positions come from the policy "
+            f"(positions: {state.compiled.positions})",
+            code="DG506",
+            hint="Leave position_ids out.",
+        )
+    kwargs["position_ids"] = positions
+    ctx = _CallContext(state, layout, [0] * state.num_layers)
+    kwargs[_CONTEXT_KEY] = ctx
+    out = state.original_forward(input_ids=input_ids, **kwargs)
+    missed = [l for l, c in enumerate(ctx.calls) if c == 0]
+    if missed:
+        raise ModelError(
+            f"attention of layer(s) {missed} did not run through guarded attention; output withheld",
+            code="DG507",
+            hint="The model bypasses transformers' attention interface; it cannot be guarded.",
+        )
+    return out
+
+
+# --- guard / unguard ---------------------------------------------------------------------
+def _check_patterns_causal(compiled, arch: Architecture, heads: int) -> None:
+    """A causal LM must never see future tokens: every pattern must keep ``causal``."""
+    for layer in range(compiled.num_layers):
+        for domain in range(compiled.num_domains):
+            for head in range(heads):
+                pat = compiled.pattern(domain, layer, head)
+                if pat is None or not pat.causal:
+                    raise ModelError(
+                        f"{arch.name} is a causal model but the policy's pattern for domain "
+                        f"{compiled.domains[domain]!r} (layer {layer}, head {head}) is not causal",
+                        code="DG509",
+                        hint="Add `patterns: {default: {causal: true}}` (and causal: true on every other pattern).",
+                    )
+
+
+def guard(model: nn.Module, compiled, *, copy: bool = False) -> nn.Module:
+    """Guard ``model`` (in place, or a deep copy with ``copy=True``) under ``compiled``; return it.
+
+    Raises ModelError for an unsupported architecture, a layer count that differs from
+    the compiled policy's, or (for a causal LM) a policy pattern that is not causal.
+    """
+    from .attention import GuardedAttention
+
+    arch = architecture_of(model)
+    if is_guarded(model):
+        raise ModelError(f"{type(model).__name__} is already guarded", code="DG508", hint="Call unguard(model) first.")
+    config = model.config
+    layers = arch.num_layers(config)
+    if compiled.num_layers != layers:
+        raise ModelError(
+            f"the policy was compiled for {compiled.num_layers} layers but the model has {layers}",
+            code="DG502",
+            hint=f"Compile with dg.compile(policy, layers={layers}).",
+        )
+    if arch.causal:
+        _check_patterns_causal(compiled, arch, arch.num_heads(config))
+    if copy:
+        import copy as _copy
+
+        model = _copy.deepcopy(model)
+    modules = arch.attention_modules(model)
+    if len(modules) != layers:
+        raise ModelError(f"found {len(modules)} attention modules for {layers} layers", code="DG502")
+    _register()
+    state = GuardState(
+        compiled=compiled,
+        attention=GuardedAttention(compiled),
+        architecture=arch,
+        layer_of={id(m): i for i, m in enumerate(modules)},
+        original_forward=model.forward,
+        original_implementation=getattr(config, "_attn_implementation", None),
+    )
+    model.set_attn_implementation(IMPLEMENTATION)
+    setattr(model, _STATE_ATTR, state)
+    # An instance attribute shadows the class's forward, so __call__ and generate() go through it.
+    model.forward = types.MethodType(_guarded_forward, model)
+    return model
+
+
+def unguard(model: nn.Module) -> nn.Module:
+    """Undo ``guard`` (for baselines in experiments): original forward and attention implementation."""
+    state = guard_state(model)
+    del model.forward
+    delattr(model, _STATE_ATTR)
+    if state.original_implementation is not None:
+        model.set_attn_implementation(state.original_implementation)
+    return model
+
+
+# --- what a domain may not read -------------------------------------------------------------
+def forbidden_sources(compiled) -> dict[int, list[int]]:
+    """For each domain R: the domains whose contents can reach no hidden state of R.
+
+    Read off the verifier's reach table (decode feedback included, so this is the
+    stricter set): nothing a token of R holds at any layer may depend on a token of S.
+    """
+    from .verify import reach_table
+
+    reach = reach_table(compiled.flow)  # [node, source]
+    d = compiled.num_domains
+    return {r: [s for s in range(d) if not reach[r, s]] for r in range(d)}

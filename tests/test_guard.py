@@ -1,0 +1,314 @@
+"""dg.guard on tiny random Llama and BERT models: isolation, generate() with the KV cache, batches, refusals."""
+
+import copy
+
+import pytest
+import torch
+
+import domainguard as dg
+from domainguard.errors import LayoutError, ModelError
+from domainguard.guard import forbidden_sources, guard_state, is_guarded, unguard
+from domainguard.leaktest import bitwise_equal
+
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
+POLICY = """
+domainguard: 1
+name: guard-test
+domains:
+  system: {}
+  notes: {}
+  secret: {}
+  answer: {}
+reads:
+  notes: [system]
+  secret: [system]
+  answer: [system, notes]
+forbid:
+  - flow: {from: secret, to: answer}
+  - flow: {from: secret, to: notes}
+patterns:
+  default: {causal: true}
+generation: {domain: answer}
+positions: %s
+"""
+SYSTEM, NOTES, SECRET, ANSWER = range(4)
+LAYERS = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: one thread is fastest, and immune to other processes competing for cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def compiled(positions="per_domain", text=POLICY, layers=LAYERS):
+    return dg.compile(dg.loads_policy(text % positions if "%s" in text else text), layers=layers)
+
+
+def tiny_llama(layers=LAYERS, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(layers=LAYERS, seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                     num_attention_heads=4, max_position_embeddings=64)
+    return BertForMaskedLM(cfg).eval()
+
+
+# secret tokens sit before the protected ones, so a dense causal model would leak them
+DOMS = torch.tensor([[SYSTEM, SYSTEM, SECRET, SECRET, SECRET, NOTES, NOTES, ANSWER, ANSWER]])
+
+
+def ids_for(doms, seed=1):
+    return torch.randint(0, 97, doms.shape, generator=torch.Generator().manual_seed(seed))
+
+
+def poisoned(ids, doms, domain=SECRET, seed=2):
+    noise = torch.randint(0, 97, ids.shape, generator=torch.Generator().manual_seed(seed))
+    return torch.where(doms == domain, noise, ids)
+
+
+def protected(doms):
+    return (doms == NOTES) | (doms == ANSWER)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_bert], ids=["llama", "bert"])
+def test_forward_is_bitwise_isolated_and_dense_is_not(make):
+    model = make()
+    dense = copy.deepcopy(model)
+    g = dg.guard(model, compiled())
+    assert g is model and is_guarded(g)
+    ids = ids_for(DOMS)
+    bad = poisoned(ids, DOMS)
+    a = g(input_ids=ids, domain_ids=DOMS, output_hidden_states=True)
+    b = g(input_ids=bad, domain_ids=DOMS, output_hidden_states=True)
+    p = protected(DOMS)
+    assert bitwise_equal(a.logits[p], b.logits[p])
+    for ha, hb in zip(a.hidden_states, b.hidden_states):
+        assert bitwise_equal(ha[p], hb[p])
+    assert not bitwise_equal(a.logits[DOMS == SECRET], b.logits[DOMS == SECRET])  # the poison did something
+    assert not bitwise_equal(dense(input_ids=ids).logits[p], dense(input_ids=bad).logits[p])
+
+
+def test_nan_and_inf_in_forbidden_embeddings_do_not_reach_protected_tokens():
+    g = dg.guard(tiny_llama(), compiled())
+    ids = ids_for(DOMS)
+    emb = g.get_input_embeddings()(ids).detach()
+    clean = g(inputs_embeds=emb, domain_ids=DOMS).logits
+    for value in (float("nan"), float("inf"), float("-inf")):
+        bad = emb.masked_fill((DOMS == SECRET)[..., None], value)
+        out = g(inputs_embeds=bad, domain_ids=DOMS).logits
+        assert bitwise_equal(out[protected(DOMS)], clean[protected(DOMS)])
+        assert torch.isfinite(out[protected(DOMS)]).all()
+
+
+def test_guarded_model_matches_dense_where_the_policy_allows_everything():
+    open_policy = """
+domainguard: 1
+name: open
+domains: {a: {}, b: {}}
+reads: {a: [b], b: [a]}
+patterns: {default: {causal: true}}
+generation: {domain: b}
+"""
+    model = tiny_llama()
+    dense = copy.deepcopy(model)
+    g = dg.guard(model, compiled(text=open_policy))
+    doms = torch.tensor([[0, 1, 0, 1, 1, 0, 1]])
+    ids = ids_for(doms)
+    torch.testing.assert_close(g(input_ids=ids, domain_ids=doms).logits, dense(input_ids=ids).logits,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_generate_with_kv_cache_matches_full_recompute_and_stays_isolated():
+    g = dg.guard(tiny_llama(), compiled())
+    ids = ids_for(DOMS)
+    out = g.generate(ids, domain_ids=DOMS, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    new = out[:, ids.shape[1]:]
+    assert new.shape == (1, 6)
+    # Without a cache, every generated token is recomputed from scratch in the generation domain.
+    full = torch.cat([DOMS, torch.full((1, 6), ANSWER)], 1)
+    logits = g(input_ids=out, domain_ids=full, use_cache=False).logits
+    assert torch.equal(logits[0, ids.shape[1] - 1:-1].argmax(-1), new[0])
+    # Poisoning the secret changes nothing the answer generates.
+    out2 = g.generate(poisoned(ids, DOMS), domain_ids=DOMS, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(out2[:, ids.shape[1]:], new)
+
+
+def test_generate_refuses_a_prompt_not_ending_in_the_generation_domain():
+    g = dg.guard(tiny_llama(), compiled())
+    doms = DOMS[:, :-2]  # ends with notes
+    with pytest.raises(ModelError) as e:
+        g.generate(ids_for(doms), domain_ids=doms, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert e.value.code == "DG505"
+
+
+def test_batches_of_different_layouts_match_rows_run_alone():
+    g = dg.guard(tiny_llama(), compiled())
+    pad = compiled().pad_id
+    rows = [
+        [SYSTEM, SECRET, SECRET, NOTES, NOTES, ANSWER, ANSWER],
+        [NOTES, SYSTEM, ANSWER],
+        [SECRET, SYSTEM, SYSTEM, NOTES, ANSWER],
+    ]
+    n = max(map(len, rows))
+    doms = torch.tensor([[pad] * (n - len(r)) + r for r in rows])  # left padding, as for generation
+    ids = ids_for(doms)
+    mask = (doms != pad).long()
+    batched = g(input_ids=ids, domain_ids=doms, attention_mask=mask).logits
+    for i, r in enumerate(rows):
+        alone = g(input_ids=ids[i:i + 1, n - len(r):], domain_ids=torch.tensor([r])).logits
+        torch.testing.assert_close(batched[i:i + 1, n - len(r):], alone, rtol=1e-5, atol=1e-5)
+    gen = g.generate(ids, domain_ids=doms, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    for i, r in enumerate(rows):
+        alone = g.generate(ids[i:i + 1, n - len(r):], domain_ids=torch.tensor([r]), max_new_tokens=3,
+                           do_sample=False, pad_token_id=0)
+        assert torch.equal(gen[i, n:], alone[0, len(r):])
+
+
+def test_bert_batch_with_right_padding_matches_rows_run_alone():
+    g = dg.guard(tiny_bert(), compiled())
+    pad = compiled().pad_id
+    rows = [[SYSTEM, SECRET, NOTES, ANSWER, ANSWER], [NOTES, SYSTEM]]
+    n = max(map(len, rows))
+    doms = torch.tensor([r + [pad] * (n - len(r)) for r in rows])
+    ids = ids_for(doms)
+    batched = g(input_ids=ids, domain_ids=doms).logits
+    for i, r in enumerate(rows):
+        alone = g(input_ids=ids[i:i + 1, :len(r)], domain_ids=torch.tensor([r])).logits
+        torch.testing.assert_close(batched[i:i + 1, :len(r)], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_per_domain_positions_reach_the_model():
+    # Under per_domain positions a segment's outputs do not depend on where it starts.
+    g = dg.guard(tiny_bert(), compiled("per_domain"))
+    notes = ids_for(torch.zeros(1, 3, dtype=torch.long))
+    a = g(input_ids=notes, domain_ids=torch.full((1, 3), NOTES)).logits
+    pre = torch.cat([ids_for(torch.zeros(1, 4, dtype=torch.long), seed=5), notes], 1)
+    b = g(input_ids=pre, domain_ids=torch.tensor([[SECRET] * 4 + [NOTES] * 3])).logits[:, 4:]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_unguard_restores_the_dense_model():
+    model = tiny_llama()
+    dense = copy.deepcopy(model)
+    g = dg.guard(model, compiled())
+    unguard(g)
+    assert not is_guarded(g)
+    ids = ids_for(DOMS)
+    assert torch.equal(g(input_ids=ids).logits, dense(input_ids=ids).logits)
+
+
+def test_guard_copy_leaves_the_original_alone():
+    model = tiny_llama()
+    g = dg.guard(model, compiled(), copy=True)
+    assert g is not model and not is_guarded(model) and is_guarded(g)
+
+
+def test_forbidden_sources_follow_the_verifier():
+    f = forbidden_sources(compiled())
+    assert SECRET in f[ANSWER] and SECRET in f[NOTES]
+    assert SYSTEM not in f[ANSWER] and NOTES not in f[ANSWER]
+
+
+# --- refusals -------------------------------------------------------------------------------------
+def code_of(fn):
+    with pytest.raises((ModelError, LayoutError)) as e:
+        fn()
+    return e.value.code
+
+
+def test_unknown_architecture_is_refused():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=LAYERS, n_embd=32, n_head=4, vocab_size=97, n_positions=64))
+    assert code_of(lambda: dg.guard(gpt2, compiled())) == "DG501"
+    assert code_of(lambda: dg.guard(torch.nn.Linear(2, 2), compiled())) == "DG501"
+
+
+def test_layer_count_mismatch_is_refused():
+    assert code_of(lambda: dg.guard(tiny_llama(layers=2), compiled())) == "DG502"
+
+
+def test_bert_as_decoder_is_refused():
+    cfg = BertConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                     num_attention_heads=4, is_decoder=True)
+    assert code_of(lambda: dg.guard(BertForMaskedLM(cfg), compiled())) == "DG502"
+
+
+def test_non_causal_pattern_on_a_causal_lm_is_refused():
+    text = POLICY.replace("default: {causal: true}", "default: {causal: true}\n  notes: {window: 4}")
+    assert code_of(lambda: dg.guard(tiny_llama(), compiled(text=text))) == "DG509"
+    dg.guard(tiny_bert(), compiled(text=text))  # an encoder attends both ways anyway
+
+
+def test_guarding_twice_is_refused():
+    g = dg.guard(tiny_llama(), compiled())
+    assert code_of(lambda: dg.guard(g, compiled())) == "DG508"
+
+
+def test_inputs_without_or_with_bad_domain_ids_are_refused():
+    g = dg.guard(tiny_llama(), compiled())
+    ids = ids_for(DOMS)
+    assert code_of(lambda: g(input_ids=ids)) == "DG503"
+    assert code_of(lambda: g(input_ids=ids, domain_ids=DOMS.float())) == "DG503"
+    assert code_of(lambda: g(input_ids=ids[:, :4], domain_ids=DOMS)) == "DG503"  # more ids than tokens
+    assert code_of(lambda: g(input_ids=ids, domain_ids=DOMS + 10)) == "DG303"  # LayoutError: unknown id
+    # fewer domain ids than tokens: the rest would be generated, so the last given one must be the answer
+    assert code_of(lambda: g(input_ids=ids, domain_ids=DOMS[:, :6])) == "DG505"
+
+
+def test_custom_masks_and_positions_are_refused():
+    g = dg.guard(tiny_llama(), compiled())
+    ids = ids_for(DOMS)
+    n = ids.shape[1]
+    assert code_of(lambda: g(input_ids=ids, domain_ids=DOMS, attention_mask=torch.ones(1, 1, n, n))) == "DG504"
+    assert code_of(lambda: g(input_ids=ids, domain_ids=DOMS, position_ids=torch.arange(n)[None] + 3)) == "DG506"
+
+
+def test_a_submodule_called_alone_fails_closed():
+    g = dg.guard(tiny_llama(), compiled())
+    with pytest.raises(ModelError) as e:
+        g.model(input_ids=ids_for(DOMS))  # the inner LlamaModel still runs guarded attention
+    assert e.value.code == "DG510"
+
+
+def test_attention_that_bypasses_the_interface_withholds_the_output():
+    model = tiny_llama()
+    g = dg.guard(model, compiled())
+    attn = g.model.layers[1].self_attn
+
+    class Bypass(torch.nn.Module):
+        def forward(self, hidden_states, **kwargs):
+            return attn.o_proj(attn.v_proj(hidden_states).repeat(1, 1, 2)), None
+
+    g.model.layers[1].self_attn = Bypass()
+    with pytest.raises(ModelError) as e:
+        g(input_ids=ids_for(DOMS), domain_ids=DOMS)
+    assert e.value.code == "DG507" and "[1]" in e.value.message
+
+
+def test_attention_dropout_in_training_mode_is_refused():
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.1)
+    g = dg.guard(LlamaForCausalLM(cfg), compiled())
+    g.train()
+    assert code_of(lambda: g(input_ids=ids_for(DOMS), domain_ids=DOMS)) == "DG512"
+
+
+def test_guard_state_of_an_unguarded_model_is_an_error():
+    assert code_of(lambda: guard_state(tiny_llama())) == "DG508"
