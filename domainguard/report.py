@@ -225,13 +225,16 @@ def _audit_failed(audit: dict | None) -> str | None:
 
 
 def _witnesses(claim: dict) -> list[dict]:
+    """Witness paths as {text, steps}; other witnesses (audit findings, leaking trials) as text only."""
     out = []
     for w in claim.get("witness") or []:
-        if isinstance(w, dict):
-            steps = [s for s in (w.get("steps") or []) if isinstance(s, dict)]
+        if isinstance(w, dict) and isinstance(w.get("steps"), list):
+            steps = [s for s in w["steps"] if isinstance(s, dict)]
             out.append({"text": str(w.get("text") or " → ".join(f"{s.get('domain')}@{s.get('level')}" for s in steps)),
                         "steps": [{"domain": str(s.get("domain")), "level": int(s.get("level", 0)),
                                    "via": str(s.get("via", "attention"))} for s in steps]})
+        elif isinstance(w, dict):
+            out.append({"text": "; ".join(f"{k}: {w[k]}" for k in sorted(w)), "steps": []})
         else:
             out.append({"text": str(w), "steps": []})
     return out
@@ -501,7 +504,8 @@ def build(path: str | Path) -> dict:
             "policy": {"name": (subject.get("policy") or {}).get("name"),
                        "description": (policy_dict or {}).get("description"),
                        "file": (subject.get("policy") or {}).get("file")},
-            "model": subject.get("weights") or subject.get("model"),
+            "model": subject.get("model"),
+            "weights": subject.get("weights"),
             "scope": scope,
             "profile": {"name": profile, "definition": prof_def},
             "generation": scope.get("generation") or (policy_dict or {}).get("generation", {}).get("domain"),
@@ -1011,14 +1015,17 @@ Block = Union[Heading, Para, Table, Figure, Bullets, Banner]
 
 
 def _fmt(v: Any) -> str:
+    """A JSON value as short readable text: lists comma-separated, objects as "key: value" pairs."""
     if v is None:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
         return f"{v:.6g}"
-    if isinstance(v, (dict, list)):
-        return json.dumps(v, ensure_ascii=False, sort_keys=True)
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) if not isinstance(x, (dict, list)) else f"({_fmt(x)})" for x in v) if v else "none"
+    if isinstance(v, dict):
+        return "; ".join(f"{k}: {_fmt(x)}" for k, x in sorted(v.items())) if v else "none"
     return str(v)
 
 
@@ -1155,11 +1162,11 @@ def document(data: dict) -> list[Block]:
         "block size": scope.get("block_size"),
         "max sequence length": scope.get("max_seq_len"),
     }
-    model = sysd.get("model")
-    if isinstance(model, dict):
-        for k, val in sorted(model.items()):
-            if k not in ("files",):
-                facts[f"model {k}"] = val
+    for part in ("model", "weights"):
+        if isinstance(sysd.get(part), dict):
+            for k, val in sorted(sysd[part].items()):
+                if k != "files":
+                    facts[f"{part} {k}"] = val
     B.append(Table(("property", "value"), tuple((k, _fmt(val)) for k, val in facts.items()), (2, 5)))
     if sysd["profile"]["definition"]:
         prof = sysd["profile"]["definition"]
@@ -1644,14 +1651,15 @@ class _PdfWriter:
         total = _PAGE_W - 2 * _MARGIN
         rel = t.widths or tuple(1.0 for _ in range(ncol))
         widths = [total * r / sum(rel) for r in rel]
-        size, pad, lead = 8.5, 3.5, 10.5
+        size, mono_size, pad, lead = 8.5, 7.5, 3.5, 10.5
 
         def layout(cells) -> tuple[list[list[str]], float, list[str]]:
             wrapped, fonts = [], []
             for c, w in zip(cells, widths):
                 font = "mono" if isinstance(c, Mono) else "bold" if isinstance(c, Badge) else "reg"
                 text = c.text if isinstance(c, Mono) else c.status if isinstance(c, Badge) else str(c)
-                wrapped.append(_wrap(text, size, w - 2 * pad, bold=font == "bold", mono=font == "mono"))
+                wrapped.append(_wrap(text, mono_size if font == "mono" else size, w - 2 * pad,
+                                     bold=font == "bold", mono=font == "mono"))
                 fonts.append(font)
             return wrapped, max(len(x) for x in wrapped) * lead + 2 * pad - 2, fonts
 
@@ -1664,9 +1672,10 @@ class _PdfWriter:
                 fill = "#f6f8fa" if header else (TINT.get(cell.status) if isinstance(cell, Badge) else None)
                 self.rect(x, self.y, w, h, fill=fill, stroke=GRID, width=0.5)
                 color = COLOR.get(cell.status, INK) if isinstance(cell, Badge) else INK
+                font = "bold" if header else fonts[k]
                 for i, ln in enumerate(lines):
-                    self.text(x + pad, self.y + pad + size + i * lead - 1, ln, size,
-                              "bold" if header else fonts[k], color)
+                    self.text(x + pad, self.y + pad + size + i * lead - 1, ln, mono_size if font == "mono" else size,
+                              font, color)
                 x += w
             self.y += h
 

@@ -19,6 +19,7 @@ from test_report_fixtures import (
     add_model_evidence,
     compile_dir,
     decode_png,
+    edit_certificate,
     has_color,
     ink_fraction,
 )
@@ -96,10 +97,14 @@ def _poppler(*args: str) -> subprocess.CompletedProcess:
 
 
 @needs_poppler
-@pytest.mark.parametrize("policy, verdict", [(REFUTED_POLICY, "REFUTED"), (PROVED_POLICY, "PROVED")], ids=["refuted", "proved"])
+@pytest.mark.parametrize("policy, verdict", [(REFUTED_POLICY, "REFUTED"), (PROVED_POLICY, "PROVED"),
+                                             (PROVED_POLICY, "UNKNOWN")], ids=["refuted", "proved", "unknown"])
 def test_pdf_pages_rasterise_and_read_back(tmp_path, policy, verdict):
     d = compile_dir(tmp_path, policy, name="p")
     add_model_evidence(d)
+    if verdict == "UNKNOWN":
+        edit_certificate(d, lambda c: (c["claims"][0].update(status="UNKNOWN", reason="z3: timeout"),
+                                       c.update(verdict="UNKNOWN")))
     pdf = tmp_path / "report.pdf"
     report.write_report(d, "pdf", pdf)
     info = _poppler("pdfinfo", str(pdf)).stdout.decode()
@@ -113,10 +118,14 @@ def test_pdf_pages_rasterise_and_read_back(tmp_path, policy, verdict):
         img = decode_png(p)
         assert img.shape[0] > img.shape[1] and ink_fraction(img) > 0.004, f"{p.name} is blank"
     first = decode_png(pngs[0])
-    color = RED if verdict == "REFUTED" else GREEN
-    assert has_color(first[: first.shape[0] // 3], color, tol=30, min_pixels=15)
+    color = {"REFUTED": RED, "PROVED": GREEN, "UNKNOWN": AMBER}[verdict]
+    top = first[: first.shape[0] // 3]
+    assert has_color(top, color, tol=30, min_pixels=15)
+    for other in {RED, GREEN, AMBER} - {color}:
+        assert not has_color(top, other, tol=12, min_pixels=15), "the banner shows one verdict"
     text = _poppler("pdftotext", "-layout", str(pdf), "-").stdout.decode()
-    assert text.index(verdict) < text.index("The system and its deployment profile")
+    banner = text[: text.index("The system and its deployment profile")]
+    assert verdict in banner and not {"PROVED", "REFUTED", "UNKNOWN"} - {verdict} & set(re.findall(r"[A-Z]{6,}", banner))
     for needle in ("forbid[0]", "forbid[1]", "Leak test", "Graph audit", "Annex IV", "ISO/IEC 42001",
                    "MEASURE 2.7", "Not covered", "relations.npy"):
         assert needle in text, needle
