@@ -1,0 +1,205 @@
+"""Graph audit: clean on stock Llama/BERT, and every deliberately added cross-position op is found by module path."""
+
+import pytest
+import torch
+from torch import nn
+
+import domainguard as dg
+from domainguard.audit import AuditFinding, audit, require_clean
+from domainguard.errors import ModelError
+
+transformers = pytest.importorskip("transformers")
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+LAYERS = 1  # export time grows with depth; one layer shows every op kind
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_llama(layers=LAYERS):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def bert_config():
+    return BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                      num_attention_heads=4, max_position_embeddings=64)
+
+
+# --- cross-position ops added to a layer's MLP -----------------------------------------------------
+class CumSum(nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return self.mlp(x) + x.cumsum(1)
+
+
+class ConvOverTime(nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+        self.conv = nn.Conv1d(32, 32, kernel_size=3, padding=1)
+
+    def forward(self, x):
+        return self.mlp(x) + self.conv(x.transpose(1, 2)).transpose(1, 2)
+
+
+class PointwiseConv(ConvOverTime):
+    def __init__(self, mlp):
+        super().__init__(mlp)
+        self.conv = nn.Conv1d(32, 32, kernel_size=1)
+
+
+class NormOverSequence(nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return self.mlp((x - x.mean(dim=1, keepdim=True)) / (x.std(dim=1, keepdim=True) + 1e-5))
+
+
+class TokenShift(nn.Module):  # RWKV-style: each token gets the previous token's state
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return self.mlp(x) + nn.functional.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+class BroadcastFirstToken(nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return self.mlp(x) + x[:, :1]
+
+
+class SoftmaxPoolOverTokens(nn.Module):  # a "mixer" that is attention in all but name
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        w = torch.softmax(x @ x.transpose(1, 2), dim=-1)
+        return self.mlp(x) + w @ x
+
+
+class FlattenTokens(nn.Module):  # a linear map over the whole flattened sequence
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        b, n, h = x.shape
+        flat = x.reshape(b, n * h)
+        return self.mlp(x) + flat.view(b, h, n).transpose(1, 2)
+
+
+class DirectSdpa(nn.Module):  # attention that bypasses the interface
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, hidden_states, **kwargs):
+        q = self.attn.q_proj(hidden_states)[:, None]
+        out = nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)[:, 0]
+        return self.attn.o_proj(out), None
+
+
+@pytest.mark.parametrize("make", [
+    lambda: tiny_llama(),
+    lambda: dg.guard(tiny_llama(), dg.compile(dg.loads_policy(
+        "domainguard: 1\nname: t\ndomains: {a: {}, b: {}}\nreads: {b: [a]}\npatterns: {default: {causal: true}}\n"),
+        layers=LAYERS)),
+], ids=["dense", "guarded"])
+def test_stock_llama_is_clean(make):
+    report = audit(make())
+    assert report.clean, report.findings
+    assert report.guarded_attention == {0: 1}
+    assert report.ops_checked > 20
+    assert report.method["tool"] == "torch.export" and report.method["sequence"] == "symbolic"
+    require_clean(report)
+    d = report.to_dict()
+    assert d["clean"] and d["findings"] == []
+
+
+@pytest.mark.parametrize("cls", [BertForMaskedLM, BertModel, BertForSequenceClassification])
+def test_stock_bert_is_clean_and_the_pooler_is_noted(cls):
+    report = audit(cls(bert_config()).eval())
+    assert report.clean, report.findings
+    assert report.guarded_attention == {0: 1}
+    has_pooler = cls is not BertForMaskedLM
+    assert any("pooler" in n and "select" in n for n in report.notes) == has_pooler
+
+
+@pytest.mark.parametrize("wrapper, kind, op", [
+    (CumSum, "reduction", "cumsum"),
+    (ConvOverTime, "contraction", "conv1d"),
+    (NormOverSequence, "reduction", "mean"),
+    (TokenShift, "combine", "add"),
+    (BroadcastFirstToken, "combine", "add"),
+    (SoftmaxPoolOverTokens, "reduction", "softmax"),
+    (FlattenTokens, "reshape", "reshape"),
+])
+def test_cross_position_ops_are_found_with_their_module_path(wrapper, kind, op):
+    model = tiny_llama()
+    model.model.layers[0].mlp = wrapper(model.model.layers[0].mlp)
+    report = audit(model)
+    assert not report.clean
+    first = report.findings[0]
+    assert first.kind == kind and op in first.op, report.findings
+    assert first.module.startswith("model.layers.0.mlp"), first.module
+    # reported at the source only: what the mixed tensor flows into is not repeated
+    assert len(report.findings) <= 2, report.findings
+    with pytest.raises(ModelError) as e:
+        require_clean(report)
+    assert e.value.code == "DG520" and "model.layers.0.mlp" in e.value.message
+
+
+def test_a_pointwise_convolution_over_time_is_not_a_finding():
+    model = tiny_llama()
+    model.model.layers[0].mlp = PointwiseConv(model.model.layers[0].mlp)
+    assert audit(model).clean
+
+
+def test_attention_bypassing_the_interface_is_found():
+    model = tiny_llama(layers=2)
+    model.model.layers[0].self_attn = DirectSdpa(model.model.layers[0].self_attn)
+    report = audit(model)
+    kinds = {(f.kind, f.module) for f in report.findings}
+    assert ("attention", "model.layers.0.self_attn") in kinds
+    assert any(f.kind == "boundary" and "layer 0" in f.message for f in report.findings)
+    assert report.guarded_attention.get(1) == 1
+
+
+def test_the_audit_restores_the_attention_implementation():
+    model = tiny_llama()
+    before = model.config._attn_implementation
+    audit(model)
+    assert model.config._attn_implementation == before
+
+
+def test_unsupported_models_are_refused():
+    with pytest.raises(ModelError) as e:
+        audit(nn.Linear(2, 2))
+    assert e.value.code == "DG501"
+
+
+def test_finding_text_names_module_and_op():
+    f = AuditFinding("aten.cumsum.default", "model.layers.1.mlp", "reduction", "cumsum over sequence dimension 1")
+    assert str(f) == "model.layers.1.mlp: aten.cumsum.default: cumsum over sequence dimension 1"
+    assert f.to_dict()["module"] == "model.layers.1.mlp"
