@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import weakref
+
 import torch
 
 from .errors import LayoutError
@@ -34,7 +36,11 @@ from .layout import Layout, TokenAttrs
 from .patterns import TORCH, MaskRule, Span, _torch_in_group, group_domains, link_hash, pair_mask, representative_heads, rules_for
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
-_BIG = 1 << 40  # beyond any index or rank; spans of absent domains use ±_BIG
+# Spans are int32: sequence indices and ranks stay below _BIG = 2**29, so span arithmetic
+# (differences of two spans, sentinels included) stays inside int32.
+# INVARIANT: validate.py encodes the same sentinel; sequences are shorter than _BIG tokens.
+_BIG = 1 << 29
+_SPAN = torch.int32
 _CHUNK_ELEMS = 1 << 23  # bound on Tq·Tk·D elements classified at once (memory, not N²)
 
 
@@ -66,13 +72,13 @@ def _summarise(attrs: TokenAttrs, num_domains: int, block: int, need_rank: bool)
     onehot = dom == classes  # [B, T, block, D+1]
     present = onehot.any(2)
     real = onehot[..., :num_domains]
-    big = torch.tensor(_BIG, device=dom.device)
-    idx = idx.view(b, t, block, 1)
+    big = torch.full((), _BIG, dtype=_SPAN, device=dom.device)
+    idx = idx.to(_SPAN).view(b, t, block, 1)
     lo = torch.where(real, idx, big).amin(2)
     hi = torch.where(real, idx, -big).amax(2)
     rlo = rhi = None
     if need_rank:
-        rank = rank.view(b, t, block, 1)
+        rank = rank.to(_SPAN).view(b, t, block, 1)
         rlo = torch.where(real, rank, big).amin(2)
         rhi = torch.where(real, rank, -big).amax(2)
     return _Summary(present, lo, hi, rlo, rhi)
@@ -80,7 +86,7 @@ def _summarise(attrs: TokenAttrs, num_domains: int, block: int, need_rank: bool)
 
 def _masked_reduce(values: torch.Tensor, keep: torch.Tensor, fill: int, reduce: str) -> torch.Tensor:
     """[B, T, D(s)] values, [D(r), D(s)] keep → [B, T, D(r)]: reduce over the sources s each r keeps."""
-    v = torch.where(keep, values.unsqueeze(-2), torch.tensor(fill, device=values.device))
+    v = torch.where(keep, values.unsqueeze(-2), torch.full((), fill, dtype=values.dtype, device=values.device))
     return v.amin(-1) if reduce == "min" else v.amax(-1)
 
 
@@ -119,12 +125,28 @@ def _random_hits(q: TokenAttrs, k: TokenAttrs, rel: torch.Tensor, rules, block_q
     return hits[:, : tq * tk].view(b, tq, tk)
 
 
+_REL_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _relation_on(compiled, layer: int, device: torch.device) -> torch.Tensor:
+    """``compiled.relation(layer)`` on ``device``, cached per policy object (no host copy per build)."""
+    try:
+        per = _REL_CACHE.setdefault(compiled, {})
+    except TypeError:  # not weak-referenceable: no cache
+        return compiled.relation(layer).to(device)
+    key = (layer, str(device))
+    if key not in per:
+        per[key] = compiled.relation(layer).to(device)
+    return per[key]
+
+
 def _classify(q: TokenAttrs, k: TokenAttrs, rel: torch.Tensor, rules: Sequence[MaskRule], block_q: int, block_k: int) -> torch.Tensor:
     """uint8 [B, Tq, Tk] tile kinds for one head."""
     d = len(rules)
     need_rank = any(r.needs_rank for r in rules)
     qs = _summarise(q, d, block_q, need_rank)
-    ks = _summarise(k, d, block_k, need_rank)
+    same = block_q == block_k and all(a.shape == b.shape and a.data_ptr() == b.data_ptr() for a, b in zip(q, k))
+    ks = qs if same else _summarise(k, d, block_k, need_rank)  # prefill: queries are the keys
     bsz, tq, tk = qs.present.shape[0], qs.present.shape[1], ks.present.shape[1]
     rel = rel.to(q.domain.device)
     # Forbidden (r, s) pairs present in both tiles, pads included: [B, Tq, Tk] counts.
@@ -294,7 +316,10 @@ def build_blockmap_from_attrs(
             f"token attributes must be [B, N] with one batch size, got {tuple(q.domain.shape)} and {tuple(k.domain.shape)}",
             code="DG306",
         )
-    relation = compiled.relation(layer)
+    longest = max(q.domain.shape[1], k.domain.shape[1])
+    if longest >= _BIG:
+        raise LayoutError(f"sequences of {longest} tokens exceed the tile builder's limit of {_BIG - 1}", code="DG306")
+    relation = _relation_on(compiled, layer, q.domain.device)
     if rules is None:
         if heads is None:
             if representative_heads(compiled) != (0,):

@@ -15,6 +15,7 @@ import time
 import torch
 
 from .blockmap import EMPTY, FULL, PARTIAL, BlockMap
+from .errors import LayoutError
 from .patterns import token_mask, rules_for
 
 EXHAUSTIVE_VERSION = "1"
@@ -134,8 +135,9 @@ from .layout import TokenAttrs  # noqa: E402
 from .solver import check as _solver_check  # the one helper around solver.check()  # noqa: E402
 from .verdict import Status, combine_status  # noqa: E402
 
+from .blockmap import _BIG as _ZBIG  # noqa: E402  the builder's sentinel, so absent spans mean the same
+
 Z3_VERSION = z3.get_version_string()
-_ZBIG = 1 << 40
 
 
 class Z3Ops:
@@ -386,6 +388,12 @@ def _instances(compiled, layers, heads, rules):
 
 
 def _tiles_claim(kind, statement, compiled, *, block_q, block_k, max_len, max_segments, layers, heads, rules, decode, timeout_ms, whole_tiles):
+    if not 1 <= max_len < _ZBIG or max_segments < 1 or block_q < 1 or block_k < 1:
+        raise LayoutError(
+            f"proof scope out of range: max_len={max_len} (1..{_ZBIG - 1}), max_segments={max_segments}, "
+            f"block {block_q}x{block_k}",
+            code="DG309",
+        )
     t0 = time.perf_counter()
     results = []
     witness = reason = None

@@ -196,3 +196,12 @@ def test_stats_and_no_dense_allocation(causal8):
     s = bm.stats()
     assert s["tiles"] == 32 * 32 and 0 < s["tile_sparsity"] < 1 and 0 < s["flops_saved"] < 1
     assert s["density_lower"] <= s["density_upper"]
+
+
+@pytest.mark.gpu
+def test_cuda_tables_equal_cpu_tables(mixed):
+    lay = random_layout(mixed, 3000, seed=21)
+    cpu = build_blockmap(lay, mixed, 0)
+    gpu = build_blockmap(lay.to("cuda"), mixed, 0)
+    assert gpu.kinds.is_cuda and torch.equal(gpu.kinds.cpu(), cpu.kinds)
+    assert torch.equal(gpu.full_idx.cpu(), cpu.full_idx) and torch.equal(gpu.partial_num.cpu(), cpu.partial_num)
