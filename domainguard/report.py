@@ -18,11 +18,13 @@ time; output is deterministic (same inputs, same bytes).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html as _html
 import json
 import math
 import re
+import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,12 +52,6 @@ class _Source:
     cert: dict
     compiled: Any = None  # CompiledPolicy re-compiled from the directory's policy, or None
     notes: list[str] = field(default_factory=list)  # why something could not be shown
-
-
-def _sha256_file(path: Path) -> str:
-    from .signing import sha256_file
-
-    return sha256_file(path)
 
 
 def _load(path: str | Path) -> _Source:
@@ -109,13 +105,10 @@ def _status(value) -> str:
 
 
 def _combine(statuses: list[str]) -> str:
-    if not statuses:
-        return "UNKNOWN"
-    if "REFUTED" in statuses:
-        return "REFUTED"
-    if "UNKNOWN" in statuses:
-        return "UNKNOWN"
-    return "PROVED"
+    """REFUTED beats UNKNOWN beats PROVED; nothing at all is UNKNOWN (``verdict.combine_status``)."""
+    from .verdict import Status, combine_status
+
+    return combine_status(Status(_status(s)) for s in statuses).value
 
 
 def _ranges(items: list[int]) -> str:
@@ -133,6 +126,7 @@ def _ranges(items: list[int]) -> str:
 
 def _integrity(src: _Source) -> dict:
     """Re-compute every digest the certificate lists that can be checked here, and check the signature."""
+    from .certificate import sha256_file
     from .signing import SIGNATURE_FILE, check_signature_integrity
 
     subject = src.cert.get("subject") or {}
@@ -146,7 +140,7 @@ def _integrity(src: _Source) -> dict:
         if not f.is_file():
             add(name, digest, None, "missing", "listed in the certificate, not present")
         else:
-            actual = _sha256_file(f)
+            actual = sha256_file(f)
             add(name, digest, actual, "match" if actual == digest else "mismatch")
     for key, entry in sorted(subject.items()):
         # Other subject parts (weights, kernels, ...) may name files of their own.
@@ -160,7 +154,7 @@ def _integrity(src: _Source) -> dict:
             if not isinstance(digest, str):
                 continue
             if f.is_file():
-                actual = _sha256_file(f)
+                actual = sha256_file(f)
                 add(f"{key}: {name}", digest, actual, "match" if actual == digest else "mismatch")
             else:
                 add(f"{key}: {name}", digest, None, "missing", "named by the certificate, not present")
@@ -340,6 +334,9 @@ def _relations(compiled) -> list[dict]:
     return [{"layers": g["layers"], "matrix": g["_m"].astype(int).tolist()} for g in groups]
 
 
+_EXAMPLE_DOMAINS = 24  # at most this many domains in the example layout
+
+
 def _example_blockmap(compiled, notes: list[str]) -> dict | None:
     """An illustrative layout (one segment per domain, generation domain last) and its tile kinds."""
     if compiled is None:
@@ -353,13 +350,12 @@ def _example_blockmap(compiled, notes: list[str]) -> dict | None:
         notes.append(f"example block map omitted: {exc}")
         return None
     D = compiled.num_domains
-    seg = max(6, min(24, 320 // max(D, 1)))
-    block = 16 if seg >= 12 else 8
-    order = list(range(D))
     gen = compiled.generation_id
+    order = [d for d in range(D) if d != gen][: _EXAMPLE_DOMAINS - (gen is not None)]
     if gen is not None:
-        order.remove(gen)
         order.append(gen)
+    seg = max(6, min(24, 320 // len(order)))
+    block = 16 if seg >= 12 else 8
     segments, ids, start = [], [], 0
     for d in order:
         segments.append({"domain": compiled.domains[d], "start": start, "length": seg})
@@ -382,9 +378,10 @@ def _example_blockmap(compiled, notes: list[str]) -> dict | None:
     if len(maps) == 2 and maps[0]["kinds"] == maps[1]["kinds"]:
         maps = maps[:1]
         maps[0]["layer_note"] = "every layer shown has the same tiles"
+    subset = f" (the first {len(order)} of {D} domains)" if len(order) < D else ""
     return {"block": block, "tokens": len(ids), "segments": segments, "maps": maps,
             "note": "An illustrative layout chosen by the report, not a certified input: one segment of "
-                    f"{seg} tokens per domain, the generation domain last, {block}x{block} tiles."}
+                    f"{seg} tokens per domain{subset}, the generation domain last, {block}x{block} tiles."}
 
 
 def _sparsity(cert: dict, blockmap: dict | None) -> dict:
@@ -733,7 +730,20 @@ class Label:
     angle: float = 0.0  # degrees, clockwise on the page (SVG sense)
 
 
-Shape = Union[Rect, Line, Poly, Label]
+@dataclass(frozen=True)
+class Raster:
+    """A pixel image (RGB bytes, row-major, top row first) stretched over a box, pixels kept sharp."""
+
+    x: float
+    y: float
+    w: float
+    h: float
+    px_w: int
+    px_h: int
+    rgb: bytes
+
+
+Shape = Union[Rect, Line, Poly, Label, Raster]
 
 
 @dataclass(frozen=True)
@@ -763,9 +773,15 @@ def _fit(text: str, size: float, max_w: float, bold: bool = False) -> str:
     return text + "..."
 
 
+_TREE_MAX = 60  # domains drawn in the tree picture; the rest are listed as text
+_RELATION_FIGURES = 16  # distinct per-layer relations drawn; all are in the JSON report
+
+
 def draw_domain_tree(domains: list[dict], forbidden: dict[str, list[str]] | None = None) -> Drawing:
     """The domain tree as an indented outline with elbow connectors; the generation domain is outlined in blue."""
     forbidden = forbidden or {}
+    rest = len(domains) - _TREE_MAX
+    domains = domains[:_TREE_MAX]
     row, indent, x0 = 22.0, 22.0, 8.0
     shapes: list[Shape] = []
     y_of: dict[str, float] = {}
@@ -800,20 +816,53 @@ def draw_domain_tree(domains: list[dict], forbidden: dict[str, list[str]] | None
             shapes.append(Line(px, y + 8, x, y + 8, MUTED, 0.8))
         alt.append("  " * d["depth"] + f"- {d['name']} (id {d['id']})" + (f": {'; '.join(extra)}" if extra else ""))
     height = 10 + len(domains) * row + 4
+    if rest > 0:
+        more = f"... and {rest} more domains (every domain is in the domain list below and in the JSON report)"
+        shapes.append(Label(x0, height + 8, more, 8.5, MUTED))
+        alt.append(more)
+        height += 16
+        width = max(width, x0 + text_width(more, 8.5) + 8)
     return Drawing(width, height, tuple(shapes), "Domain tree (pre-order ids)", "\n".join(alt))
+
+
+_VECTOR_MATRIX_MAX = 40  # above this many domains a relation is drawn as one pixel per (reader, source)
+
+
+def _hex_bytes(color: str) -> bytes:
+    return bytes.fromhex(color.lstrip("#"))
 
 
 def draw_matrix(names: list[str], matrix: list[list[int]], title: str,
                 witness_cells: set[tuple[int, int]] = frozenset()) -> Drawing:
     """Reader × source relation: a filled cell means tokens of the row's domain may attend tokens of the column's."""
     D = len(names)
+    legend = "rows: reader · columns: source · dark: may attend · red: edge of a witness path"
+    alt = [title, "reader \\ source: " + " ".join(str(i) for i in range(D))]
+    for i in range(D):
+        alt.append(f"{i:>3} {names[i]:<16} " + " ".join("#" if matrix[i][j] else "." for j in range(D)))
+    if D > _VECTOR_MATRIX_MAX:
+        # One pixel per pair; ticks give domain ids (names in the domain list).
+        on, off, red = _hex_bytes("#0550ae"), _hex_bytes("#ffffff"), _hex_bytes(WITNESS)
+        rgb = b"".join(red if (i, j) in witness_cells else on if matrix[i][j] else off
+                       for i in range(D) for j in range(D))
+        side, left, top = 420.0, 34.0, 22.0
+        shapes: list[Shape] = [Rect(left - 0.5, top - 0.5, side + 1, side + 1, stroke=MUTED, width=0.6),
+                               Raster(left, top, side, side, D, D, rgb)]
+        step = max(1, round(D / 8 / 10) * 10) if D >= 80 else 10
+        for k in range(0, D, step):
+            pos = (k + 0.5) * side / D
+            shapes.append(Label(left + pos, top - 5, str(k), 6.5, MUTED, anchor="middle"))
+            shapes.append(Label(left - 4, top + pos + 2.2, str(k), 6.5, MUTED, anchor="end"))
+        shapes.append(Label(left, top + side + 14, legend + f" · {D} domains, ticks are domain ids", 7.5, MUTED))
+        w = max(left + side + 10, left + text_width(legend + f" · {D} domains, ticks are domain ids", 7.5) + 6)
+        return Drawing(w, top + side + 22, tuple(shapes), title, "\n".join(alt))
     cell = max(6.0, min(18.0, 420.0 / max(D, 1)))
     show_names = cell >= 9
     lab = [n if show_names else str(i) for i, n in enumerate(names)]
     fs = min(9.0, cell * 0.75)
     left = max(text_width(s, fs) for s in lab) + 10 if lab else 10
     top = (max(text_width(s, fs) for s in lab) * 0.72 + 16) if lab else 16
-    shapes: list[Shape] = []
+    shapes = []
     for j, s in enumerate(lab):  # column labels, rotated
         cx = left + j * cell + cell / 2
         shapes.append(Label(cx + 2, top - 6, s, fs, MUTED, angle=-45))
@@ -829,13 +878,8 @@ def draw_matrix(names: list[str], matrix: list[list[int]], title: str,
         shapes.append(Rect(left + j * cell + 0.5, top + i * cell + 0.5, cell - 1, cell - 1, stroke=WITNESS, width=2.0))
     w = left + D * cell + 10
     h = top + D * cell + 24
-    shapes.append(Label(left, h - 8, "rows: reader · columns: source · dark: may attend · red outline: edge of a "
-                        "witness path", 7.5, MUTED))
-    w = max(w, left + text_width("rows: reader · columns: source · dark: may attend · red outline: edge of a "
-                                 "witness path", 7.5) + 6)
-    alt = [title, "reader \\ source: " + " ".join(str(i) for i in range(D))]
-    for i in range(D):
-        alt.append(f"{i:>3} {names[i]:<16} " + " ".join("#" if matrix[i][j] else "." for j in range(D)))
+    shapes.append(Label(left, h - 8, legend, 7.5, MUTED))
+    w = max(w, left + text_width(legend, 7.5) + 6)
     return Drawing(w, h, tuple(shapes), title, "\n".join(alt))
 
 
@@ -1195,9 +1239,16 @@ def document(data: dict) -> list[Block]:
                 forbidden.setdefault(rule["flow"]["from"], []).append(f"→ {rule['flow']['to']}")
         B.append(Figure(draw_domain_tree(data["domains"], forbidden), "Domains in pre-order (a subtree is a "
                         "contiguous id range). Blue outline: the domain of generated tokens."))
+        if len(data["domains"]) > _TREE_MAX:
+            B.append(Para("Domain list (id name): " + " · ".join(f"{d['id']} {d['name']}" for d in data["domains"]),
+                          "small"))
         names = [d["name"] for d in data["domains"]]
         cells = _witness_cells(data)
-        for g in data["relations"]:
+        groups = data["relations"]
+        if len(groups) > _RELATION_FIGURES:
+            B.append(Para(f"{len(groups)} distinct per-layer relations; the first {_RELATION_FIGURES} are drawn, "
+                          "all are in the JSON report.", "note"))
+        for g in groups[:_RELATION_FIGURES]:
             wc = set().union(*(cells.get(l, set()) for l in g["layers"])) if cells else set()
             title = f"Relation at layer{'s' if len(g['layers']) > 1 else ''} {_ranges(g['layers'])}"
             B.append(Figure(draw_matrix(names, g["matrix"], title, wc),
@@ -1374,6 +1425,17 @@ def _n(x: float) -> str:
     return f"{x:.2f}".rstrip("0").rstrip(".")
 
 
+def _png(width: int, height: int, rgb: bytes) -> bytes:
+    """A minimal 8-bit RGB PNG (no filtering) of ``rgb``."""
+    raw = b"".join(b"\x00" + rgb[y * width * 3:(y + 1) * width * 3] for y in range(height))
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
+
+
 def svg(d: Drawing, scale: float = 1.0) -> str:
     """A Drawing as an inline SVG element with title and text description, ``scale`` × its size in points."""
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {_n(d.width)} {_n(d.height)}" '
@@ -1392,6 +1454,10 @@ def svg(d: Drawing, scale: float = 1.0) -> str:
             tag = "polygon" if s.closed else "polyline"
             parts.append(f'<{tag} points="{pts}" fill="{s.fill or "none"}" stroke="{s.stroke or "none"}" '
                          f'stroke-width="{_n(s.width)}"' + (' stroke-dasharray="4 3"' if s.dash else "") + "/>")
+        elif isinstance(s, Raster):
+            uri = "data:image/png;base64," + base64.b64encode(_png(s.px_w, s.px_h, s.rgb)).decode()
+            parts.append(f'<image x="{_n(s.x)}" y="{_n(s.y)}" width="{_n(s.w)}" height="{_n(s.h)}" '
+                         f'preserveAspectRatio="none" style="image-rendering:pixelated" href="{uri}"/>')
         elif isinstance(s, Label):
             anchor = {"start": "start", "middle": "middle", "end": "end"}[s.anchor]
             fam = "Courier New, Courier, monospace" if s.mono else "Helvetica, Arial, Liberation Sans, sans-serif"
@@ -1441,7 +1507,7 @@ def to_html(data: dict) -> str:
     """The report as one self-contained HTML page."""
     blocks = document(data)
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; style-src \'unsafe-inline\'">',
+           '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; style-src \'unsafe-inline\'; img-src data:">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f'<meta name="generator" content="domainguard {_e(data["generator"]["version"])}">',
            f"<title>{_e(data['title'])}</title><style>{_CSS}</style></head><body><main>"]
@@ -1572,6 +1638,7 @@ class _PdfWriter:
         self.title, self.footer = title, footer
         self.pages: list[list[str]] = []
         self.outline: list[tuple[int, str, int, float]] = []  # (level, text, page index, y from top)
+        self.images: list[tuple[int, Raster]] = []  # (page index, image); named /Im<k> by position
         self.new_page()
 
     # --- primitives ---------------------------------------------------------------------------
@@ -1703,7 +1770,13 @@ class _PdfWriter:
         x0, top = _MARGIN, self.y
         self.ops.append(f"q 1 0 0 1 {_n(x0)} {_n(_PAGE_H - top)} cm {_n(s)} 0 0 {_n(-s)} 0 0 cm")
         for sh in d.shapes:
-            self.ops.append(_pdf_shape(sh))
+            if isinstance(sh, Raster):
+                # Image space has its first row at the top of the unit square: map it the right way up.
+                self.images.append((len(self.pages) - 1, sh))
+                self.ops.append(f"q {_n(sh.w)} 0 0 {_n(-sh.h)} {_n(sh.x)} {_n(sh.y + sh.h)} cm "
+                                f"/Im{len(self.images)} Do Q")
+            else:
+                self.ops.append(_pdf_shape(sh))
         self.ops.append("Q")
         self.y = top + d.height * s + 4
         self.paragraph(f.caption, 8.5, color=MUTED)
@@ -1725,15 +1798,24 @@ class _PdfWriter:
             "F3": add(b"<< /Type /Font /Subtype /Type1 /BaseFont /Courier /Encoding /WinAnsiEncoding >>"),
         }
         font_dict = " ".join(f"/{k} {v} 0 R" for k, v in fonts.items())
+        image_ids = []
+        for _, im in self.images:
+            data = zlib.compress(im.rgb, 9)
+            image_ids.append(add(
+                f"<< /Type /XObject /Subtype /Image /Width {im.px_w} /Height {im.px_h} /ColorSpace /DeviceRGB "
+                f"/BitsPerComponent 8 /Interpolate false /Filter /FlateDecode /Length {len(data)} >>\nstream\n".encode()
+                + data + b"\nendstream"))
         page_ids = []
         for i, ops in enumerate(self.pages):
             foot = f"{self.footer} - page {i + 1} of {n_pages}"
             ops = ops + [f"BT /F1 7.5 Tf {_rgb(MUTED)} rg 1 0 0 1 {_n(_MARGIN)} {_n(_MARGIN * 0.55)} Tm {_pdf_str(foot)} Tj ET"]
             stream = zlib.compress("\n".join(ops).encode("latin-1"), 9)
             content = add(b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream")
+            xobjects = " ".join(f"/Im{k + 1} {image_ids[k]} 0 R" for k, (pg, _) in enumerate(self.images) if pg == i)
+            xobjects = f" /XObject << {xobjects} >>" if xobjects else ""
             page_ids.append(add(
                 f"<< /Type /Page /Parent {pages_id} 0 R /MediaBox [0 0 {_n(_PAGE_W)} {_n(_PAGE_H)}] "
-                f"/Resources << /Font << {font_dict} >> >> /Contents {content} 0 R >>".encode()))
+                f"/Resources << /Font << {font_dict} >>{xobjects} >> /Contents {content} 0 R >>".encode()))
         objs[pages_id - 1] = (f"<< /Type /Pages /Kids [{' '.join(f'{p} 0 R' for p in page_ids)}] "
                               f"/Count {n_pages} >>").encode()
         outline_ref = ""

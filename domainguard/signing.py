@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .certificate import sha256_file
 from .errors import BundleError, Location
 
 SIGNATURE_FILE = "signature.json"
@@ -147,14 +148,6 @@ def read_json_strict(path: Path, *, code: str = "DG411") -> dict:
     if not isinstance(data, dict):
         raise BundleError("expected a JSON object", code=code, location=Location(str(path)))
     return data
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --- keys ------------------------------------------------------------------------------------

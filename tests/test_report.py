@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -19,6 +20,7 @@ from test_report_fixtures import (
     REFUTED_POLICY,
     add_model_evidence,
     compile_dir,
+    decode_png,
     edit_certificate,
 )
 
@@ -349,3 +351,54 @@ def test_missing_policy_still_reports_with_a_note(refuted):
     assert any("no policy" in n for n in data["notes"])
     assert data["verdict"]["shown"] == "REFUTED"  # missing files weaken, never strengthen
     assert {r["item"]: r["status"] for r in data["integrity"]["files"]}["policy.yaml"] == "missing"
+
+
+# --- large policies ----------------------------------------------------------------------------
+def _big_policy(groups: int = 12, per: int = 9) -> str:
+    """``groups`` × ``per`` leaves under group nodes, a ring of reads and a leak through it."""
+    lines = ["domainguard: 1", "name: wide", "domains:"]
+    names = []
+    for g in range(groups):
+        lines.append(f"  g{g}:")
+        lines.append("    children: {" + ", ".join(f"g{g}_d{i}: {{}}" for i in range(per)) + "}")
+        names += [f"g{g}_d{i}" for i in range(per)]
+    lines.append("  out: {}")
+    lines.append("reads:")
+    for k, n in enumerate(names):
+        lines.append(f"  {n}: [{names[k - 1]}]")
+    lines.append(f"  out: [{names[-1]}]")
+    lines += ["forbid:", f"  - flow: {{from: {names[-3]}, to: out}}", "generation: {domain: out}"]
+    return "\n".join(lines) + "\n"
+
+
+def test_large_policy_draws_relations_as_pixels_that_match_the_tables(tmp_path):
+    d = compile_dir(tmp_path, _big_policy(), name="wide", layers=6)
+    data = report.build(d)
+    _validate(data)
+    D = len(data["domains"])
+    assert D == 12 * 10 + 1 > report._VECTOR_MATRIX_MAX
+    html = report.to_html(data)
+    assert len(html) < 3_000_000
+    rel = np.load(d / "relations.npy")
+    images = re.findall(r'aria-label="Relation at layers? [^"]*".*?href="data:image/png;base64,([^"]+)"', html, re.S)
+    assert len(images) == len(data["relations"])
+    wit = report._witness_cells(data)
+    for g, b64 in zip(data["relations"], images):
+        png = tmp_path / "m.png"
+        png.write_bytes(base64.b64decode(b64))
+        img = decode_png(png)
+        assert img.shape == (D, D, 3)
+        dark = (img == [0x05, 0x50, 0xAE]).all(axis=2)
+        red = (img == [0xCF, 0x22, 0x2E]).all(axis=2)
+        expected = rel[g["layers"][0]].copy()
+        marked = np.zeros_like(expected)
+        for l in g["layers"]:
+            for i, j in wit.get(l, ()):
+                marked[i, j] = True
+        assert (red == marked).all() and (dark == (expected & ~marked)).all()
+        assert (expected[marked]).all(), "a witness edge is always an allowed pair"
+    assert any(wit.values()), "the leak's witness edges are marked"
+    assert "more domains" in html  # the tree stops at 60 domains, the list goes on
+    assert f"{D - 1} out" in html
+    pdf = report.to_pdf(data)
+    assert b"/Subtype /Image" in pdf and len(pdf) < 1_000_000
