@@ -837,9 +837,11 @@ def draw_matrix(names: list[str], matrix: list[list[int]], title: str,
     """Reader × source relation: a filled cell means tokens of the row's domain may attend tokens of the column's."""
     D = len(names)
     legend = "rows: reader · columns: source · dark: may attend · red: edge of a witness path"
-    alt = [title, "reader \\ source: " + " ".join(str(i) for i in range(D))]
+    alt = [title + " (# may attend, . may not, X edge of a witness path)",
+           "reader \\ source: " + " ".join(str(i) for i in range(D))]
     for i in range(D):
-        alt.append(f"{i:>3} {names[i]:<16} " + " ".join("#" if matrix[i][j] else "." for j in range(D)))
+        alt.append(f"{i:>3} {names[i]:<16} " + " ".join("X" if (i, j) in witness_cells else "#" if matrix[i][j] else "."
+                                                        for j in range(D)))
     if D > _VECTOR_MATRIX_MAX:
         # One pixel per pair; ticks give domain ids (names in the domain list).
         on, off, red = _hex_bytes("#0550ae"), _hex_bytes("#ffffff"), _hex_bytes(WITNESS)
@@ -1928,10 +1930,12 @@ def render(path: str | Path, fmt: str = "html") -> Union[str, bytes]:
     return to_pdf(data)
 
 
-def write_report(path: str | Path, fmt: str, out: str | Path) -> None:
-    """Render and write atomically to ``out`` (a file)."""
-    data = render(path, fmt)
+def write_report(path: str | Path, fmt: str | None, out: str | Path) -> None:
+    """Render and write atomically to ``out`` (a file); ``fmt=None`` takes the format from its suffix."""
     target = Path(out)
+    if fmt is None:
+        fmt = {".htm": "html", ".markdown": "md"}.get(target.suffix.lower(), target.suffix.lower().lstrip("."))
+    data = render(path, fmt)
     tmp = target.with_name(f".{target.name}.tmp")
     try:
         if isinstance(data, bytes):

@@ -402,3 +402,23 @@ def test_large_policy_draws_relations_as_pixels_that_match_the_tables(tmp_path):
     assert f"{D - 1} out" in html
     pdf = report.to_pdf(data)
     assert b"/Subtype /Image" in pdf and len(pdf) < 1_000_000
+
+
+def test_write_report_takes_the_format_from_the_suffix(refuted, tmp_path):
+    report.write_report(refuted, None, tmp_path / "r.pdf")
+    assert (tmp_path / "r.pdf").read_bytes().startswith(b"%PDF")
+    report.write_report(refuted, None, tmp_path / "r.htm")
+    assert (tmp_path / "r.htm").read_text().startswith("<!DOCTYPE html>")
+    with pytest.raises(BundleError) as e:
+        report.write_report(refuted, None, tmp_path / "r.docx")
+    assert e.value.code == "DG432" and not (tmp_path / "r.docx").exists()
+
+
+def test_markdown_marks_witness_edges_in_the_matrix(refuted):
+    md = report.render(refuted, "md")
+    # two-hop leak: at layer 1 the answer (row 3) attends the summary (column 2).
+    row = next(line for line in md.splitlines() if line.strip().startswith("3 answer"))
+    assert row.split()[2:] == ["#", ".", "X", "#"]
+    summary = next(line for line in md.splitlines() if line.strip().startswith("2 summary"))
+    assert summary.split()[2:] == ["X", "X", "#", "."]  # the combine rule's two paths meet in the summary
+    assert "| **REFUTED** |" in md
