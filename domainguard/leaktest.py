@@ -220,7 +220,8 @@ def leak_test(
     pairs = [(s, p) for s in sources for p in poisons]
     order = [pairs[i] for i in torch.randperm(len(pairs), generator=g).tolist()]
     trials = 2 * len(pairs) if trials is None else trials
-    gen_forbidden = set() if compiled.generation_id is None else set(forbidden_sources(compiled)[compiled.generation_id])
+    gen = compiled.generation_id
+    gen_forbidden = set() if gen is None else set(forbidden_sources(compiled)[gen])
     for t in range(trials):
         source, poison = order[t % len(order)]
         where = (domain_ids == source) & valid

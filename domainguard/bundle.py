@@ -1,0 +1,525 @@
+"""Certified bundles: a guarded model, its policy, tables and certificate in one folder (DESIGN §7).
+
+Layout (every path relative to the bundle; a superset of a compiled directory, so
+``domainguard verify BUNDLE`` re-derives it too)::
+
+    policy.yaml         the policy source the tables compile from (domain order = domain ids)
+    policy.json         the canonical policy (sorted keys; its sha256 is the policy digest)
+    domains.json        domain names in id order, pad id, layers, profile
+    relations.npy       the relation tables, bool [L, D, D]
+    model/              safetensors weights, config.json (+ tokenizer files when given)
+    certificate.json    subject digests, tools, claims, findings, audit, leak test (canonical JSON)
+    report/             the human-readable report, rendered from certificate.json
+    manifest.json       sha256 of every file above, and of itself (canonical JSON)
+    signature.json      optional, added by ``domainguard.signing``; not in the manifest
+
+Writing is atomic: everything goes to a temporary folder beside the target, which is
+renamed into place only when complete; on any failure nothing is left behind.
+Loading re-checks every byte before anything is used: the manifest must be canonical,
+match its own digest and list exactly the files present, each with its digest; a
+signature.json, if present, must hold; the certificate must be
+canonical and agree with the manifest; the policy must compile to the certified tables;
+the loaded weights must hash to the certified tensor digest.
+
+Error codes (BundleError): DG440 not a bundle / cannot write, DG441 manifest unreadable,
+DG442 manifest not canonical, DG443 a file's digest changed, DG444 an extra file,
+DG445 a missing file, DG446 a link or special file, DG447 certificate not canonical or
+disagreeing with the manifest, DG448 policy/tables do not match the certificate,
+DG449 weights do not match, DG450 certification refused (verdict not PROVED, audit
+findings or a leak), DG451 refusing to replace a folder that is not a bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import BundleError, Location, ModelError
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "build_certificate",
+    "save_certified",
+    "load_certified",
+    "check_bundle",
+    "certify_cli",
+    "load_model_dir",
+    "tensors_digest",
+]
+
+BUNDLE_FORMAT = "domainguard-bundle/1"
+MANIFEST = "manifest.json"
+CERTIFICATE = "certificate.json"
+SIGNATURE = "signature.json"
+MODEL_DIR = "model"
+REPORT_DIR = "report"
+
+
+# --- digests -----------------------------------------------------------------------------------
+def _sha256_file(path: Path) -> str:
+    from .certificate import sha256_file
+
+    return sha256_file(path)
+
+
+def tensors_digest(model: torch.nn.Module) -> str:
+    """sha256 over the state dict: every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _canonical(data: dict) -> bytes:
+    return (json.dumps(data, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()
+
+
+def _files(root: Path) -> dict[str, Path]:
+    """Every entry under ``root`` by relative POSIX path; links and special files are refused."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            raise _bad(p, "a link or special file has no place in a bundle", "DG446")
+        if p.is_file():
+            out[rel] = p
+    return out
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _kernel_digest(state) -> dict:
+    """The digest of the code that enforces the tables: GuardedAttention's own when it has one."""
+    digest = getattr(state.attention, "digest", None)
+    if callable(digest):
+        return {"sha256": digest(), "method": "GuardedAttention.digest"}
+    import domainguard
+    import domainguard.kernels
+
+    files = [Path(domainguard.__file__).with_name("attention.py")]
+    files += sorted(Path(domainguard.kernels.__file__).parent.glob("*.py"))
+    h = hashlib.sha256()
+    names = []
+    for f in files:
+        names.append(f"{f.parent.name}/{f.name}")
+        h.update(names[-1].encode() + b"\0" + f.read_bytes())
+    return {"sha256": h.hexdigest(), "method": "source files", "files": names}
+
+
+# --- the certificate ---------------------------------------------------------------------------
+ASSUMPTIONS = [
+    "The graph audit traces the model in evaluation mode without a KV cache; decoding with the cache runs the "
+    "same per-token ops, and its attention goes through the same guarded interface (checked on every call).",
+    "The guard runs the plain-PyTorch reference attention on CPU and the frozen kernels on a GPU; both are "
+    "tested against the same dense mask.",
+]
+
+
+def build_certificate(model, *, inputs=None, trials: int | None = None, generate_tokens: int = 2,
+                      seed: int = 0, audit_report=None):
+    """Verify the policy, audit the graph, leak-test and probe positions of a guarded ``model``.
+
+    Returns a Certificate (subject files and weights are filled in by ``save_certified``).
+    ``inputs`` = (input_ids, domain_ids) for the leak test; by default random tokens with a
+    segment of every domain. ``audit_report`` reuses an audit of this same model.
+    """
+    from .audit import audit
+    from .certificate import Claim, from_verdict
+    from .guard import guard_state
+    from .leaktest import compare_dense, position_channel, synthetic_inputs
+    from .verify import verify
+
+    state = guard_state(model)
+    compiled = state.compiled
+    verdict = verify(compiled)
+    cert = from_verdict(compiled, verdict)
+    config = model.config
+    cert.subject["model"] = {
+        "class": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "architecture": state.architecture.name,
+        "layers": compiled.num_layers,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }
+    cert.subject["kernels"] = _kernel_digest(state)
+    cert.tools.update({"transformers": _version("transformers"), "safetensors": _version("safetensors")})
+    cert.scope.update({"max_seq_len": getattr(config, "max_position_embeddings", None), "block_size": None,
+                       "model": type(model).__name__})
+    cert.assumptions.extend(ASSUMPTIONS)
+
+    report = audit_report if audit_report is not None else audit(model)
+    cert.audit = report.to_dict()
+    cert.add_claim(Claim(
+        id="graph-audit",
+        kind="graph-audit",
+        statement=f"In {type(model).__name__}, guarded attention is the only operation that mixes sequence "
+                  "positions (every other op on token data is position-wise)",
+        scope={"model": type(model).__name__, "layers": compiled.num_layers, "sequence_length": "symbolic"},
+        method={"name": "trace", "version": report.method["version"], "seconds": report.method["seconds"],
+                "tool": "torch.export", "torch": torch.__version__},
+        status="PROVED" if report.clean else "REFUTED",
+        witness=[f.to_dict() for f in report.findings] or None,
+        details={"ops_checked": report.ops_checked, "notes": list(report.notes)},
+    ))
+
+    causal = state.architecture.causal
+    if inputs is None:
+        vocab = int(model.get_input_embeddings().num_embeddings)
+        inputs = synthetic_inputs(compiled, vocab, seed=seed, causal=causal)
+    input_ids, domain_ids = inputs
+    guarded, dense = compare_dense(model, input_ids, domain_ids, trials=trials,
+                                   generate_tokens=generate_tokens if causal else 0, seed=seed)
+    channel = position_channel(model, compiled, seed=seed)
+    cert.leak_test = {"guarded": guarded.to_dict(), "dense": dense.to_dict(), "position_channel": channel,
+                      "leakage_rate": {"guarded": guarded.rate, "dense": dense.rate}}
+    cert.add_claim(Claim(
+        id="leak-test",
+        kind="empirical-isolation",
+        statement=f"In {guarded.trials} trials poisoning forbidden domains ({', '.join(guarded.by_poison)}), "
+                  "no protected logit or hidden state changed by a single bit",
+        scope={"trials": guarded.trials, "shape": list(input_ids.shape), "outputs": list(guarded.outputs)},
+        method={"name": "empirical", "version": "1", "seconds": round(guarded.seconds, 3), "seed": seed},
+        status="PROVED" if guarded.leaks == 0 else "REFUTED",
+        witness=list(guarded.examples) or None,
+        details={"leakage_rate": guarded.rate, "dense_leakage_rate": dense.rate},
+    ))
+    if channel["changed"]:
+        cert.add_finding(
+            "DGF51", "warning",
+            f"measured: outputs of {channel['protected']!r} tokens change with the length of an earlier "
+            f"{channel['source']!r} segment (positions: global); set `positions: per_domain` to close this channel",
+            **channel,
+        )
+    return cert
+
+
+def _refusal(cert) -> str | None:
+    if cert.verdict != "PROVED":
+        bad = [f"{c.id} {c.status}" for c in cert.claims if c.status != "PROVED"]
+        return f"verdict {cert.verdict} ({', '.join(bad[:5])})"
+    return None
+
+
+# --- writing -----------------------------------------------------------------------------------
+def _policy_text(compiled) -> str:
+    """Text the tables compile from: the source file if known, else the policy as JSON in declaration order.
+
+    (The canonical policy sorts keys, which would reorder the domain tree and so the ids.)
+    """
+    if compiled.source and Path(compiled.source).is_file():
+        return Path(compiled.source).read_text(encoding="utf-8")
+    data = compiled.policy.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+
+
+def _write_tables(compiled, root: Path) -> None:
+    (root / "policy.yaml").write_text(_policy_text(compiled), encoding="utf-8")
+    (root / "policy.json").write_text(compiled.canonical_policy + "\n", encoding="utf-8")
+    (root / "domains.json").write_text(json.dumps({
+        "domains": list(compiled.domains), "pad_id": compiled.pad_id, "layers": compiled.num_layers,
+        "profile": compiled.profile, "depth_given": compiled.flow.depth_given}, indent=1) + "\n")
+    with open(root / "relations.npy", "wb") as f:
+        np.save(f, np.ascontiguousarray(compiled.relations), allow_pickle=False)
+
+
+def _write_report(root: Path) -> list[str]:
+    """Render the report into report/ when the report module is available."""
+    try:
+        from . import report
+    except ImportError:
+        return []
+    (root / REPORT_DIR).mkdir()
+    written = []
+    for fmt, name in (("md", "report.md"), ("html", "report.html")):
+        report.write_report(str(root), fmt, str(root / REPORT_DIR / name))
+        written.append(f"{REPORT_DIR}/{name}")
+    return written
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    backup = None
+    if target.exists():
+        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        backup.rmdir()
+        target.rename(backup)
+    try:
+        tmp.rename(target)
+    except OSError:
+        if backup is not None:
+            backup.rename(target)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def save_certified(model, path, *, certificate=None, tokenizer=None, key=None, **build) -> Path:
+    """Write a certified bundle for a guarded ``model`` at ``path`` (atomically); return its path.
+
+    Builds the certificate (``build_certificate(model, **build)``) unless one is given, and
+    refuses (BundleError DG450, nothing written) unless its verdict is PROVED. With ``key``
+    (an Ed25519 private key file) the bundle is also signed (``signing.sign_certificate``).
+    """
+    from .guard import guard_state
+
+    state = guard_state(model)
+    compiled = state.compiled
+    cert = certificate if certificate is not None else build_certificate(model, **build)
+    why = _refusal(cert)
+    if why:
+        raise BundleError(f"certification refused: {why}", code="DG450",
+                          hint="See the certificate's claims; nothing was written.")
+    target = Path(path).resolve()
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file())):
+        raise _bad(target, "exists and is not a bundle; refusing to replace it", "DG451",
+                   hint="Choose a new or empty output folder.")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise _bad(target, f"cannot write ({exc})", "DG440") from None
+    try:
+        _write_tables(compiled, tmp)
+        model.save_pretrained(tmp / MODEL_DIR)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / MODEL_DIR)
+        files = {rel: _sha256_file(p) for rel, p in _files(tmp).items()}
+        cert = cert.model_copy(deep=True)
+        cert.subject["files"] = files
+        weights = sorted(rel for rel in files if rel.startswith(f"{MODEL_DIR}/") and rel.endswith(".safetensors"))
+        cert.subject["weights"] = {
+            "format": "safetensors",
+            "files": {rel: files[rel] for rel in weights},
+            "tensors_sha256": tensors_digest(model),
+            "dtype": cert.subject.get("model", {}).get("dtype"),
+        }
+        cert.subject["bundle"] = {"format": BUNDLE_FORMAT}
+        (tmp / CERTIFICATE).write_bytes(cert.to_json().encode())
+        _write_report(tmp)
+        (tmp / MANIFEST).write_bytes(_manifest_bytes({rel: _sha256_file(p) for rel, p in _files(tmp).items()}))
+        if key is not None:
+            from .signing import sign_certificate
+
+            sign_certificate(tmp, key)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# --- loading -----------------------------------------------------------------------------------
+def _bad(path: Path, message: str, code: str, hint: str | None = None) -> BundleError:
+    """A BundleError located at ``path`` (the CLI prints it as ``path: error CODE: message``)."""
+    return BundleError(f"{path.name}: {message}", code=code, location=Location(str(path)), hint=hint)
+
+
+def _manifest_body(files: dict[str, str]) -> dict:
+    return {"format": BUNDLE_FORMAT, "files": dict(sorted(files.items()))}
+
+
+def _manifest_bytes(files: dict[str, str]) -> bytes:
+    body = _manifest_body(files)
+    # The manifest's own digest makes any edit of it (a digest included) detectable as an edit of the manifest.
+    return _canonical({**body, "sha256": hashlib.sha256(_canonical(body)).hexdigest()})
+
+
+def _read_manifest(root: Path) -> dict[str, str]:
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise _bad(mpath, "missing; not a certified bundle", "DG445")
+    raw = mpath.read_bytes()
+    try:
+        manifest = json.loads(raw)
+        listed = manifest["files"]
+        if manifest.get("format") != BUNDLE_FORMAT or not isinstance(listed, dict):
+            raise ValueError(f"format {manifest.get('format')!r}")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise _bad(mpath, f"unreadable manifest ({exc})", "DG441") from None
+    if _manifest_bytes(listed) != raw:
+        raise _bad(mpath, "changed since it was written (not canonical, or its own digest differs)", "DG442")
+    return listed
+
+
+def check_bundle(path) -> tuple[object, object]:
+    """Re-check every byte of a bundle; return (certificate, compiled policy). BundleError names the file."""
+    from .certificate import Certificate
+    from .compiled import compile as compile_policy
+    from .parse import loads_policy
+
+    root = Path(path)
+    if not root.is_dir():
+        raise _bad(root, "no such bundle folder", "DG440")
+    listed = _read_manifest(root)
+    present = _files(root)
+    for rel in present:
+        if rel not in listed and rel not in (MANIFEST, SIGNATURE):
+            raise _bad(root / rel, "not part of the certified bundle (added after certification)", "DG444")
+    for rel, digest in sorted(listed.items()):
+        if rel not in present:
+            raise _bad(root / rel, "listed in the manifest but missing", "DG445")
+        if _sha256_file(present[rel]) != digest:
+            raise _bad(root / rel, "contents changed since certification (sha256 mismatch)", "DG443")
+    if SIGNATURE in present:
+        from .signing import check_signature_integrity
+
+        check_signature_integrity(root)  # a signature that is there must hold (BundleError names the file)
+
+    cpath = root / CERTIFICATE
+    cert = Certificate.load(cpath)
+    if cert.to_json().encode() != cpath.read_bytes():
+        raise _bad(cpath, "not in canonical form", "DG447")
+    for rel, digest in cert.subject.get("files", {}).items():
+        if listed.get(rel) != digest:
+            raise _bad(root / rel, "the certificate and the manifest disagree about it", "DG447")
+    if cert.verdict != "PROVED":
+        raise _bad(cpath, f"verdict {cert.verdict}; only PROVED bundles load", "DG450")
+
+    ppath = root / "policy.yaml"
+    policy = loads_policy(ppath.read_text(encoding="utf-8"), str(ppath))
+    layers = cert.scope.get("layers")
+    compiled = compile_policy(policy, layers=layers if isinstance(layers, int) else None,
+                              profile=cert.scope.get("profile"), source=str(ppath))
+    if compiled.policy_digest != cert.subject.get("policy", {}).get("sha256"):
+        raise _bad(ppath, "policy digest differs from the certificate's", "DG448")
+    if (root / "policy.json").read_text(encoding="utf-8") != compiled.canonical_policy + "\n":
+        raise _bad(root / "policy.json", "not the canonical form of policy.yaml", "DG448")
+    if compiled.tables_digest != cert.subject.get("tables", {}).get("sha256"):
+        raise _bad(ppath, "compiles to tables other than the certified ones", "DG448")
+    rpath = root / "relations.npy"
+    try:
+        stored = np.load(rpath, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise _bad(rpath, f"unreadable ({exc})", "DG448") from None
+    if stored.shape != compiled.relations.shape or not np.array_equal(stored, compiled.relations):
+        raise _bad(rpath, "tables differ from what the policy compiles to", "DG448")
+    return cert, compiled
+
+
+def _model_class(config_path: Path):
+    import transformers
+
+    try:
+        config = json.loads(config_path.read_text())
+        name = config["architectures"][0]
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise _bad(config_path, f"no model architecture ({exc})", "DG448") from None
+    cls = getattr(transformers, str(name), None)
+    if cls is None or not isinstance(cls, type):
+        raise ModelError(f"{config_path}: unknown architecture {name!r}", code="DG501")
+    return cls
+
+
+def load_certified(path, *, pubkey: str | None = None, return_tokenizer: bool = False):
+    """Check a bundle byte for byte, load its model and guard it under the certified policy.
+
+    With ``pubkey`` the bundle's signature is checked too. The certificate is available as
+    ``dg.guard.guard_state(model).certificate``.
+    """
+    from .guard import guard, guard_state
+
+    root = Path(path)
+    if pubkey is not None:
+        from .signing import verify_bundle_signature
+
+        verify_bundle_signature(str(root), pubkey)
+    cert, compiled = check_bundle(root)
+    model_dir = root / MODEL_DIR
+    cls = _model_class(model_dir / "config.json")
+    dtype = cert.subject.get("weights", {}).get("dtype")
+    model = cls.from_pretrained(str(model_dir), dtype=getattr(torch, dtype) if dtype else None)
+    model.eval()
+    # The files were checked above; this checks what was actually loaded (and closes the gap between the two).
+    if tensors_digest(model) != cert.subject.get("weights", {}).get("tensors_sha256"):
+        raise _bad(model_dir, "loaded weights differ from the certified tensors", "DG449")
+    guard(model, compiled)
+    guard_state(model).certificate = cert
+    if not return_tokenizer:
+        return model
+    from transformers import AutoTokenizer
+
+    return model, AutoTokenizer.from_pretrained(str(model_dir))
+
+
+# --- the certify command ------------------------------------------------------------------------
+def load_model_dir(model_dir) -> tuple[object, object | None]:
+    """A transformers model (and tokenizer, if any) from a folder: Hugging Face files or one GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ModelError(f"{root}: no such model folder", code="DG503")
+    kwargs = {}
+    if not (root / "config.json").is_file():
+        ggufs = sorted(root.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise ModelError(f"{root}: expected config.json or exactly one .gguf file, found {len(ggufs)} GGUF files",
+                             code="DG503")
+        kwargs["gguf_file"] = ggufs[0].name
+    loader = AutoModelForCausalLM
+    if (root / "config.json").is_file():
+        arch = (json.loads((root / "config.json").read_text()).get("architectures") or [""])[0]
+        if "MaskedLM" in arch or arch.endswith("Model") and "Bert" in arch:
+            loader = AutoModelForMaskedLM
+    try:
+        model = loader.from_pretrained(str(root), **kwargs).eval()
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{root}: cannot load the model ({exc})", code="DG503") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(root), **kwargs)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model, tokenizer
+
+
+_EXIT = {"PROVED": 0, "REFUTED": 1, "UNKNOWN": 3}
+
+
+def certify_cli(model_dir: str, policy_path: str, profile: str | None, out_dir: str) -> int:
+    """``domainguard certify``: guard, verify, audit, leak-test and write a bundle; return the exit code.
+
+    0 certified, 1 refuted (a forbidden flow, an audit finding or a measured leak),
+    3 inconclusive; bad input raises a DomainGuardError (the CLI maps it to 2).
+    """
+    from .compiled import compile as compile_policy
+    from .guard import guard
+    from .parse import load_policy
+
+    start = time.perf_counter()
+    policy = load_policy(policy_path)
+    model, tokenizer = load_model_dir(model_dir)
+    layers = int(model.config.num_hidden_layers)
+    compiled = compile_policy(policy, layers=layers, profile=profile, source=str(policy_path))
+    guard(model, compiled)
+    cert = build_certificate(model)
+    say = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    for c in cert.claims:
+        say(f"  {c.status:<8} {c.id}: {c.statement}")
+    for f in cert.findings:
+        say(f"  {f.severity:<8} {f.code}: {f.message}")
+    lt = cert.leak_test or {}
+    rate = lt.get("leakage_rate", {})
+    say(f"  leakage rate: guarded {rate.get('guarded', 0):.3f}, dense {rate.get('dense', 0):.3f}")
+    if cert.verdict != "PROVED":
+        say(f"verdict: {cert.verdict}; no bundle written")
+        return _EXIT[cert.verdict]
+    target = save_certified(model, out_dir, certificate=cert, tokenizer=tokenizer)
+    say(f"verdict: PROVED; wrote {target} in {time.perf_counter() - start:.1f} s")
+    return 0

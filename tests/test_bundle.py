@@ -1,0 +1,340 @@
+"""Certified bundles: round trip, atomic writes, refusal, and every byte of every file is checked on load."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import domainguard as dg
+from domainguard.bundle import (
+    MANIFEST,
+    build_certificate,
+    certify_cli,
+    check_bundle,
+    load_certified,
+    save_certified,
+    tensors_digest,
+)
+from domainguard.errors import BundleError, PolicyError
+from domainguard.guard import guard_state
+
+transformers = pytest.importorskip("transformers")
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+POLICY = """# a small policy for bundle tests
+domainguard: 1
+name: bundle-test
+domains:
+  system: {}
+  docs: {}
+  secret: {}
+  answer: {}
+reads:
+  docs: [system]
+  secret: [system]
+  answer: [system, docs]
+forbid:
+  - flow: {from: secret, to: answer}
+patterns:
+  default: {causal: true}
+generation: {domain: answer}
+positions: per_domain
+"""
+LEAKY = POLICY.replace("answer: [system, docs]", "answer: [system, docs, secret]")
+LAYERS = 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=128)).eval()
+
+
+def guarded(text=POLICY):
+    return dg.guard(tiny_llama(), dg.compile(dg.loads_policy(text), layers=LAYERS))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """One certified bundle (building a certificate traces and leak-tests the model: do it once)."""
+    model = guarded()
+    cert = build_certificate(model, trials=12, generate_tokens=2)
+    path = save_certified(model, tmp_path_factory.mktemp("b") / "bundle", certificate=cert)
+    return path, model, cert
+
+
+@pytest.fixture
+def copy_of(bundle, tmp_path):
+    target = tmp_path / "copy"
+    shutil.copytree(bundle[0], target)
+    return target
+
+
+def listed(path):
+    return sorted(json.loads((Path(path) / MANIFEST).read_text())["files"])
+
+
+def bundle_error(path):
+    with pytest.raises(BundleError) as e:
+        load_certified(path)
+    return e.value
+
+
+# --- round trip ---------------------------------------------------------------------------------
+def test_bundle_holds_weights_tables_policy_certificate_and_report(bundle):
+    path, model, cert = bundle
+    files = listed(path)
+    for name in ("policy.yaml", "policy.json", "domains.json", "relations.npy", "certificate.json",
+                 "model/model.safetensors", "model/config.json"):
+        assert name in files
+    assert any(f.startswith("report/") for f in files)
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+    data = json.loads((path / "certificate.json").read_text())
+    assert data["verdict"] == "PROVED"
+    claims = {c["id"]: c for c in data["claims"]}
+    assert claims["graph-audit"]["status"] == "PROVED" and claims["graph-audit"]["method"]["name"] == "trace"
+    assert claims["leak-test"]["status"] == "PROVED" and claims["leak-test"]["method"]["name"] == "empirical"
+    assert data["audit"]["clean"] is True
+    assert data["leak_test"]["leakage_rate"]["guarded"] == 0.0
+    assert data["leak_test"]["leakage_rate"]["dense"] > 0.0
+    assert data["leak_test"]["position_channel"]["changed"] is False  # per_domain positions
+    assert data["subject"]["weights"]["tensors_sha256"] == tensors_digest(model)
+    assert data["subject"]["kernels"]["sha256"]
+    assert set(data["subject"]["files"]) <= set(files)
+    assert data["tools"]["transformers"]
+
+
+def test_load_certified_gives_back_the_same_guarded_model(bundle):
+    path, model, cert = bundle
+    loaded = load_certified(path)
+    state = guard_state(loaded)
+    assert state.certificate.verdict == "PROVED"
+    assert state.compiled.tables_digest == guard_state(model).compiled.tables_digest
+    doms = torch.tensor([[0, 0, 2, 2, 1, 3, 3]])
+    ids = torch.randint(0, 97, doms.shape)
+    assert torch.equal(loaded(input_ids=ids, domain_ids=doms).logits, model(input_ids=ids, domain_ids=doms).logits)
+
+
+def test_domainguard_verify_accepts_a_bundle(bundle):
+    from domainguard.cli import main
+
+    assert main(["verify", str(bundle[0])]) == 0
+
+
+# --- tampering ----------------------------------------------------------------------------------
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    i = len(data) // 2
+    data[i] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_every_file_is_checked_byte_for_byte(bundle, tmp_path):
+    names = listed(bundle[0]) + [MANIFEST]
+    assert len(names) >= 10
+    for name in names:
+        target = tmp_path / name.replace("/", "_")
+        shutil.copytree(bundle[0], target)
+        flip_byte(target / name)
+        err = bundle_error(target)
+        assert Path(name).name in str(err), (name, str(err))
+        assert err.code.startswith("DG4"), err.code
+
+
+def test_an_added_file_is_refused(copy_of):
+    (copy_of / "model" / "extra.bin").write_bytes(b"\0")
+    err = bundle_error(copy_of)
+    assert err.code == "DG444" and "extra.bin" in str(err)
+
+
+def test_an_added_top_level_file_is_refused(copy_of):
+    (copy_of / "notes.txt").write_text("hello")
+    assert bundle_error(copy_of).code == "DG444"
+
+
+@pytest.mark.parametrize("name", ["model/model.safetensors", "relations.npy", "certificate.json", "report/report.md",
+                                  "policy.yaml", MANIFEST])
+def test_a_removed_file_is_refused(copy_of, name):
+    if not (copy_of / name).exists():
+        pytest.skip(f"{name} not in this bundle")
+    (copy_of / name).unlink()
+    err = bundle_error(copy_of)
+    assert err.code == "DG445" and Path(name).name in str(err)
+
+
+def test_a_symlink_is_refused(copy_of):
+    (copy_of / "link").symlink_to(copy_of / "policy.yaml")
+    assert bundle_error(copy_of).code == "DG446"
+
+
+def test_a_consistently_forged_manifest_still_fails_on_the_tables(copy_of):
+    """Rewrite relations.npy AND the manifest (and certificate file list): re-deriving the tables catches it."""
+    import numpy as np
+
+    from domainguard.bundle import _manifest_bytes, _sha256_file
+
+    rel = np.load(copy_of / "relations.npy")
+    rel[:] = True  # everybody reads everybody
+    with open(copy_of / "relations.npy", "wb") as f:
+        np.save(f, rel, allow_pickle=False)
+    from domainguard.certificate import Certificate
+
+    cert = Certificate.load(copy_of / "certificate.json")
+    cert.subject["files"]["relations.npy"] = _sha256_file(copy_of / "relations.npy")
+    (copy_of / "certificate.json").write_text(cert.to_json())
+    files = {p.relative_to(copy_of).as_posix(): _sha256_file(p) for p in copy_of.rglob("*")
+             if p.is_file() and p.name != MANIFEST}
+    (copy_of / MANIFEST).write_bytes(_manifest_bytes(files))
+    err = bundle_error(copy_of)
+    assert err.code == "DG448" and "relations.npy" in str(err)
+
+
+def test_a_forged_policy_fails_on_the_policy_digest(copy_of):
+    from domainguard.bundle import _manifest_bytes, _sha256_file
+    from domainguard.certificate import Certificate
+
+    (copy_of / "policy.yaml").write_text(LEAKY)
+    cert = Certificate.load(copy_of / "certificate.json")
+    cert.subject["files"]["policy.yaml"] = _sha256_file(copy_of / "policy.yaml")
+    (copy_of / "certificate.json").write_text(cert.to_json())
+    files = {p.relative_to(copy_of).as_posix(): _sha256_file(p) for p in copy_of.rglob("*")
+             if p.is_file() and p.name != MANIFEST}
+    (copy_of / MANIFEST).write_bytes(_manifest_bytes(files))
+    err = bundle_error(copy_of)
+    assert err.code == "DG448" and "policy.yaml" in str(err)
+
+
+def test_signed_bundle_loads_with_the_key_and_a_tampered_signature_does_not(bundle, tmp_path):
+    from domainguard.signing import generate_keypair
+
+    priv, pub = generate_keypair(tmp_path / "key.pem")
+    path, model, cert = bundle
+    signed = save_certified(model, tmp_path / "signed", certificate=cert, key=priv)
+    assert (signed / "signature.json").is_file()
+    load_certified(signed, pubkey=str(pub))
+    check_bundle(signed)
+    flip_byte(signed / "signature.json")
+    with pytest.raises(BundleError) as e:
+        load_certified(signed)
+    assert "signature.json" in str(e.value)
+
+
+# --- writing: refusal and atomicity --------------------------------------------------------------
+def test_a_refuted_policy_is_not_certified_and_nothing_is_written(tmp_path):
+    model = guarded(LEAKY)
+    cert = build_certificate(model, trials=6, generate_tokens=0)
+    assert cert.verdict == "REFUTED"
+    with pytest.raises(BundleError) as e:
+        save_certified(model, tmp_path / "out", certificate=cert)
+    assert e.value.code == "DG450"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_while_writing_leaves_nothing_behind(bundle, tmp_path, monkeypatch):
+    path, model, cert = bundle
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(model, "save_pretrained", boom)
+    with pytest.raises(RuntimeError):
+        save_certified(model, tmp_path / "out", certificate=cert)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_rewrite_keeps_the_old_bundle(bundle, copy_of, monkeypatch):
+    path, model, cert = bundle
+    before = {p: p.read_bytes() for p in copy_of.rglob("*") if p.is_file()}
+    monkeypatch.setattr(model, "save_pretrained", lambda *a, **k: (_ for _ in ()).throw(OSError("no space")))
+    with pytest.raises(OSError):
+        save_certified(model, copy_of, certificate=cert)
+    assert {p: p.read_bytes() for p in copy_of.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in copy_of.parent.iterdir()) == ["copy"]
+
+
+def test_rewriting_a_bundle_replaces_it(bundle, copy_of):
+    path, model, cert = bundle
+    (copy_of / "stale.txt").write_text("old")
+    save_certified(model, copy_of, certificate=cert)
+    assert not (copy_of / "stale.txt").exists()
+    check_bundle(copy_of)
+
+
+def test_a_folder_that_is_not_a_bundle_is_never_replaced(bundle, tmp_path):
+    path, model, cert = bundle
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    with pytest.raises(BundleError) as e:
+        save_certified(model, tmp_path / "mine", certificate=cert)
+    assert e.value.code == "DG451"
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_load_of_something_that_is_not_a_bundle(tmp_path):
+    assert bundle_error(tmp_path / "nope").code == "DG440"
+    (tmp_path / "empty").mkdir()
+    assert bundle_error(tmp_path / "empty").code == "DG445"
+
+
+# --- the certify command ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m") / "tiny-llama"
+    tiny_llama().save_pretrained(d)
+    return d
+
+
+def test_certify_cli_writes_a_bundle(model_dir, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    assert certify_cli(str(model_dir), str(policy), None, str(tmp_path / "out")) == 0
+    cert, compiled = check_bundle(tmp_path / "out")
+    assert cert.subject["policy"]["file"] == str(policy)
+    assert (tmp_path / "out" / "policy.yaml").read_text() == POLICY  # the source, byte for byte
+    load_certified(tmp_path / "out")
+
+
+def test_certify_cli_refutes_a_leaky_policy(model_dir, tmp_path):
+    policy = tmp_path / "leaky.yaml"
+    policy.write_text(LEAKY)
+    assert certify_cli(str(model_dir), str(policy), None, str(tmp_path / "out")) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_certify_cli_refuses_a_model_with_a_sequence_mixer(model_dir, tmp_path):
+    class CumSum(torch.nn.Module):
+        def __init__(self, mlp):
+            super().__init__()
+            self.mlp = mlp
+
+        def forward(self, x):
+            return self.mlp(x) + x.cumsum(1)
+
+    model = guarded()
+    model.model.layers[0].mlp = CumSum(model.model.layers[0].mlp)
+    cert = build_certificate(model, trials=6, generate_tokens=0)
+    assert cert.verdict == "REFUTED"
+    audit = next(c for c in cert.claims if c.id == "graph-audit")
+    assert audit.status == "REFUTED" and audit.witness[0]["module"] == "model.layers.0.mlp"
+    with pytest.raises(BundleError):
+        save_certified(model, tmp_path / "out", certificate=cert)
+
+
+def test_certify_cli_bad_input_raises(model_dir, tmp_path):
+    with pytest.raises(PolicyError):
+        certify_cli(str(model_dir), str(tmp_path / "missing.yaml"), None, str(tmp_path / "out"))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    with pytest.raises(dg.ModelError):
+        certify_cli(str(tmp_path / "no-model"), str(policy), None, str(tmp_path / "out"))
