@@ -3,7 +3,7 @@
 The pipeline runs leaf to root, one stage a part of this file:
 
     load (compiled directory or bundle; certificate checked, digests re-computed,
-          signature checked, policy re-compiled for the pictures)
+          signature checked, policy re-compiled for the pictures and its claims re-derived)
       → report data  (one JSON-able dict, ``format: domainguard-report/1``; the single
                       source of every statement; ``--format json`` writes it as is)
       → document     (headings, paragraphs, tables and vector drawings)
@@ -12,7 +12,9 @@ The pipeline runs leaf to root, one stage a part of this file:
 The report never decides a verdict and never claims more than the certificate: it
 shows the certificate's verdict *or something weaker* — UNKNOWN when a claim is
 UNKNOWN, when there are no claims, when a digest or the signature does not check out,
-or when the leak test measured leakage — and says why. No browser is needed at run
+or when the leak test measured leakage; REFUTED when re-deriving the policy's claims
+refutes one — and says why. A re-derivation stronger than the certificate is noted,
+never counted. No browser is needed at run
 time; output is deterministic (same inputs, same bytes).
 """
 
@@ -251,17 +253,47 @@ def _claim_row(claim: dict) -> dict:
         "unbounded": details.get("unbounded"),
         "explanation": details.get("explanation"),
         "details": {k: v for k, v in details.items() if k not in ("location", "rule", "unbounded", "explanation")},
+        "rechecked": None,  # filled in by build() where the policy lets the claim be re-derived
     }
 
 
-def _shown_verdict(cert: dict, claims: list[dict], integrity: dict, leak: dict | None, audit: dict | None) -> dict:
-    """The verdict to display: the certificate's, or weaker, with every reason it is weaker."""
+def _recheck(compiled, notes: list[str]) -> dict | None:
+    """Re-derive the policy claims (forbid rules, profiles) from the directory's policy: {claim id: status}."""
+    if compiled is None:
+        return None
+    from .verify import verify
+
+    try:
+        v = verify(compiled, explain=False)
+    except DomainGuardError as exc:
+        notes.append(f"the claims could not be re-derived from the policy: {exc}")
+        return None
+    return {r.id: r.status.value for r in v.results}
+
+
+def _shown_verdict(cert: dict, claims: list[dict], integrity: dict, leak: dict | None, audit: dict | None,
+                   rechecked: dict | None = None) -> dict:
+    """The verdict to display: the certificate's, or weaker, with every reason it is weaker.
+
+    ``rechecked`` maps claim ids to the status re-derived now; a claim counts as the weaker of the two, and a
+    re-derived claim the certificate does not carry counts too.
+    """
     cert_v = _status(cert.get("verdict"))
     reasons: list[str] = []
     if cert.get("verdict") not in STATUSES:
         reasons.append(f"the certificate's verdict {cert.get('verdict')!r} is not PROVED, REFUTED or UNKNOWN")
     statuses = [c["status"] for c in claims]
-    claims_v = _combine(statuses)
+    effective = list(statuses)
+    for cid, st in sorted((rechecked or {}).items()):
+        mine = [c for c in claims if c["id"] == cid]
+        if not mine:
+            reasons.append(f"re-derived from the policy, {cid} is {st}, and the certificate does not carry it")
+            effective.append(st)
+        elif any(_combine([c["status"], st]) != c["status"] for c in mine):
+            # Only a weaker re-derivation counts; a stronger one needs a new certificate, not a better report.
+            reasons.append(f"re-derived from the policy, {cid} is {st}; the certificate says {mine[0]['status']}")
+            effective.append(st)
+    claims_v = _combine(effective)
     if not claims:
         reasons.append("the certificate contains no claims, so nothing was proved")
     elif claims_v != cert_v:
@@ -476,7 +508,10 @@ def build(path: str | Path) -> dict:
     integrity = _integrity(src)
     leak = cert.get("leak_test") if isinstance(cert.get("leak_test"), dict) else None
     audit = cert.get("audit") if isinstance(cert.get("audit"), dict) else None
-    verdict = _shown_verdict(cert, claims, integrity, leak, audit)
+    rechecked = _recheck(src.compiled, src.notes)
+    for c in claims:
+        c["rechecked"] = (rechecked or {}).get(c["id"])
+    verdict = _shown_verdict(cert, claims, integrity, leak, audit, rechecked)
     scope = cert.get("scope") or {}
     profile = scope.get("profile")
     prof_def = ((policy_dict or {}).get("profiles") or {}).get(profile) if profile else None
@@ -616,7 +651,8 @@ REPORT_SCHEMA: dict = {
     "$defs": {
         "claim": {
             "type": "object",
-            "required": ["id", "kind", "statement", "status", "method", "scope", "witness", "reason", "location"],
+            "required": ["id", "kind", "statement", "status", "method", "scope", "witness", "reason", "location",
+                         "rechecked"],
             "properties": {
                 "status": _STATUS_ENUM,
                 "witness": {"type": "array", "items": {
@@ -625,6 +661,7 @@ REPORT_SCHEMA: dict = {
                         "type": "object", "required": ["domain", "level", "via"],
                         "properties": {"level": {"type": "integer", "minimum": 0}}}}}}},
                 "location": {"type": ["object", "null"], "required": ["file", "line"]},
+                "rechecked": {"enum": list(STATUSES) + [None]},
             },
             # A witness belongs to a refutation; a PROVED or UNKNOWN claim never shows one as its result.
             "if": {"properties": {"status": {"const": "REFUTED"}}},
@@ -1153,6 +1190,15 @@ def _method_text(m: dict) -> str:
     return " ".join(parts)
 
 
+def _rederived(c: dict) -> Cell:
+    r = c.get("rechecked")
+    if r is None:
+        return "-"
+    if r == c["status"]:
+        return "agrees"
+    return Badge(r) if _combine([c["status"], r]) != c["status"] else "stronger"
+
+
 def _witness_cells(data: dict) -> dict[int, set[tuple[int, int]]]:
     """layer → {(reader id, source id)} of attention edges used by witness paths of refuted rules."""
     ids = {d["name"]: d["id"] for d in data["domains"]}
@@ -1291,10 +1337,15 @@ def document(data: dict) -> list[Block]:
             B.append(Para(f"UNKNOWN — not established, not a pass: {c.get('reason') or 'no reason recorded'}.", "warn"))
 
     B.append(Heading(2, "Every claim", "claims"))
-    B.append(Table(("claim", "statement", "verdict", "method", "scope"),
-                   tuple((Mono(c["id"]), c["statement"], Badge(c["status"]), _method_text(c["method"]),
-                          _scope_text(c["scope"])) for c in data["claims"]) or (("-", "no claims", Badge("UNKNOWN"), "-", "-"),),
-                   (1.2, 4, 1.1, 1.6, 2)))
+    B.append(Para("“Re-derived” compares the claim with what this report obtained by verifying the directory's "
+                  "policy again (graph search and Z3): “agrees”, a weaker status (which then counts), or “stronger” "
+                  "(not counted: only a new certificate can claim more); “-” where a claim concerns a model.",
+                  "small"))
+    B.append(Table(("claim", "statement", "verdict", "re-derived", "method", "scope"),
+                   tuple((Mono(c["id"]), c["statement"], Badge(c["status"]), _rederived(c), _method_text(c["method"]),
+                          _scope_text(c["scope"])) for c in data["claims"])
+                   or (("-", "no claims", Badge("UNKNOWN"), "-", "-", "-"),),
+                   (1.2, 3.6, 1.1, 1.1, 1.5, 1.8)))
 
     # --- explanations --------------------------------------------------------------------------
     B.append(Heading(2, "Z3 explanations", "explanations"))

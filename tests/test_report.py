@@ -152,7 +152,9 @@ def test_unknown_claim_is_never_shown_as_a_pass(proved):
     html = report.to_html(data)
     assert _banner(html) == "UNKNOWN" and "UNKNOWN is never a pass" in html
     row = re.search(r"<code>forbid\[0\]</code></td>.*?</tr>", html).group(0)
-    assert ">UNKNOWN</span>" in row and "PROVED" not in row
+    assert ">UNKNOWN</span>" in row and "PROVED" not in row and "<td>stronger</td>" in row
+    assert data["claims"][0]["rechecked"] == "PROVED"  # the data says what re-derivation found...
+    assert not any("PROVED;" in r for r in data["verdict"]["reasons"])  # ...but it never lifts the verdict
     assert "not established, not a pass: z3: timeout" in html
     md = report.to_markdown(data)
     assert "**Verdict: UNKNOWN**" in md and "**Verdict: PROVED**" not in md
@@ -176,6 +178,35 @@ def test_certificate_verdict_stronger_than_its_claims_is_weakened(proved):
     data = report.build(proved)
     assert data["verdict"]["certificate"] == "PROVED" and data["verdict"]["shown"] == "REFUTED"
     assert data["verdict"]["reasons"][0].startswith("the certificate says PROVED; this report shows REFUTED")
+
+
+def test_forged_certificate_is_caught_by_re_deriving_the_claims(refuted):
+    def forge(cert):
+        for c in cert["claims"]:
+            c.update(status="PROVED")
+            c.pop("witness", None)
+        cert["verdict"] = "PROVED"
+
+    edit_certificate(refuted, forge)
+    data = report.build(refuted)
+    _validate(data)
+    assert data["verdict"]["certificate"] == "PROVED" and data["verdict"]["shown"] == "REFUTED"
+    assert "re-derived from the policy, forbid[0] is REFUTED; the certificate says PROVED" in data["verdict"]["reasons"]
+    assert [c["rechecked"] for c in data["claims"]] == ["REFUTED", "REFUTED"]
+    assert _banner(report.to_html(data)) == "REFUTED"
+
+
+def test_certificate_that_drops_a_claim_is_caught(refuted):
+    def drop(cert):
+        cert["claims"] = [c for c in cert["claims"] if c["id"] != "forbid[0]"]
+        cert["claims"][0].update(status="PROVED")
+        cert["claims"][0].pop("witness", None)
+        cert["verdict"] = "PROVED"
+
+    edit_certificate(refuted, drop)
+    data = report.build(refuted)
+    assert data["verdict"]["shown"] == "REFUTED"
+    assert any("forbid[0] is REFUTED, and the certificate does not carry it" in r for r in data["verdict"]["reasons"])
 
 
 def test_no_claims_is_not_proved(tmp_path):
@@ -204,7 +235,9 @@ def test_policy_no_longer_matching_its_tables_is_caught(proved):
     data = report.build(proved)
     status = {r["item"]: r["status"] for r in data["integrity"]["files"]}
     assert status["policy.yaml"] == "mismatch" and status["relation tables"] == "mismatch"
-    assert data["verdict"]["shown"] == "UNKNOWN"
+    # The edited policy also lets toxicology reach the answer: re-deriving the claims refutes it.
+    assert data["verdict"]["shown"] == "REFUTED"
+    assert "re-derived from the policy, forbid[0] is REFUTED; the certificate says PROVED" in data["verdict"]["reasons"]
 
 
 @pytest.mark.parametrize("evidence", [dict(guarded_rate=0.25),
@@ -224,21 +257,23 @@ def test_model_evidence_against_isolation_downgrades_proved(proved, evidence):
 @settings(max_examples=150, deadline=None)
 @given(cert_v=st.sampled_from(["PROVED", "REFUTED", "UNKNOWN", "MAYBE"]),
        statuses=st.lists(st.sampled_from(["PROVED", "REFUTED", "UNKNOWN", "proved", None]), max_size=6),
-       ok=st.booleans(), leak=st.sampled_from([None, 0.0, 0.01]), audit_clean=st.sampled_from([None, True, False]))
-def test_shown_verdict_is_proved_only_when_everything_says_so(cert_v, statuses, ok, leak, audit_clean):
+       ok=st.booleans(), leak=st.sampled_from([None, 0.0, 0.01]), audit_clean=st.sampled_from([None, True, False]),
+       rechecked=st.dictionaries(st.sampled_from([f"c{i}" for i in range(8)]),
+                                 st.sampled_from(["PROVED", "REFUTED", "UNKNOWN"]), max_size=4))
+def test_shown_verdict_is_proved_only_when_everything_says_so(cert_v, statuses, ok, leak, audit_clean, rechecked):
     claims = [report._claim_row({"id": f"c{i}", "kind": "flow", "statement": "s", "status": s})
               for i, s in enumerate(statuses)]
     integrity = {"ok": ok, "files": [] if ok else [{"item": "x", "status": "mismatch"}],
                  "signature": {"status": "absent", "detail": ""}}
     leak_rec = None if leak is None else {"guarded": {"rate": leak}}
     audit = None if audit_clean is None else {"clean": audit_clean}
-    v = report._shown_verdict({"verdict": cert_v}, claims, integrity, leak_rec, audit)
+    v = report._shown_verdict({"verdict": cert_v}, claims, integrity, leak_rec, audit, rechecked)
     everything = (cert_v == "PROVED" and statuses and all(s == "PROVED" for s in statuses) and ok
-                  and not leak and audit_clean is not False)
+                  and not leak and audit_clean is not False and all(r == "PROVED" for r in rechecked.values()))
     assert (v["shown"] == "PROVED") == bool(everything)
     if v["shown"] != "PROVED":
         assert v["reasons"], "a weaker verdict always says why"
-    if "REFUTED" in statuses or cert_v == "REFUTED":
+    if "REFUTED" in statuses or cert_v == "REFUTED" or "REFUTED" in rechecked.values():
         assert v["shown"] == "REFUTED"
     jsonschema.validate({"verdict": v}, {"properties": {"verdict": report.REPORT_SCHEMA["properties"]["verdict"]}})
 
