@@ -14,6 +14,7 @@ from domainguard.validate import (
     check_blockmap,
     prove_decode_alignment,
     prove_patterns_within_policy,
+    prove_tile_rules_sound,
     prove_tiles_sound,
     replay_witness,
 )
@@ -60,6 +61,19 @@ def test_tiles_sound_proved(compiled):
 def test_decode_alignment_proved(compiled):
     claim = prove_decode_alignment(compiled, block_q=64, block_k=32, max_len=700, max_segments=3)
     assert claim["status"] == "PROVED", claim
+
+
+def test_tile_rules_sound_for_any_order_and_length(compiled):
+    claim = prove_tile_rules_sound(compiled)
+    assert claim["status"] == "PROVED", claim
+    bad = [
+        dataclasses.replace(r, restrict=tuple(OffByOneCausal() if isinstance(p, Causal) else p for p in r.restrict))
+        for r in rules_for(compiled, 0)
+    ]
+    refuted = prove_tile_rules_sound(compiled, rules=bad)
+    assert refuted["status"] == "REFUTED" and refuted["witness"][0]["kind"] == "FULL"
+    w = refuted["witness"][0]
+    assert w["key"]["index"] > w["query"]["index"]  # the pair the bug lets through is not causal
 
 
 def test_patterns_within_policy(compiled):
