@@ -14,8 +14,9 @@ shows the certificate's verdict *or something weaker* — UNKNOWN when a claim i
 UNKNOWN, when there are no claims, when a digest or the signature does not check out,
 or when the leak test measured leakage; REFUTED when re-deriving the policy's claims
 refutes one — and says why. A re-derivation stronger than the certificate is noted,
-never counted. No browser is needed at run
-time; output is deterministic (same inputs, same bytes).
+never counted. No browser is needed at run time; output is deterministic (same
+inputs, same bytes). The PDF uses the standard Type 1 fonts (WinAnsi): characters
+outside Western European scripts are transliterated there; HTML and JSON keep them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import math
 import re
 import struct
+import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -692,10 +694,12 @@ _W_BOLD = [int(x) for x in (
     "611 611 611 611 389 556 333 611 556 778 556 556 500 389 280 389 584").split()]
 # Characters outside WinAnsi, spelled with characters inside it (PDF standard fonts are WinAnsi only).
 _ASCII_FOR = {"→": "->", "←": "<-", "↻": "=>", "⇒": "=>", "≤": "<=", "≥": ">=", "≠": "!=", "✓": "yes", "✗": "no",
-              "×": "x", "…": "...", "–": "-", "—": "-", "‘": "'", "’": "'", "“": '"', "”": '"', "•": "-", "\u00a0": " "}
+              "×": "x", "…": "...", "–": "-", "—": "-", "‘": "'", "’": "'", "“": '"', "”": '"', "•": "-", "\u00a0": " ",
+              "ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "ı": "i", "œ": "oe", "Œ": "OE"}
 
 
 def _pdf_safe(text: str) -> str:
+    """``text`` in characters the standard PDF fonts can show: WinAnsi's Latin-1 part, else transliterated."""
     out = []
     for ch in text:
         if ch in _ASCII_FOR:
@@ -705,7 +709,8 @@ def _pdf_safe(text: str) -> str:
         elif ch in "\t\n":
             out.append(" ")
         else:
-            out.append("?")
+            base = "".join(c for c in unicodedata.normalize("NFKD", ch) if 32 <= ord(c) < 127)
+            out.append(base or "?")
     return "".join(out)
 
 

@@ -92,6 +92,20 @@ def _fingerprint(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
+def _verdict(cert_verdict, claims: list) -> str:
+    """The certificate's verdict or, where its claims say less, theirs: PROVED only when both say so (and there
+    is a claim at all, as in the report)."""
+    from .verdict import Status, combine_status
+
+    if not claims:
+        return "UNKNOWN"
+
+    def st(x):
+        return Status(x) if x in ("PROVED", "REFUTED", "UNKNOWN") else Status.UNKNOWN
+
+    return combine_status([st(cert_verdict)] + [st(c.get("status")) for c in claims]).value
+
+
 def to_sarif(cert: dict, *, policy_file: str | None = None, srcroot: str | None = None) -> dict:
     """A SARIF 2.1.0 log for one certificate (a dict in the certificate's JSON shape).
 
@@ -177,7 +191,8 @@ def to_sarif(cert: dict, *, policy_file: str | None = None, srcroot: str | None 
         "columnKind": "unicodeCodePoints",
         "originalUriBaseIds": {"%SRCROOT%": {"description": {"text": "The directory the policy path is relative to."}}},
         "results": results,
-        "properties": {"verdict": cert.get("verdict", "UNKNOWN"), "claims": counts,
+        "properties": {"verdict": _verdict(cert.get("verdict"), cert.get("claims") or []),
+                       "certificateVerdict": cert.get("verdict"), "claims": counts,
                        "policy": {"name": policy.get("name"), "sha256": policy.get("sha256")}},
     }
     return {"$schema": SARIF_SCHEMA, "version": SARIF_VERSION, "runs": [run]}

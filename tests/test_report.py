@@ -457,3 +457,8 @@ def test_markdown_marks_witness_edges_in_the_matrix(refuted):
     summary = next(line for line in md.splitlines() if line.strip().startswith("2 summary"))
     assert summary.split()[2:] == ["X", "X", "#", "."]  # the combine rule's two paths meet in the summary
     assert "| **REFUTED** |" in md
+
+
+def test_pdf_text_is_transliterated_not_lost():
+    assert report._pdf_safe("Łódź café → résumé Ωmega") == "Lódz café -> résumé ?mega"
+    assert report._pdf_str("a(b)\\c é") == "(a\\(b\\)\\\\c \\351)"

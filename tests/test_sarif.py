@@ -164,3 +164,11 @@ def test_uri_forms(file, uri):
     log = sarif.to_sarif(cert)
     _check(log)
     assert log["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == uri
+
+
+def test_run_verdict_is_never_stronger_than_the_claims():
+    claims = [{"id": "a", "kind": "flow", "statement": "s", "status": "PROVED"},
+              {"id": "b", "kind": "flow", "statement": "t", "status": "UNKNOWN", "reason": "z3: timeout"}]
+    props = sarif.to_sarif({"verdict": "PROVED", "claims": claims})["runs"][0]["properties"]
+    assert props["verdict"] == "UNKNOWN" and props["certificateVerdict"] == "PROVED"
+    assert sarif.to_sarif({"verdict": "PROVED", "claims": []})["runs"][0]["properties"]["verdict"] == "UNKNOWN"
