@@ -344,7 +344,7 @@ def sign_certificate(cert_path_or_dir: str | Path, key_path: str | Path | None =
         "signature": key.sign(canonical_json(payload)).hex(),
     }
     out = root / SIGNATURE_FILE
-    tmp = root / (SIGNATURE_FILE + ".tmp")
+    tmp = root.parent / f".{root.name}.{SIGNATURE_FILE}.tmp"  # outside the bundle: never part of what is signed
     tmp.write_bytes(_serialise_signature(doc))
     os.replace(tmp, out)
     if public_key_out is not None:
