@@ -1195,6 +1195,17 @@ def _method_text(m: dict) -> str:
     return " ".join(parts)
 
 
+def _rule_text(rule: Any) -> str:
+    """A forbid rule as the policy writes it, e.g. ``flow: {from: toxicology, to: answer}``."""
+    if isinstance(rule, dict):
+        if isinstance(rule.get("flow"), dict):
+            return f"flow: {{from: {rule['flow'].get('from')}, to: {rule['flow'].get('to')}}}"
+        for kind in ("combine", "isolate"):
+            if isinstance(rule.get(kind), list):
+                return f"{kind}: [{', '.join(map(str, rule[kind]))}]"
+    return _fmt(rule)
+
+
 def _rederived(c: dict) -> Cell:
     r = c.get("rechecked")
     if r is None:
@@ -1327,7 +1338,8 @@ def document(data: dict) -> list[Block]:
         loc = c["location"]
         where = f"{loc.get('file')}:{loc.get('line')}:{loc.get('column')}" if loc else "-"
         B.append(Heading(3, f"{c['id']} — {c['statement']}", "rule-" + re.sub(r"[^a-z0-9]+", "-", c["id"].lower())))
-        rows = [("verdict", Badge(c["status"])), ("rule", Mono(_fmt(c.get("rule")))), ("method", _method_text(c["method"])),
+        rows = [("verdict", Badge(c["status"])), ("re-derived now", _rederived(c)), ("rule", Mono(_rule_text(c.get("rule")))),
+                ("method", _method_text(c["method"])),
                 ("scope", _scope_text(c["scope"])), ("policy location", Mono(where))]
         if c.get("reason"):
             rows.append(("reason", c["reason"]))
