@@ -196,22 +196,24 @@ def attention_reference(
 # --- kernel path ----------------------------------------------------------------------
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes and launch parameters of the forward and backward kernels."""
+    """Tile sizes and launch parameters of the forward and backward kernels (tuned on an H100)."""
 
     block_m: int = 128
-    block_n: int = 128
+    block_n: int = 64
     num_warps: int = 8
     num_stages: int = 3
-    dkdv: tuple = (("SUB_N", 64), ("SUB_M", 64), ("num_warps", 8), ("num_stages", 2))
-    dq: tuple = (("SUB_M", 64), ("SUB_N", 64), ("num_warps", 8), ("num_stages", 2))
+    dkdv: tuple = (("SUB_N", 64), ("SUB_M", 32), ("num_warps", 4), ("num_stages", 3))
+    dq: tuple = (("SUB_M", 64), ("SUB_N", 32), ("num_warps", 4), ("num_stages", 3))
     check_full: bool = True
+    use_tma: bool = True
+    warp_specialize: bool = False
 
 
 def default_config(dtype: torch.dtype, head_dim: int) -> KernelConfig:
     """The tuned configuration for a dtype and head dim (see BENCHMARKS.md)."""
     if dtype == torch.float32:
         return KernelConfig(
-            block_m=64, block_n=64, num_warps=4, num_stages=2,
+            block_m=64, block_n=64, num_warps=4, num_stages=2, use_tma=False,
             dkdv=(("SUB_N", 32), ("SUB_M", 32), ("num_warps", 4), ("num_stages", 1)),
             dq=(("SUB_M", 32), ("SUB_N", 32), ("num_warps", 4), ("num_stages", 1)),
         )
@@ -224,9 +226,9 @@ class AttentionPlan:
 
     qs: "Slots"
     ks: "Slots"
-    lists: tuple  # (full_num, full_idx, partial_num, partial_idx) [B, Hm, Tq, (Tk)] int32
-    lists_t: tuple  # the same, key-major, for dk/dv
-    order: torch.Tensor  # int32 [B, Tq]: query tiles by descending work
+    runs: tuple  # (full, partial) plan.Runs, query-major: [B, Hm, Tq, R]
+    runs_t: tuple  # the same, key-major, for dk/dv
+    order: torch.Tensor  # int32 [B, Tq]: launch order of query tiles
     q_inv: torch.Tensor  # int32 [B, Nq]: slot of each query token
     tables_digest: str
     config: KernelConfig
@@ -235,9 +237,29 @@ class AttentionPlan:
     heads: int  # Hm: 1 when heads share the mask
 
     def stats(self) -> dict:
-        full = int(self.lists[0].sum())
-        part = int(self.lists[2].sum())
-        return {"full_tiles": full, "partial_tiles": part, "slots_q": self.qs.size, "slots_k": self.ks.size}
+        full, part = self.runs
+        return {"full_tiles": full.tiles, "partial_tiles": part.tiles, "slots_q": self.qs.size,
+                "slots_k": self.ks.size, "max_runs": (full.start.shape[-1], part.start.shape[-1])}
+
+
+@dataclass(frozen=True, eq=False)
+class DecodePlan:
+    """Plan of a decode step: the few queries sorted into pure tiles; keys in the caller's order."""
+
+    qs: "Slots"
+    k_dom: torch.Tensor  # int32 [B, Nk]
+    k_idx: torch.Tensor  # int32 [B, Nk]
+    kinds: torch.Tensor  # uint8 [B, Hm, Tq, Tk] over (QT, block_n) tiles
+    block_n: int
+    tables_digest: str
+    nq: int
+    nk: int
+    group: int
+
+
+# Queries per call up to which the split-KV decode kernel is used (without gradients).
+DECODE_MAX_QUERIES = 16
+DECODE_BLOCK_N = 64
 
 
 class _FrozenView:
@@ -275,9 +297,9 @@ class _GuardedAttentionFn(torch.autograd.Function):
         kp = gather_rows(k, plan.ks.tok)
         vp = gather_rows(v, plan.ks.tok)
         out, lse2 = launch_forward(
-            q, kp, vp, plan.qs, plan.ks, plan.lists, plan.order, tables, scale,
+            q, kp, vp, plan.qs, plan.ks, plan.runs, plan.order, tables, scale,
             block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            check_full=cfg.check_full,
+            check_full=cfg.check_full, use_tma=cfg.use_tma, warp_specialize=cfg.warp_specialize,
         )
         ctx.save_for_backward(q, k, v, out, lse2)
         ctx.plan, ctx.tables, ctx.scale = plan, tables, scale
@@ -305,9 +327,9 @@ class _GuardedAttentionFn(torch.autograd.Function):
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)
         launch_backward(
-            qp, dop, lse2, delta_s, kp, vp, dq, dk, dv, plan.qs, plan.ks, plan.lists, plan.lists_t,
+            qp, dop, lse2, delta_s, kp, vp, dq, dk, dv, plan.qs, plan.ks, plan.runs, plan.runs_t,
             ctx.tables, ctx.scale, block_m=cfg.block_m, block_n=cfg.block_n,
-            dkdv_cfg=dict(cfg.dkdv), dq_cfg=dict(cfg.dq),
+            dkdv_cfg=dict(cfg.dkdv), dq_cfg=dict(cfg.dq), check_full=cfg.check_full,
         )
         return dq, dk, dv, None, None, None
 
@@ -363,7 +385,7 @@ class GuardedAttention:
     def plan(self, layout, layer: int = 0, *, q_slice=None, heads: int = 1, dtype=torch.bfloat16, head_dim: int = 128) -> AttentionPlan:
         """Slot order and tile lists for ``layout`` at ``layer`` (reusable across calls and layers with equal tables)."""
         from domainguard.blockmap import build_blockmap_from_attrs
-        from domainguard.kernels.plan import sort_slots, tile_lists, inverse
+        from domainguard.kernels.plan import FULL, PARTIAL, inverse, sort_slots, tile_runs
         from domainguard.layout import TokenAttrs
 
         tables = self.tables(layer)
@@ -376,19 +398,59 @@ class GuardedAttention:
         qs = sort_slots(qa.domain, qa.index, qa.rank, pad_id, pad_to, query=True)
         ks = sort_slots(ka.domain, ka.index, ka.rank, pad_id, pad_to, query=False)
         attrs = lambda s: TokenAttrs(s.dom.long(), s.idx.long(), s.rank.long())  # noqa: E731
-        head_list = list(range(heads)) if self._heads_vary else None
+        # freeze() refused head-dependent masks, so head 0's table serves every head.
+        head_list = [0] if self._heads_vary else None
         bm = build_blockmap_from_attrs(
             attrs(qs), attrs(ks), self._view, layer, block_q=cfg.block_m, block_k=cfg.block_n, heads=head_list
         )
-        lists = tuple(t.to(torch.int32).contiguous() for t in (bm.full_num, bm.full_idx, bm.partial_num, bm.partial_idx))
-        lists_t = tile_lists(bm.kinds.transpose(-1, -2).contiguous())
-        work = (lists[0] + lists[2]).sum(1)  # [B, Tq]
-        order = torch.sort(-work, dim=1, stable=True).indices.to(torch.int32).contiguous()
+        kinds_t = bm.kinds.transpose(-1, -2).contiguous()
+        runs = (tile_runs(bm.kinds, FULL), tile_runs(bm.kinds, PARTIAL))
+        runs_t = (tile_runs(kinds_t, FULL), tile_runs(kinds_t, PARTIAL))
+        # Launch order of query tiles: descending slot order, so the tiles of one domain run
+        # together (they read the same key runs: L2 reuse) with the heaviest (latest) first.
+        tq = bm.kinds.shape[2]
+        order = torch.arange(tq - 1, -1, -1, dtype=torch.int32, device=qs.tok.device).expand(qs.tok.shape[0], tq).contiguous()
         return AttentionPlan(
-            qs=qs, ks=ks, lists=lists, lists_t=lists_t, order=order, q_inv=inverse(qs, qsl.stop - qsl.start),
+            qs=qs, ks=ks, runs=runs, runs_t=runs_t, order=order, q_inv=inverse(qs, qsl.stop - qsl.start),
             tables_digest=tables.digest(), config=cfg, nq=qsl.stop - qsl.start, nk=n,
             heads=bm.kinds.shape[1],
         )
+
+    def decode_plan(self, layout, layer: int, q_slice, *, heads: int, kv_heads: int) -> DecodePlan:
+        """Tile table of a decode step: queries sorted by domain into tiles of QT slots."""
+        from domainguard.blockmap import build_blockmap_from_attrs
+        from domainguard.kernels.decode import decode_rows
+        from domainguard.kernels.plan import sort_slots
+        from domainguard.layout import TokenAttrs
+
+        tables = self.tables(layer)
+        n = layout.domain_ids.shape[1]
+        qsl = _normalize_q_slice(q_slice, n)
+        group = heads // kv_heads
+        qt, _ = decode_rows(group)
+        qa, ka = layout.attrs(qsl), layout.attrs()
+        qs = sort_slots(qa.domain, qa.index, qa.rank, self.compiled.pad_id, qt, query=True)
+        bm = build_blockmap_from_attrs(
+            TokenAttrs(qs.dom.long(), qs.idx.long(), qs.rank.long()), ka, self._view, layer,
+            block_q=qt, block_k=DECODE_BLOCK_N, heads=[0] if self._heads_vary else None,
+        )
+        return DecodePlan(
+            qs=qs, k_dom=ka.domain.to(torch.int32).contiguous(), k_idx=ka.index.to(torch.int32).contiguous(),
+            kinds=bm.kinds.contiguous(), block_n=DECODE_BLOCK_N, tables_digest=tables.digest(),
+            nq=qsl.stop - qsl.start, nk=n, group=group,
+        )
+
+    def _decode(self, q, k, v, layout, layer, qsl, scale, plan):
+        from domainguard.kernels.decode import launch_decode
+
+        tables = self.tables(layer)
+        if plan is None:
+            plan = self.decode_plan(layout, layer, qsl, heads=q.shape[1], kv_heads=k.shape[1])
+        elif plan.tables_digest != tables.digest() or plan.nq != q.shape[2] or plan.nk != k.shape[2]:
+            raise KernelError("decode plan was built for another layer, policy or shape", code="DG318")
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return launch_decode(q, k, v, plan.qs, plan.k_dom, plan.k_idx, plan.kinds, tables, scale, block_n=plan.block_n)
 
     # --- running -------------------------------------------------------------------
     def __call__(self, q, k, v, layout, layer: int = 0, *, q_slice=None, scale=None, return_lse=False, plan=None, backend="auto"):
@@ -410,11 +472,15 @@ class GuardedAttention:
             raise KernelError(
                 f"layout has {n} tokens (queries {qsl.start}..{qsl.stop - 1}) but q has {nq} and k/v {nk}", code="DG311"
             )
+        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+        needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if isinstance(plan, DecodePlan) or (plan is None and nq <= DECODE_MAX_QUERIES and not needs_grad):
+            out, lse = self._decode(q, k, v, layout, layer, qsl, scale, plan)
+            return (out, lse) if return_lse else out
         if plan is None:
             plan = self.plan(layout, layer, q_slice=qsl, heads=hq, dtype=q.dtype, head_dim=d)
         elif plan.tables_digest != tables.digest() or plan.nq != nq or plan.nk != nk:
             raise KernelError("plan was built for another layer, policy or shape", code="DG318")
-        scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         if q.stride(-1) != 1:
             q = q.contiguous()
         out, lse2 = _GuardedAttentionFn.apply(q, k, v, plan, tables, scale)

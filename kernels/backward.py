@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import LOG2E, _dot, dot_precision
+from .forward import LOG2E, _dot, _runs_readable, dot_precision
 from .masks import _key_readable, _pair_mask, _readable_bits
 
 
@@ -35,25 +35,62 @@ def _pair_mask_t(k_dom, k_idx, q_dom, q_idx, REL: tl.constexpr, CAUSAL: tl.const
 
 
 @triton.jit
+def _dkdv_tile(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, q_off, qslot0, t, k_dom, k_idx, readable,
+               qk_scale, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_M: tl.constexpr, SUB_M: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """Add one query tile's contribution to dk, dv [SUB_N, D] of a key block."""
+    d = tl.arange(0, HEAD_DIM)
+    for sub in range(BLOCK_M // SUB_M):
+        rows = t * BLOCK_M + sub * SUB_M + tl.arange(0, SUB_M)
+        q = tl.load(Qp + (q_off + rows[:, None]) * HEAD_DIM + d[None, :])
+        do = tl.load(DOp + (q_off + rows[:, None]) * HEAD_DIM + d[None, :])
+        lse2 = tl.load(Lse2 + q_off + rows)
+        delta = tl.load(Delta + q_off + rows)
+        st = _dot(k, tl.trans(q), None, PREC)  # [SUB_N, SUB_M]
+        if MASKED:
+            q_dom = tl.load(QDom + qslot0 + rows)
+            q_idx = tl.load(QIdx + qslot0 + rows)
+            allowed = _pair_mask_t(k_dom, k_idx, q_dom, q_idx, REL, CAUSAL, DP) & readable[:, None]
+            pt = tl.where(allowed, tl.math.exp2(tl.where(allowed, st, float("-inf")) * qk_scale - lse2[None, :]), 0.0)
+        else:
+            pt = tl.math.exp2(st * qk_scale - lse2[None, :])
+        dv_up = _dot(pt.to(do.dtype), do, None, PREC)
+        dpt = _dot(v, tl.trans(do), None, PREC)
+        dst = pt * (dpt - delta[None, :])
+        if MASKED:
+            dst = tl.where(allowed, dst, 0.0)
+        dk_up = _dot(dst.to(q.dtype), q, None, PREC)
+        if MASKED:
+            # A key this tile may not read keeps its gradient untouched (no 0 * NaN).
+            dv = dv + tl.where(readable[:, None], dv_up, 0.0)
+            dk = dk + tl.where(readable[:, None], dk_up, 0.0)
+        else:
+            dv = dv + dv_up
+            dk = dk + dk_up
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_kernel(
     Qp, DOp, Lse2, Delta, Kp, Vp, DK, DV,
     sdkb, sdkh, sdkn,
     QDom, QIdx, KTok, KDom, KIdx,
-    FullNum, FullIdx, PartNum, PartIdx,
-    Hq, Hkv, Sq, Sk, Tq, Tk, Hm,
+    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd,
+    Hq, Hkv, Sq, Sk, Tk, RF, RP, Hm,
     qk_scale, sm_scale,
     REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, SUB_M: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, CHECK_FULL: tl.constexpr,
 ):
     tl.static_assert(BLOCK_N % SUB_N == 0, "SUB_N must divide BLOCK_N")
     tl.static_assert(BLOCK_M % SUB_M == 0, "SUB_M must divide BLOCK_M")
-    pid_bh = tl.program_id(0)
+    # Key blocks vary fastest so that programs running together share one head's Q/dO in L2.
+    pid_bh = tl.program_id(1)
     b = pid_bh // Hkv
     hk = pid_bh % Hkv
-    pid_n = tl.program_id(1)
-    u = pid_n // (BLOCK_N // SUB_N)  # key tile of the tile lists
+    pid_n = tl.program_id(0)
+    u = pid_n // (BLOCK_N // SUB_N)  # key tile of the run tables
     cols = pid_n * SUB_N + tl.arange(0, SUB_N)
     d = tl.arange(0, HEAD_DIM)
     kv_off = (b * Hkv + hk).to(tl.int64) * Sk * HEAD_DIM
@@ -61,6 +98,8 @@ def _dkdv_kernel(
     v = tl.load(Vp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
     k_dom = tl.load(KDom + b * Sk + cols)
     k_idx = tl.load(KIdx + b * Sk + cols)
+    k_tile_dom = tl.load(KDom + b * Sk + u * BLOCK_N)
+    qslot0 = b * Sq
     dk = tl.zeros([SUB_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([SUB_N, HEAD_DIM], dtype=tl.float32)
     for g in range(GROUP):
@@ -68,43 +107,38 @@ def _dkdv_kernel(
         hm = h % Hm
         q_off = (b * Hq + h).to(tl.int64) * Sq
         lrow = ((b * Hm + hm) * Tk + u).to(tl.int64)
-        n_full = tl.load(FullNum + lrow)
-        for j in range(n_full):
-            t = tl.load(FullIdx + lrow * Tq + j)
-            for sub in range(BLOCK_M // SUB_M):
-                rows = t * BLOCK_M + sub * SUB_M + tl.arange(0, SUB_M)
-                q = tl.load(Qp + (q_off + rows[:, None]) * HEAD_DIM + d[None, :])
-                do = tl.load(DOp + (q_off + rows[:, None]) * HEAD_DIM + d[None, :])
-                lse2 = tl.load(Lse2 + q_off + rows)
-                delta = tl.load(Delta + q_off + rows)
-                pt = tl.math.exp2(_dot(k, tl.trans(q), None, PREC) * qk_scale - lse2[None, :])  # [SUB_N, SUB_M]
-                dv = dv + _dot(pt.to(do.dtype), do, None, PREC)
-                dpt = _dot(v, tl.trans(do), None, PREC)
-                dst = pt * (dpt - delta[None, :])
-                dk = dk + _dot(dst.to(q.dtype), q, None, PREC)
-        n_part = tl.load(PartNum + lrow)
-        for j in range(n_part):
-            t = tl.load(PartIdx + lrow * Tq + j)
-            # INVARIANT: query tiles are domain-pure; one domain decides readability of each key.
-            readable = _key_readable(tl.load(QDom + b * Sq + t * BLOCK_M), k_dom, REL, DP)
-            for sub in range(BLOCK_M // SUB_M):
-                rows = t * BLOCK_M + sub * SUB_M + tl.arange(0, SUB_M)
-                q = tl.load(Qp + (q_off + rows[:, None]) * HEAD_DIM + d[None, :])
-                do = tl.load(DOp + (q_off + rows[:, None]) * HEAD_DIM + d[None, :])
-                lse2 = tl.load(Lse2 + q_off + rows)
-                delta = tl.load(Delta + q_off + rows)
-                q_dom = tl.load(QDom + b * Sq + rows)
-                q_idx = tl.load(QIdx + b * Sq + rows)
-                allowed = _pair_mask_t(k_dom, k_idx, q_dom, q_idx, REL, CAUSAL, DP) & readable[:, None]
-                st = tl.where(allowed, _dot(k, tl.trans(q), None, PREC), float("-inf"))
-                pt = tl.where(allowed, tl.math.exp2(st * qk_scale - lse2[None, :]), 0.0)
-                dv_up = _dot(pt.to(do.dtype), do, None, PREC)
-                dpt = _dot(v, tl.trans(do), None, PREC)
-                dst = tl.where(allowed, pt * (dpt - delta[None, :]), 0.0)
-                dk_up = _dot(dst.to(q.dtype), q, None, PREC)
-                # A key this tile may not read keeps its gradient untouched (no 0 * NaN).
-                dv = dv + tl.where(readable[:, None], dv_up, 0.0)
-                dk = dk + tl.where(readable[:, None], dk_up, 0.0)
+        n_full = tl.load(FullRuns + lrow)
+        n_fast = n_full
+        if CHECK_FULL:
+            bad = _runs_readers_bad(FullStart + lrow * RF, FullEnd + lrow * RF, n_full, QDom, qslot0, k_tile_dom,
+                                    REL, DP, BLOCK_M, 64)
+            n_fast = tl.where(bad == 0, n_full, 0)
+        for r in range(n_fast):
+            t0 = tl.load(FullStart + lrow * RF + r)
+            t1 = tl.load(FullEnd + lrow * RF + r)
+            for t in range(t0, t1):
+                dk, dv = _dkdv_tile(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, q_off, qslot0, t,
+                                    k_dom, k_idx, None, qk_scale, REL, CAUSAL, DP, HEAD_DIM, BLOCK_M, SUB_M,
+                                    False, PREC)
+        for which in tl.static_range(2):
+            # Masked path: the PARTIAL runs, and FULL runs that failed the relation check.
+            if which == 0:
+                n_runs = n_full - n_fast
+                Start = FullStart + lrow * RF
+                End = FullEnd + lrow * RF
+            else:
+                n_runs = tl.load(PartRuns + lrow)
+                Start = PartStart + lrow * RP
+                End = PartEnd + lrow * RP
+            for r in range(n_runs):
+                t0 = tl.load(Start + r)
+                t1 = tl.load(End + r)
+                for t in range(t0, t1):
+                    # INVARIANT: query tiles are domain-pure; one domain decides readability of each key.
+                    readable = _key_readable(tl.load(QDom + qslot0 + t * BLOCK_M), k_dom, REL, DP)
+                    dk, dv = _dkdv_tile(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, q_off, qslot0, t,
+                                        k_dom, k_idx, readable, qk_scale, REL, CAUSAL, DP, HEAD_DIM, BLOCK_M,
+                                        SUB_M, True, PREC)
     k_tok = tl.load(KTok + b * Sk + cols)
     ok = k_tok >= 0
     row = tl.where(ok, k_tok, 0).to(tl.int64)
@@ -114,26 +148,75 @@ def _dkdv_kernel(
 
 
 @triton.jit
+def _runs_readers_bad(Start, End, n_runs, QDom, qslot0, k_dom,
+                      REL: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """Number of query tiles in the runs whose (pure) domain the frozen relation forbids to read ``k_dom``."""
+    bad = 0
+    for r in range(n_runs):
+        t0 = tl.load(Start + r)
+        t1 = tl.load(End + r)
+        for c0 in range(t0, t1, CHUNK):
+            ts = c0 + tl.arange(0, CHUNK)
+            inside = ts < t1
+            qd = tl.load(QDom + qslot0 + ts * BLOCK_M, mask=inside, other=0)
+            bits = _readable_bits(qd, REL, DP)
+            kd = tl.minimum(tl.maximum(k_dom, 0), 63).to(tl.int64)
+            ok = (((bits >> kd) & 1) != 0) & (k_dom >= 0) & (k_dom < DP)
+            bad += tl.sum(((ok == 0) & inside).to(tl.int32))
+    return bad
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, kslot0, u, q_dom, q_idx, tile_dom, qk_scale,
+             REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, HEAD_DIM: tl.constexpr,
+             BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """Add one key tile's contribution to dq [SUB_M, D]."""
+    d = tl.arange(0, HEAD_DIM)
+    for sub in range(BLOCK_N // SUB_N):
+        cols = u * BLOCK_N + sub * SUB_N + tl.arange(0, SUB_N)
+        k = tl.load(Kp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
+        v = tl.load(Vp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
+        if MASKED:
+            k_dom = tl.load(KDom + kslot0 + cols)
+            k_idx = tl.load(KIdx + kslot0 + cols)
+            readable = _key_readable(tile_dom, k_dom, REL, DP)
+            k = tl.where(readable[:, None], k, 0.0)
+            v = tl.where(readable[:, None], v, 0.0)
+            allowed = _pair_mask(q_dom, q_idx, k_dom, k_idx, REL, CAUSAL, DP) & readable[None, :]
+            s = tl.where(allowed, _dot(q, tl.trans(k), None, PREC), float("-inf"))
+            p = tl.where(allowed, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        else:
+            p = tl.math.exp2(_dot(q, tl.trans(k), None, PREC) * qk_scale - lse2[:, None])
+        dp = _dot(do, tl.trans(v), None, PREC)
+        ds = p * (dp - delta[:, None])
+        if MASKED:
+            ds = tl.where(allowed, ds, 0.0)
+        dq = _dot(ds.to(k.dtype), k, dq, PREC)
+    return dq
+
+
+@triton.jit
 def _dq_kernel(
     Qp, DOp, Lse2, Delta, Kp, Vp, DQ,
     sdqb, sdqh, sdqn,
     QTok, QDom, QIdx, KDom, KIdx,
-    FullNum, FullIdx, PartNum, PartIdx,
-    Hq, Hkv, Sq, Sk, Tq, Tk, Hm,
+    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd,
+    Hq, Hkv, Sq, Sk, Tq, RF, RP, Hm,
     qk_scale, sm_scale,
     REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, CHECK_FULL: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % SUB_M == 0, "SUB_M must divide BLOCK_M")
     tl.static_assert(BLOCK_N % SUB_N == 0, "SUB_N must divide BLOCK_N")
-    pid_bh = tl.program_id(0)
+    # Query blocks vary fastest (L2 reuse of K/V); the last, heaviest blocks of a domain first.
+    pid_bh = tl.program_id(1)
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // GROUP
     hm = h % Hm
-    pid_m = tl.program_id(1)
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     t = pid_m // (BLOCK_M // SUB_M)
     rows = pid_m * SUB_M + tl.arange(0, SUB_M)
     d = tl.arange(0, HEAD_DIM)
@@ -147,35 +230,36 @@ def _dq_kernel(
     # INVARIANT: query tiles are domain-pure (plan.sort_slots).
     tile_dom = tl.load(QDom + b * Sq + t * BLOCK_M)
     kv_off = (b * Hkv + hk).to(tl.int64) * Sk * HEAD_DIM
+    kslot0 = b * Sk
     dq = tl.zeros([SUB_M, HEAD_DIM], dtype=tl.float32)
     lrow = ((b * Hm + hm) * Tq + t).to(tl.int64)
-    n_full = tl.load(FullNum + lrow)
-    for j in range(n_full):
-        u = tl.load(FullIdx + lrow * Tk + j)
-        for sub in range(BLOCK_N // SUB_N):
-            cols = u * BLOCK_N + sub * SUB_N + tl.arange(0, SUB_N)
-            k = tl.load(Kp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
-            v = tl.load(Vp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
-            p = tl.math.exp2(_dot(q, tl.trans(k), None, PREC) * qk_scale - lse2[:, None])
-            dp = _dot(do, tl.trans(v), None, PREC)
-            ds = p * (dp - delta[:, None])
-            dq = dq + _dot(ds.to(k.dtype), k, None, PREC)
-    n_part = tl.load(PartNum + lrow)
-    for j in range(n_part):
-        u = tl.load(PartIdx + lrow * Tk + j)
-        for sub in range(BLOCK_N // SUB_N):
-            cols = u * BLOCK_N + sub * SUB_N + tl.arange(0, SUB_N)
-            k_dom = tl.load(KDom + b * Sk + cols)
-            k_idx = tl.load(KIdx + b * Sk + cols)
-            readable = _key_readable(tile_dom, k_dom, REL, DP)
-            k = tl.load(Kp + kv_off + cols[:, None] * HEAD_DIM + d[None, :], mask=readable[:, None], other=0.0)
-            v = tl.load(Vp + kv_off + cols[:, None] * HEAD_DIM + d[None, :], mask=readable[:, None], other=0.0)
-            allowed = _pair_mask(q_dom, q_idx, k_dom, k_idx, REL, CAUSAL, DP) & readable[None, :]
-            s = tl.where(allowed, _dot(q, tl.trans(k), None, PREC), float("-inf"))
-            p = tl.where(allowed, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), None, PREC)
-            ds = tl.where(allowed, p * (dp - delta[:, None]), 0.0)
-            dq = dq + _dot(ds.to(k.dtype), k, None, PREC)
+    n_full = tl.load(FullRuns + lrow)
+    n_fast = n_full
+    if CHECK_FULL:
+        bad = _runs_readable(FullStart + lrow * RF, FullEnd + lrow * RF, n_full, KDom, kslot0, tile_dom,
+                             REL, DP, BLOCK_N, 64)
+        n_fast = tl.where(bad == 0, n_full, 0)
+    for r in range(n_fast):
+        u0 = tl.load(FullStart + lrow * RF + r)
+        u1 = tl.load(FullEnd + lrow * RF + r)
+        for u in range(u0, u1):
+            dq = _dq_tile(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, kslot0, u, q_dom, q_idx, tile_dom,
+                          qk_scale, REL, CAUSAL, DP, HEAD_DIM, BLOCK_N, SUB_N, False, PREC)
+    for which in tl.static_range(2):
+        if which == 0:
+            n_runs = n_full - n_fast
+            Start = FullStart + lrow * RF
+            End = FullEnd + lrow * RF
+        else:
+            n_runs = tl.load(PartRuns + lrow)
+            Start = PartStart + lrow * RP
+            End = PartEnd + lrow * RP
+        for r in range(n_runs):
+            u0 = tl.load(Start + r)
+            u1 = tl.load(End + r)
+            for u in range(u0, u1):
+                dq = _dq_tile(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, kslot0, u, q_dom, q_idx,
+                              tile_dom, qk_scale, REL, CAUSAL, DP, HEAD_DIM, BLOCK_N, SUB_N, True, PREC)
     q_tok = tl.load(QTok + b * Sq + rows)
     ok = q_tok >= 0
     row = tl.where(ok, q_tok, 0).to(tl.int64)
@@ -184,40 +268,40 @@ def _dq_kernel(
 
 
 def launch_backward(
-    qp, dop, lse2, delta, kp, vp, dq, dk, dv, qs, ks, lists, lists_t, tables, scale,
-    *, block_m, block_n, dkdv_cfg, dq_cfg,
+    qp, dop, lse2, delta, kp, vp, dq, dk, dv, qs, ks, runs, runs_t, tables, scale,
+    *, block_m, block_n, dkdv_cfg, dq_cfg, check_full=True,
 ):
     """Fill dq [B, Hq, Nq, D], dk/dv [B, Hkv, Nk, D] (caller's order) from slot-order inputs.
 
+    ``runs`` / ``runs_t``: (full, partial) ``plan.Runs``, query-major / key-major.
     dkdv_cfg / dq_cfg: dicts with SUB_N, SUB_M, num_warps, num_stages.
     """
     b, hq, sq, d = qp.shape
     hkv, sk = kp.shape[1], kp.shape[2]
-    full_num, full_idx, part_num, part_idx = lists
-    full_num_t, full_idx_t, part_num_t, part_idx_t = lists_t
-    hm = full_num.shape[1]
-    tq, tk = full_num.shape[2], full_num_t.shape[2]
+    full, part = runs
+    full_t, part_t = runs_t
+    hm, tq, tk = full.num.shape[1], full.num.shape[2], full_t.num.shape[2]
     common = dict(REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp, GROUP=hq // hkv,
-                  HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PREC=dot_precision(qp))
+                  HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PREC=dot_precision(qp), CHECK_FULL=check_full)
     c = dict(dkdv_cfg)
-    grid = (b * hkv, sk // c["SUB_N"])
+    grid = (sk // c["SUB_N"], b * hkv)
     _dkdv_kernel[grid](
         qp, dop, lse2, delta, kp, vp, dk, dv,
         dk.stride(0), dk.stride(1), dk.stride(2),
         qs.dom, qs.idx, ks.tok, ks.dom, ks.idx,
-        full_num_t, full_idx_t, part_num_t, part_idx_t,
-        hq, hkv, sq, sk, tq, tk, hm,
+        full_t.num, full_t.start, full_t.end, part_t.num, part_t.start, part_t.end,
+        hq, hkv, sq, sk, tk, full_t.start.shape[-1], part_t.start.shape[-1], hm,
         scale * LOG2E, scale,
         SUB_N=c["SUB_N"], SUB_M=c["SUB_M"], num_warps=c["num_warps"], num_stages=c["num_stages"], **common,
     )
     c = dict(dq_cfg)
-    grid = (b * hq, sq // c["SUB_M"])
+    grid = (sq // c["SUB_M"], b * hq)
     _dq_kernel[grid](
         qp, dop, lse2, delta, kp, vp, dq,
         dq.stride(0), dq.stride(1), dq.stride(2),
         qs.tok, qs.dom, qs.idx, ks.dom, ks.idx,
-        full_num, full_idx, part_num, part_idx,
-        hq, hkv, sq, sk, tq, tk, hm,
+        full.num, full.start, full.end, part.num, part.start, part.end,
+        hq, hkv, sq, sk, tq, full.start.shape[-1], part.start.shape[-1], hm,
         scale * LOG2E, scale,
         SUB_M=c["SUB_M"], SUB_N=c["SUB_N"], num_warps=c["num_warps"], num_stages=c["num_stages"], **common,
     )

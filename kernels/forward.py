@@ -53,26 +53,74 @@ def _online_step(acc, l_i, m_i, q, k, v, allowed, qk_scale, MASKED: tl.constexpr
 
 
 @triton.jit
+def _load_kv(K, V, Kd, Vd, row0, d, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """K and V rows [row0, row0 + BLOCK_N) of the slot-order [rows, D] views: two [BLOCK_N, D] tiles."""
+    if USE_TMA:
+        k = Kd.load([row0, 0])
+        v = Vd.load([row0, 0])
+    else:
+        rows = (row0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        k = tl.load(K + rows[:, None] * HEAD_DIM + d[None, :])
+        v = tl.load(V + rows[:, None] * HEAD_DIM + d[None, :])
+    return k, v
+
+
+@triton.jit
+def _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, tile_dom, KDom, KIdx, slot0, qk_scale,
+                 REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
+                 BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """A PARTIAL key tile: element mask from the frozen constants; unreadable K/V rows are
+    replaced by zeros before any product (a select, never a multiplication by 0)."""
+    cols = slot0 + tl.arange(0, BLOCK_N)
+    k_dom = tl.load(KDom + cols)
+    k_idx = tl.load(KIdx + cols)
+    readable = _key_readable(tile_dom, k_dom, REL, DP)
+    k = tl.where(readable[:, None], k, 0.0)
+    v = tl.where(readable[:, None], v, 0.0)
+    allowed = _pair_mask(q_dom, q_idx, k_dom, k_idx, REL, CAUSAL, DP) & readable[None, :]
+    return _online_step(acc, l_i, m_i, q, tl.trans(k), v, allowed, qk_scale, True, PREC)
+
+
+@triton.jit
+def _runs_readable(Start, End, n_runs, KDom, kslot0, tile_dom,
+                   REL: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """Number of tiles in the runs whose (pure) key domain the frozen relation forbids to ``tile_dom``."""
+    bad = 0
+    for r in range(n_runs):
+        kt0 = tl.load(Start + r)
+        kt1 = tl.load(End + r)
+        for c0 in range(kt0, kt1, CHUNK):
+            kts = c0 + tl.arange(0, CHUNK)
+            inside = kts < kt1
+            kd = tl.load(KDom + kslot0 + kts * BLOCK_N, mask=inside, other=0)
+            ok = _key_readable(tile_dom, kd, REL, DP) | (kts >= kt1)
+            bad += tl.sum((ok == 0).to(tl.int32))
+    return bad
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, O, Lse2,
+    Q, K, V, Kd, Vd, O, Lse2,
     sqb, sqh, sqn,
     sob, soh, son,
     QTok, QDom, QIdx, KDom, KIdx,
-    FullNum, FullIdx, PartNum, PartIdx, Order,
-    Hq, Hkv, Sq, Sk, Tq, Tk, Hm,
+    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd, Order,
+    Hq, Hkv, Sq, Sk, Tq, RF, RP, Hm,
     qk_scale,
     REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, CHECK_FULL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    CHECK_FULL: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % 16 == 0, "BLOCK_M must be a multiple of 16")
-    pid_bh = tl.program_id(0)
+    # Query tiles vary fastest: programs running together share one head's K/V in L2
+    # (and tiles of one domain share the same key runs). Order lists heavy tiles first.
+    pid_bh = tl.program_id(1)
     b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // GROUP
     hm = h % Hm  # Hm is 1 (heads share the mask) or Hq
-    # Heaviest query tiles first (Order is sorted by work, descending).
-    t = tl.load(Order + b * Tq + tl.program_id(1))
+    t = tl.load(Order + b * Tq + tl.program_id(0))
 
     rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
@@ -84,43 +132,46 @@ def _fwd_kernel(
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     q = tl.load(q_base + q_row[:, None] * sqn + d[None, :], mask=q_ok[:, None], other=0.0)
     # INVARIANT: query tiles are domain-pure (plan.sort_slots), so one domain decides
-    # which keys of a tile may be loaded at all.
+    # which keys of a tile may be read at all.
     tile_dom = tl.load(QDom + b * Sq + t * BLOCK_M)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    kv_off = (b * Hkv + hk).to(tl.int64) * Sk * HEAD_DIM
-    k_base = K + kv_off
-    v_base = V + kv_off
+    kv_row0 = (b * Hkv + hk) * Sk  # first row of this (batch, kv head) in the [B*Hkv*Sk, D] views
+    kslot0 = b * Sk
     lrow = ((b * Hm + hm) * Tq + t).to(tl.int64)
-    n_full = tl.load(FullNum + lrow)
-    for j in range(n_full):
-        kt = tl.load(FullIdx + lrow * Tk + j)
-        cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-        # FULL: every pair allowed and no padding slot inside; no mask of any kind.
-        k = tl.load(k_base + cols[None, :] * HEAD_DIM + d[:, None])
-        v = tl.load(v_base + cols[:, None] * HEAD_DIM + d[None, :])
-        if CHECK_FULL:
-            # The frozen relation must allow the (pure) tile pair, whatever the lists say;
-            # a tile that fails is skipped: its values are loaded but never used.
-            k_tile_dom = tl.load(KDom + b * Sk + kt * BLOCK_N)
-            if _domain_pair_allowed(tile_dom, k_tile_dom, REL, DP):
-                acc, l_i, m_i = _online_step(acc, l_i, m_i, q, k, v, None, qk_scale, False, PREC)
-        else:
-            acc, l_i, m_i = _online_step(acc, l_i, m_i, q, k, v, None, qk_scale, False, PREC)
-    n_part = tl.load(PartNum + lrow)
-    for j in range(n_part):
-        kt = tl.load(PartIdx + lrow * Tk + j)
-        cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-        k_dom = tl.load(KDom + b * Sk + cols)
-        k_idx = tl.load(KIdx + b * Sk + cols)
-        readable = _key_readable(tile_dom, k_dom, REL, DP)
-        k = tl.load(k_base + cols[None, :] * HEAD_DIM + d[:, None], mask=readable[None, :], other=0.0)
-        v = tl.load(v_base + cols[:, None] * HEAD_DIM + d[None, :], mask=readable[:, None], other=0.0)
-        allowed = _pair_mask(q_dom, q_idx, k_dom, k_idx, REL, CAUSAL, DP) & readable[None, :]
-        acc, l_i, m_i = _online_step(acc, l_i, m_i, q, k, v, allowed, qk_scale, True, PREC)
+    n_full = tl.load(FullRuns + lrow)
+    n_fast = n_full
+    if CHECK_FULL:
+        # Whatever the run tables say, a FULL tile is taken unmasked only if the frozen
+        # relation allows its key domain; otherwise this row's FULL runs take the masked path.
+        bad = _runs_readable(FullStart + lrow * RF, FullEnd + lrow * RF, n_full, KDom, kslot0, tile_dom,
+                             REL, DP, BLOCK_N, 64)
+        n_fast = tl.where(bad == 0, n_full, 0)
+    for r in range(n_fast):
+        kt0 = tl.load(FullStart + lrow * RF + r)
+        kt1 = tl.load(FullEnd + lrow * RF + r)
+        for kt in tl.range(kt0, kt1, warp_specialize=WARP_SPEC):
+            # FULL: every pair allowed and no padding slot inside; no mask of any kind.
+            k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
+            acc, l_i, m_i = _online_step(acc, l_i, m_i, q, tl.trans(k), v, None, qk_scale, False, PREC)
+    for r in range(n_full - n_fast):
+        kt0 = tl.load(FullStart + lrow * RF + r)
+        kt1 = tl.load(FullEnd + lrow * RF + r)
+        for kt in range(kt0, kt1):
+            k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
+            acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, tile_dom, KDom, KIdx,
+                                         kslot0 + kt * BLOCK_N, qk_scale, REL, CAUSAL, DP, BLOCK_N, PREC)
+    n_part = tl.load(PartRuns + lrow)
+    for r in range(n_part):
+        kt0 = tl.load(PartStart + lrow * RP + r)
+        kt1 = tl.load(PartEnd + lrow * RP + r)
+        for kt in range(kt0, kt1):
+            k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
+            acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, tile_dom, KDom, KIdx,
+                                         kslot0 + kt * BLOCK_N, qk_scale, REL, CAUSAL, DP, BLOCK_N, PREC)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -139,29 +190,40 @@ def dot_precision(q: torch.Tensor) -> int:
 
 
 def launch_forward(
-    q, kp, vp, qs, ks, lists, order, tables, scale, *, block_m, block_n, num_warps, num_stages, check_full=True, out=None
+    q, kp, vp, qs, ks, runs, order, tables, scale, *, block_m, block_n, num_warps, num_stages,
+    check_full=True, use_tma=False, warp_specialize=False, out=None,
 ):
-    """Run ``_fwd_kernel``. Returns (out [B, Hq, Nq, D] in q's order, lse2 [B, Hq, Sq] log2 units, slot order)."""
+    """Run ``_fwd_kernel``. ``runs`` = (full, partial) ``plan.Runs``.
+
+    Returns (out [B, Hq, Nq, D] in q's order, lse2 [B, Hq, Sq] in log2 units, slot order).
+    """
     b, hq, nq, d = q.shape
-    hkv = kp.shape[1]
-    full_num, full_idx, part_num, part_idx = lists
-    hm = full_num.shape[1]
-    tq, tk = full_num.shape[2], full_idx.shape[3]
+    hkv, sk = kp.shape[1], kp.shape[2]
+    full, part = runs
+    hm, tq = full.num.shape[1], full.num.shape[2]
     if out is None:
         out = torch.empty_like(q)
     lse2 = torch.empty(b, hq, qs.size, dtype=torch.float32, device=q.device)
-    grid = (b * hq, tq)
+    k2, v2 = kp.view(b * hkv * sk, d), vp.view(b * hkv * sk, d)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kd = TensorDescriptor.from_tensor(k2, [block_n, d])
+        vd = TensorDescriptor.from_tensor(v2, [block_n, d])
+    else:
+        kd = vd = k2  # unused
+    grid = (tq, b * hq)
     _fwd_kernel[grid](
-        q, kp, vp, out, lse2,
+        q, k2, v2, kd, vd, out, lse2,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         qs.tok, qs.dom, qs.idx, ks.dom, ks.idx,
-        full_num, full_idx, part_num, part_idx, order,
-        hq, hkv, qs.size, ks.size, tq, tk, hm,
+        full.num, full.start, full.end, part.num, part.start, part.end, order,
+        hq, hkv, qs.size, sk, tq, full.start.shape[-1], part.start.shape[-1], hm,
         scale * LOG2E,
         REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        PREC=dot_precision(q), CHECK_FULL=check_full,
+        PREC=dot_precision(q), CHECK_FULL=check_full, USE_TMA=use_tma, WARP_SPEC=warp_specialize,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse2

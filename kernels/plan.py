@@ -116,3 +116,42 @@ def tile_lists(kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     full_idx = torch.where(full_idx < u, full_idx, torch.zeros_like(full_idx))
     part_idx = torch.where(part_idx < u, part_idx, torch.zeros_like(part_idx))
     return full_num.contiguous(), full_idx.int().contiguous(), part_num.contiguous(), part_idx.int().contiguous()
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Tiles of one kind as runs of consecutive tile indices: ``[start[r], end[r])`` for r < num.
+
+    In slot order the tiles a query tile visits form a few long runs (about one per
+    readable domain), so the kernels iterate affine ranges that pipeline like dense
+    attention instead of chasing an index list.
+    """
+
+    num: torch.Tensor  # int32 [B, H, T]
+    start: torch.Tensor  # int32 [B, H, T, R]
+    end: torch.Tensor  # int32 [B, H, T, R]
+
+    @property
+    def tiles(self) -> int:
+        return int((self.end - self.start).clamp(min=0).sum())
+
+
+def tile_runs(kinds: torch.Tensor, kind: int) -> Runs:
+    """Runs of ``kind`` along the last axis of ``kinds`` uint8 [B, H, T, U] (ascending, valid first)."""
+    sel = kinds == kind
+    u = sel.shape[-1]
+    prev = torch.nn.functional.pad(sel[..., :-1], (1, 0), value=False)
+    nxt = torch.nn.functional.pad(sel[..., 1:], (0, 1), value=False)
+    starts = sel & ~prev
+    ends = sel & ~nxt  # inclusive ends
+    num = starts.sum(-1, dtype=torch.int32)
+    r = max(1, int(num.max().item()) if num.numel() else 1)
+    ar = torch.arange(u, device=kinds.device, dtype=torch.int32)
+    big = torch.full_like(ar, u)
+    s_sorted = torch.sort(torch.where(starts, ar, big), dim=-1).values[..., :r]
+    e_sorted = torch.sort(torch.where(ends, ar + 1, big + 1), dim=-1).values[..., :r]
+    valid = torch.arange(r, device=kinds.device) < num[..., None]
+    zero = torch.zeros((), dtype=torch.int32, device=kinds.device)
+    start = torch.where(valid, s_sorted, zero).to(torch.int32).contiguous()
+    end = torch.where(valid, e_sorted, zero).to(torch.int32).contiguous()
+    return Runs(num=num.contiguous(), start=start, end=end)

@@ -60,6 +60,13 @@ def _pattern_is_plain(pat) -> bool:
     )
 
 
+def _pattern_heads(compiled) -> tuple[int, ...]:
+    """Heads that between them show every per-head pattern choice (see patterns.representative_heads)."""
+    from domainguard.patterns import representative_heads
+
+    return representative_heads(compiled)
+
+
 def freeze(compiled, layer: int) -> FrozenTables:
     """Copy ``compiled``'s relation (and causal flags) at ``layer`` into constants.
 
@@ -91,6 +98,15 @@ def freeze(compiled, layer: int) -> FrozenTables:
             )
         if pat is not None and pat.causal:
             causal |= 1 << r
+        for head in _pattern_heads(compiled):
+            other = compiled.pattern(r, layer, head)
+            if bool(other is not None and other.causal) != bool(pat is not None and pat.causal) or not _pattern_is_plain(other):
+                raise KernelError(
+                    f"patterns of domain {compiled.domains[r]!r} at layer {layer} differ between heads; "
+                    f"the kernels enforce one mask for all heads",
+                    code="DG315",
+                    hint="run attention(..., backend='reference') for this policy",
+                )
     return FrozenTables(
         num_domains=d,
         rel_bits=tuple(rel_bits),

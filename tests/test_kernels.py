@@ -45,7 +45,8 @@ SMALL = KernelConfig(
     dkdv=(("SUB_N", 16), ("SUB_M", 16), ("num_warps", 4), ("num_stages", 1)),
     dq=(("SUB_M", 16), ("SUB_N", 16), ("num_warps", 4), ("num_stages", 1)),
 )
-CONFIGS = [SMALL] + ([None] if CUDA else [])  # None: the tuned default
+SMALL_PTR = KernelConfig(**{**SMALL.__dict__, "use_tma": False})  # plain pointer loads instead of TMA
+CONFIGS = [SMALL, SMALL_PTR] + ([None] if CUDA else [])  # None: the tuned default
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ if CUDA:
     CASES += [(torch.bfloat16, 64, 4, 1), (torch.float16, 128, 8, 2), (torch.float32, 128, 2, 2)]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "small" if c is SMALL else "default")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: {id(SMALL): "small-tma", id(SMALL_PTR): "small-ptr"}.get(id(c), "default"))
 @pytest.mark.parametrize("dtype,hd,hq,hkv", CASES, ids=lambda x: str(x).replace("torch.", ""))
 def test_forward_backward_match_reference(compiled, cfg, dtype, hd, hq, hkv):
     n = 45 if not CUDA else (45 if cfg is SMALL else 700)
@@ -154,7 +155,7 @@ def test_q_slice_prefill_chunk_matches_reference(compiled):
     ids = _ids(1, n, seed=13)
     layout = dg.Layout.from_ids(compiled, ids).to(DEV)
     q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=9, nq=m)
-    guard = GuardedAttention(compiled, SMALL)
+    guard = GuardedAttention(compiled, SMALL_PTR)
     out = guard(q, k, v, layout, 0, q_slice=m)
     ref = attention_reference(q, k, v, layout, compiled, 0, q_slice=m)
     assert _rel_err(out, ref) < 1e-4
@@ -163,6 +164,8 @@ def test_q_slice_prefill_chunk_matches_reference(compiled):
 def test_forged_full_tiles_cannot_widen_the_relation(compiled):
     """A plan claiming every tile FULL is not trusted at domain level (and would leak without the check)."""
     import dataclasses
+
+    from domainguard.kernels.plan import Runs
 
     n = 48
     ids = _ids(1, n, seed=17)
@@ -173,10 +176,12 @@ def test_forged_full_tiles_cannot_widen_the_relation(compiled):
     def leaks(check_full: bool) -> bool:
         guard = GuardedAttention(compiled, dataclasses.replace(SMALL, check_full=check_full))
         plan = guard.plan(layout, 0, heads=1, dtype=q.dtype, head_dim=64)
-        fn, fi, pn, pi = plan.lists
-        tk = fi.shape[-1]
-        forged_idx = torch.arange(tk, dtype=torch.int32, device=DEV).expand_as(fi).contiguous()
-        forged = dataclasses.replace(plan, lists=(torch.full_like(fn, tk), forged_idx, torch.zeros_like(pn), pi))
+        full, part = plan.runs
+        tk = plan.runs_t[0].num.shape[2]
+        one = torch.ones_like(full.num)
+        every_tile = Runs(num=one, start=torch.zeros_like(one)[..., None], end=(one * tk)[..., None])
+        nothing = Runs(num=torch.zeros_like(one), start=part.start, end=part.end)
+        forged = dataclasses.replace(plan, runs=(every_tile, nothing))
         with torch.no_grad():
             a = guard(q, k, v, layout, 0, plan=forged)
             v2 = v.detach().clone()
@@ -208,3 +213,40 @@ def test_refusals_are_clear(compiled):
     with pytest.raises(KernelError) as e:
         attention(q, k, v, dg.Layout.from_ids(windowed, _ids(1, 8, seed=1)).to(DEV), windowed, backend="triton")
     assert e.value.code == "DG315"
+
+
+@pytest.mark.parametrize("hq,hkv,hd", [(3, 1, 64), (4, 4, 128)] + ([(9, 3, 64), (32, 8, 128)] if CUDA else []))
+def test_decode_matches_reference_with_causal_alignment(compiled, hq, hkv, hd):
+    """A few new tokens against a KV cache (split-KV kernel), incl. GQA groups that are not powers of two."""
+    n, new = (150, 3) if not CUDA else (3000, 5)
+    ids = _ids(2, n, seed=21)
+    ids[:, -new:] = 4  # generated tokens are `answer`
+    ids[1, :9] = compiled.pad_id  # a left-padded row
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    q, k, v = _qkv(2, hq, hkv, n, hd, torch.float16, seed=4, nq=new)
+    guard = GuardedAttention(compiled)
+    with torch.no_grad():
+        out, lse = guard(q, k, v, layout, 1, q_slice=new, return_lse=True)
+        ref, ref_lse = attention_reference(q, k, v, layout, compiled, 1, q_slice=new, return_lse=True)
+    assert _rel_err(out, ref) < 5e-3
+    assert torch.allclose(lse, ref_lse, atol=5e-2)
+    # Poison the secret domain of the cache: the new tokens' outputs stay bitwise equal.
+    secret = (ids == SECRET).to(DEV)
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    for t in (k2, v2):
+        t.masked_fill_(secret[:, None, :, None], float("nan"))
+    with torch.no_grad():
+        out2 = guard(q, k2, v2, layout, 1, q_slice=new)
+    assert torch.equal(out, out2)
+
+
+def test_decode_mixed_query_domains(compiled):
+    n, new = 90, 6
+    ids = _ids(1, n, seed=23)
+    ids[0, -new:] = torch.tensor([4, 1, 4, 2, 4, 3])
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=6, nq=new)
+    with torch.no_grad():
+        out = GuardedAttention(compiled)(q, k, v, layout, 0, q_slice=new)
+        ref = attention_reference(q, k, v, layout, compiled, 0, q_slice=new)
+    assert _rel_err(out, ref) < 1e-4
