@@ -289,8 +289,9 @@ def _shown_verdict(cert: dict, claims: list[dict], integrity: dict, leak: dict |
     for cid, st in sorted((rechecked or {}).items()):
         mine = [c for c in claims if c["id"] == cid]
         if not mine:
-            reasons.append(f"re-derived from the policy, {cid} is {st}, and the certificate does not carry it")
-            effective.append(st)
+            if st != "PROVED":  # a proved claim the certificate left out weakens nothing
+                reasons.append(f"re-derived from the policy, {cid} is {st}, and the certificate does not carry it")
+                effective.append(st)
         elif any(_combine([c["status"], st]) != c["status"] for c in mine):
             # Only a weaker re-derivation counts; a stronger one needs a new certificate, not a better report.
             reasons.append(f"re-derived from the policy, {cid} is {st}; the certificate says {mine[0]['status']}")
@@ -1243,7 +1244,10 @@ def document(data: dict) -> list[Block]:
              f"Certificate verdict: {v['certificate']}."]
     lines += v["reasons"]
     sig = data["integrity"]["signature"]
-    lines.append(f"Signature: {sig['status']}" + (f" ({sig['key_id']})" if sig.get("key_id") else "") + ".")
+    lines.append({"intact": f"Signature: intact under its embedded key {sig.get('key_id')}; compare this key id with "
+                            "the signer's published key to establish who signed.",
+                  "absent": "Signature: absent (unsigned).",
+                  "invalid": "Signature: INVALID — the directory changed after signing."}[sig["status"]])
     meaning = {"PROVED": "Every claim in the certificate was proved for the stated scope.",
                "REFUTED": "At least one forbidden information path exists; see the witness paths below.",
                "UNKNOWN": "Not certified: at least one claim could not be established. UNKNOWN is never a pass."}
