@@ -1,22 +1,35 @@
 """Translation validation of the compiled tile tables (DESIGN §4).
 
-Two independent checks, both returning certificate claims (dicts shaped like
-``certificate.Claim``):
+Every check returns a certificate claim (a dict shaped like ``certificate.Claim``: id, kind,
+statement, scope, method{name, version, seconds}, status, witness, reason, details):
 
-* ``check_blockmap`` — exhaustive: re-derives every tile of one concrete BlockMap from
-  the dense reference mask (patterns.dense_mask) and compares. Scope: that layout.
-* Z3 proofs (below) — symbolic over every layout up to a maximum length and segment count.
+* ``check_blockmap`` — exhaustive: re-derives every tile of one concrete BlockMap from the
+  dense reference mask (patterns.token_mask) and compares. Scope: that layout.
+* ``prove_tiles_sound`` / ``prove_decode_alignment`` — Z3, over every layout of at most
+  ``max_len`` tokens in at most ``max_segments`` segments, tile size fixed per proof.
+* ``prove_tile_rules_sound`` — Z3, over every per-tile summary: any token order, any length.
+* ``prove_patterns_within_policy`` — Z3, per token pair: no pattern widens the relation.
+* ``validation_claims`` — all of the above for a certificate.
+
+A counterexample from the layout proofs replays on real tensors with ``replay_witness``.
+UNKNOWN (timeout, unsupported) is reported as UNKNOWN, never as PROVED.
 """
 
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
+import z3
 
+from .blockmap import _BIG as _ZBIG  # the builder's sentinel, so absent spans mean the same here
 from .blockmap import EMPTY, FULL, PARTIAL, BlockMap
 from .errors import LayoutError
-from .patterns import token_mask, rules_for
+from .layout import TokenAttrs
+from .patterns import Span, group_domains, pair_mask, representative_heads, rules_for, token_mask
+from .solver import check as _solver_check  # the one helper around every solver.check()
+from .verdict import Status, combine_status
 
 EXHAUSTIVE_VERSION = "1"
 
@@ -126,16 +139,8 @@ def check_blockmap(blockmap: BlockMap, compiled, *, q_attrs=None, k_attrs=None) 
 # symbolic boundaries and domains (trailing segments may be padding, empty segments allowed),
 # total length N <= ``max_len``; query/key tile indices, and the witness pair inside them, are
 # symbolic too. Only the tile size is fixed per proof (tile arithmetic stays linear).
-
-import numpy as np  # noqa: E402
-import z3  # noqa: E402
-
-from .patterns import MaskRule, Span, group_domains, pair_mask, representative_heads  # noqa: E402
-from .layout import TokenAttrs  # noqa: E402
-from .solver import check as _solver_check  # the one helper around solver.check()  # noqa: E402
-from .verdict import Status, combine_status  # noqa: E402
-
-from .blockmap import _BIG as _ZBIG  # noqa: E402  the builder's sentinel, so absent spans mean the same
+# prove_tile_rules_sound drops the layout: tile summaries are free variables, so it holds for
+# tiles over tokens in any order (the kernel's domain-sorted tiles) and of any length.
 
 Z3_VERSION = z3.get_version_string()
 

@@ -9,7 +9,7 @@ import domainguard as dg
 from domainguard.blockmap import EMPTY, FULL, PARTIAL, build_blockmap, build_blockmap_from_attrs
 from domainguard.layout import TokenAttrs
 from domainguard.patterns import dense_mask, token_mask, rules_for
-from domainguard.validate import check_blockmap, check_kinds, tile_truth
+from domainguard.validate import check_blockmap, check_kinds
 
 MIXED = """
 domainguard: 1
