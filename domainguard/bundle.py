@@ -53,6 +53,7 @@ __all__ = [
     "check_bundle",
     "certify_cli",
     "load_model_dir",
+    "plain_model",
     "tensors_digest",
 ]
 
@@ -132,7 +133,7 @@ ASSUMPTIONS = [
 ]
 
 
-def build_certificate(model, *, inputs=None, trials: int | None = None, generate_tokens: int = 2,
+def build_certificate(model, *, inputs=None, trials: int | None = None, rounds: int = 2, generate_tokens: int = 2,
                       seed: int = 0, audit_report=None):
     """Verify the policy, audit the graph, leak-test and probe positions of a guarded ``model``.
 
@@ -185,7 +186,7 @@ def build_certificate(model, *, inputs=None, trials: int | None = None, generate
         vocab = int(model.get_input_embeddings().num_embeddings)
         inputs = synthetic_inputs(compiled, vocab, seed=seed, causal=causal)
     input_ids, domain_ids = inputs
-    guarded, dense = compare_dense(model, input_ids, domain_ids, trials=trials,
+    guarded, dense = compare_dense(model, input_ids, domain_ids, trials=trials, rounds=rounds,
                                    generate_tokens=generate_tokens if causal else 0, seed=seed)
     channel = position_channel(model, compiled, seed=seed)
     cert.leak_test = {"guarded": guarded.to_dict(), "dense": dense.to_dict(), "position_channel": channel,
@@ -459,6 +460,28 @@ def load_certified(path, *, pubkey: str | None = None, return_tokenizer: bool = 
 
 
 # --- the certify command ------------------------------------------------------------------------
+def plain_model(model):
+    """A plain floating-point copy of a model transformers loaded from GGUF, or ``model`` itself.
+
+    transformers' legacy GGUF loader dequantizes the weights into ordinary float tensors but
+    keeps a quantizer attached that refuses ``save_pretrained``; a bundle needs the weights
+    as the safetensors they are.
+    """
+    if getattr(model, "hf_quantizer", None) is None:
+        return model
+    if any(not p.is_floating_point() for p in model.parameters()):
+        raise ModelError(f"{type(model).__name__} holds quantized weights; a bundle stores float weights",
+                         code="DG503")
+    import copy
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config).to(next(model.parameters()).dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()
+
+
 def load_model_dir(model_dir) -> tuple[object, object | None]:
     """A transformers model (and tokenizer, if any) from a folder: Hugging Face files or one GGUF file."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
@@ -479,7 +502,7 @@ def load_model_dir(model_dir) -> tuple[object, object | None]:
         if "MaskedLM" in arch or arch.endswith("Model") and "Bert" in arch:
             loader = AutoModelForMaskedLM
     try:
-        model = loader.from_pretrained(str(root), **kwargs).eval()
+        model = plain_model(loader.from_pretrained(str(root), **kwargs).eval())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{root}: cannot load the model ({exc})", code="DG503") from None
     try:

@@ -55,6 +55,7 @@ __all__ = [
 IMPLEMENTATION = "domainguard"
 _CONTEXT_KEY = "domainguard_context"
 _STATE_ATTR = "_domainguard"
+_LAYER_ATTR = "_domainguard_layer"  # on each attention module: its layer (travels with deepcopy)
 
 
 # --- architectures ---------------------------------------------------------------------
@@ -157,9 +158,9 @@ class GuardState:
     compiled: object
     attention: object  # domainguard.attention.GuardedAttention
     architecture: Architecture
-    layer_of: dict[int, int]  # id(attention module) -> layer index
     original_forward: Callable
     original_implementation: str | None
+    backend: str = "auto"  # "auto" | "reference" | "triton" (GuardedAttention's backends)
     certificate: object | None = None  # set by load_certified
     extras: dict = field(default_factory=dict)
 
@@ -190,13 +191,14 @@ def is_guarded(model: nn.Module) -> bool:
 
 # --- the attention and mask functions registered with transformers --------------------------
 def _attend(state: GuardState, q, k, v, layout, layer: int, scale):
-    """Guarded attention; the plain-PyTorch reference on CPU (the Triton interpreter is far too slow)."""
-    nq = q.shape[2]
-    if q.device.type == "cpu":
-        from .attention import attention_reference
+    """Guarded attention of one layer: the frozen kernels on a GPU, the plain-PyTorch reference on CPU.
 
-        return attention_reference(q, k, v, layout, state.compiled, layer, q_slice=nq, scale=scale)
-    return state.attention(q, k, v, layout, layer, q_slice=nq, scale=scale)
+    (On CPU the Triton interpreter is far too slow for whole models; ``guard(backend=...)`` overrides.)
+    """
+    backend = state.backend
+    if backend == "auto" and q.device.type == "cpu":
+        backend = "reference"
+    return state.attention(q, k, v, layout, layer, q_slice=q.shape[2], scale=scale, backend=backend)
 
 
 def guarded_attention_forward(
@@ -217,7 +219,7 @@ def guarded_attention_forward(
             code="DG510",
             hint="Call the guarded model itself with domain_ids=..., not one of its submodules.",
         )
-    layer = ctx.state.layer_of.get(id(module))
+    layer = getattr(module, _LAYER_ATTR, None)
     if layer is None:
         raise ModelError(f"attention module {type(module).__name__} is not one the guard registered", code="DG511")
     if dropout:
@@ -395,12 +397,16 @@ def _check_patterns_causal(compiled, arch: Architecture, heads: int) -> None:
                     )
 
 
-def guard(model: nn.Module, compiled, *, copy: bool = False) -> nn.Module:
+def guard(model: nn.Module, compiled, *, copy: bool = False, backend: str = "auto") -> nn.Module:
     """Guard ``model`` (in place, or a deep copy with ``copy=True``) under ``compiled``; return it.
 
-    Raises ModelError for an unsupported architecture, a layer count that differs from
-    the compiled policy's, or (for a causal LM) a policy pattern that is not causal.
+    ``backend``: "auto" (the frozen Triton kernels on a GPU, the reference on CPU),
+    "reference" or "triton". Raises ModelError for an unsupported architecture, a layer
+    count that differs from the compiled policy's, or (for a causal LM) a policy pattern
+    that is not causal.
     """
+    if backend not in ("auto", "reference", "triton"):
+        raise ModelError(f"backend must be 'auto', 'reference' or 'triton', got {backend!r}", code="DG503")
     from .attention import GuardedAttention
 
     arch = architecture_of(model)
@@ -428,10 +434,12 @@ def guard(model: nn.Module, compiled, *, copy: bool = False) -> nn.Module:
         compiled=compiled,
         attention=GuardedAttention(compiled),
         architecture=arch,
-        layer_of={id(m): i for i, m in enumerate(modules)},
         original_forward=model.forward,
         original_implementation=getattr(config, "_attn_implementation", None),
+        backend=backend,
     )
+    for i, m in enumerate(modules):
+        setattr(m, _LAYER_ATTR, i)
     model.set_attn_implementation(IMPLEMENTATION)
     setattr(model, _STATE_ATTR, state)
     # An instance attribute shadows the class's forward, so __call__ and generate() go through it.
@@ -444,6 +452,9 @@ def unguard(model: nn.Module) -> nn.Module:
     state = guard_state(model)
     del model.forward
     delattr(model, _STATE_ATTR)
+    for m in state.architecture.attention_modules(model):
+        if hasattr(m, _LAYER_ATTR):
+            delattr(m, _LAYER_ATTR)
     if state.original_implementation is not None:
         model.set_attn_implementation(state.original_implementation)
     return model

@@ -174,6 +174,7 @@ def leak_test(
     *,
     attention_mask: torch.Tensor | None = None,
     trials: int | None = None,
+    rounds: int = 2,
     poisons: tuple[str, ...] = POISONS,
     generate_tokens: int = 0,
     seed: int = 0,
@@ -183,7 +184,7 @@ def leak_test(
     ``domain_ids`` [B, N] name every token's domain (the guarded model also runs under
     them; a dense model ignores them). Trials cycle, in a seeded order, over every pair of
     a source (a domain present that some present domain may not read) and a poison;
-    ``trials`` defaults to two rounds.
+    ``trials`` defaults to ``rounds`` rounds.
     """
     start = time.perf_counter()
     unknown = [p for p in poisons if p not in POISONS]
@@ -219,7 +220,7 @@ def leak_test(
     # Every (source, poison) pair once per round, in a seeded order.
     pairs = [(s, p) for s in sources for p in poisons]
     order = [pairs[i] for i in torch.randperm(len(pairs), generator=g).tolist()]
-    trials = 2 * len(pairs) if trials is None else trials
+    trials = rounds * len(pairs) if trials is None else trials
     gen = compiled.generation_id
     gen_forbidden = set() if gen is None else set(forbidden_sources(compiled)[gen])
     for t in range(trials):

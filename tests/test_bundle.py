@@ -338,3 +338,13 @@ def test_certify_cli_bad_input_raises(model_dir, tmp_path):
     policy.write_text(POLICY)
     with pytest.raises(dg.ModelError):
         certify_cli(str(tmp_path / "no-model"), str(policy), None, str(tmp_path / "out"))
+
+
+def test_global_positions_are_reported_as_a_measured_finding():
+    model = guarded(POLICY.replace("positions: per_domain", "positions: global"))
+    cert = build_certificate(model, trials=6, generate_tokens=0)
+    codes = {f.code: f for f in cert.findings}
+    assert "DGF51" in codes and codes["DGF51"].severity == "warning"
+    assert codes["DGF51"].details["changed"] is True
+    assert cert.leak_test["position_channel"]["positions"] == "global"
+    assert cert.verdict == "PROVED"  # a finding, not a refutation: the length channel is outside the claims

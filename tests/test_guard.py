@@ -215,6 +215,16 @@ def test_unguard_restores_the_dense_model():
     assert torch.equal(g(input_ids=ids).logits, dense(input_ids=ids).logits)
 
 
+def test_a_deep_copy_of_a_guarded_model_stays_guarded():
+    g = dg.guard(tiny_llama(), compiled())
+    c = copy.deepcopy(g)
+    assert is_guarded(c)
+    ids = ids_for(DOMS)
+    assert torch.equal(c(input_ids=ids, domain_ids=DOMS).logits, g(input_ids=ids, domain_ids=DOMS).logits)
+    with pytest.raises(ModelError):
+        c(input_ids=ids)
+
+
 def test_guard_copy_leaves_the_original_alone():
     model = tiny_llama()
     g = dg.guard(model, compiled(), copy=True)
