@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mask-limit-gb", type=float, default=8.0, help="skip SDPA+bool mask above this N*N size")
     ap.add_argument("--configs", action="store_true", help="time several kernel configs (forward) instead")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--tune", action="store_true", help="pick the faster forward config on a 32K layout first")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -142,7 +143,12 @@ def main(argv=None) -> int:
     }
     print(json.dumps(info), flush=True)
     policies = {r: dg.compile(dg.loads_policy(policy_yaml(r)), layers=1) for r in reads}
-    guards = {r: GuardedAttention(c) for r, c in policies.items()}
+    config = None
+    if args.tune:
+        config = tune(policies[max(reads)], dev)
+        info["config"] = repr(config)
+        print(json.dumps({"tuned": repr(config)}), flush=True)
+    guards = {r: GuardedAttention(c, config) for r, c in policies.items()}
     for n in sizes:
         q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, device=dev, dtype=torch.bfloat16) for _ in range(3))
         for t in (q, k, v):
@@ -203,6 +209,22 @@ def main(argv=None) -> int:
             json.dump({"info": info, "rows": rows}, fh, indent=1)
     print_table(info, rows)
     return 0
+
+
+def tune(compiled, dev, n: int = 32768) -> KernelConfig:
+    """The faster of the candidate forward configs on a fragmented 32K layout (forward time)."""
+    q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    layout = dg.Layout.from_ids(compiled, segment_ids(n, 64, seed=1).to(dev))
+    candidates = [default_config(q.dtype, HEAD_DIM), KernelConfig(prefetch_runs=False)]
+    best, best_ms = None, float("inf")
+    for cfg in candidates:
+        g = GuardedAttention(compiled, cfg)
+        plan = g.plan(layout, 0, heads=HEADS, dtype=q.dtype, head_dim=HEAD_DIM)
+        ms = bench(lambda: g(q, k, v, layout, plan=plan))
+        print(json.dumps({"tune": repr(cfg), "fwd_ms": ms}), flush=True)
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    return best
 
 
 def time_configs(guard, layout, q, k, v, pairs):

@@ -207,6 +207,7 @@ class KernelConfig:
     check_full: bool = True
     use_tma: bool = True
     warp_specialize: bool = False
+    prefetch_runs: bool = True
 
 
 def default_config(dtype: torch.dtype, head_dim: int) -> KernelConfig:
@@ -300,6 +301,7 @@ class _GuardedAttentionFn(torch.autograd.Function):
             q, kp, vp, plan.qs, plan.ks, plan.runs, plan.order, tables, scale,
             block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             check_full=cfg.check_full, use_tma=cfg.use_tma, warp_specialize=cfg.warp_specialize,
+            prefetch_runs=cfg.prefetch_runs,
         )
         ctx.save_for_backward(q, k, v, out, lse2)
         ctx.plan, ctx.tables, ctx.scale = plan, tables, scale
@@ -309,23 +311,19 @@ class _GuardedAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse2):
         from domainguard.kernels.backward import launch_backward
-        from domainguard.kernels.permute import gather_rows
+        from domainguard.kernels.permute import backward_inputs, gather_rows
 
         q, k, v, out, lse2 = ctx.saved_tensors
         plan, cfg = ctx.plan, ctx.plan.config
-        dout = dout.contiguous()
-        delta = (out.float() * dout.float()).sum(-1)  # [B, Hq, Nq]
-        tok = plan.qs.tok.long()
-        delta_s = torch.where(
-            (tok >= 0)[:, None, :], delta.gather(2, tok.clamp(min=0)[:, None, :].expand(-1, q.shape[1], -1)), 0.0
-        ).contiguous()
-        qp = gather_rows(q, plan.qs.tok)
-        dop = gather_rows(dout, plan.qs.tok)
+        if dout.stride(-1) != 1:
+            dout = dout.contiguous()
+        qp, dop, delta_s = backward_inputs(q, dout, out, plan.qs.tok)
         kp = gather_rows(k, plan.ks.tok)
         vp = gather_rows(v, plan.ks.tok)
-        dq = torch.zeros_like(q)
-        dk = torch.zeros_like(k)
-        dv = torch.zeros_like(v)
+        # Every real token owns a slot and every slot is written: no zero-fill needed.
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
         launch_backward(
             qp, dop, lse2, delta_s, kp, vp, dq, dk, dv, plan.qs, plan.ks, plan.runs, plan.runs_t,
             ctx.tables, ctx.scale, block_m=cfg.block_m, block_n=cfg.block_n,

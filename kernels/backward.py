@@ -237,7 +237,7 @@ def _dq_kernel(
     n_fast = n_full
     if CHECK_FULL:
         bad = _runs_readable(FullStart + lrow * RF, FullEnd + lrow * RF, n_full, KDom, kslot0, tile_dom,
-                             REL, DP, BLOCK_N, 64)
+                             REL, DP, BLOCK_N, 64, None, None, False)
         n_fast = tl.where(bad == 0, n_full, 0)
     for r in range(n_fast):
         u0 = tl.load(FullStart + lrow * RF + r)

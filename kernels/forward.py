@@ -82,13 +82,39 @@ def _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, tile_dom, KDom, KIdx, slo
 
 
 @triton.jit
+def _runs_fetch(Start, End, R, RMAX: tl.constexpr, PREFETCH: tl.constexpr):
+    """A row of run tables as two vectors [RMAX] (only when PREFETCH; else placeholders)."""
+    ri = tl.arange(0, RMAX)
+    if PREFETCH:
+        start = tl.load(Start + ri, mask=ri < R, other=0)
+        end = tl.load(End + ri, mask=ri < R, other=0)
+    else:
+        start = ri * 0
+        end = ri * 0
+    return start, end
+
+
+@triton.jit
+def _run_bounds(Start, End, r, start, end, PREFETCH: tl.constexpr):
+    """[first, last + 1) tile of run ``r``: picked from the prefetched vectors, or loaded."""
+    if PREFETCH:
+        ri = tl.arange(0, start.shape[0])
+        t0 = tl.sum(tl.where(ri == r, start, 0), 0)
+        t1 = tl.sum(tl.where(ri == r, end, 0), 0)
+    else:
+        t0 = tl.load(Start + r)
+        t1 = tl.load(End + r)
+    return t0, t1
+
+
+@triton.jit
 def _runs_readable(Start, End, n_runs, KDom, kslot0, tile_dom,
-                   REL: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+                   REL: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+                   start, end, PREFETCH: tl.constexpr):
     """Number of tiles in the runs whose (pure) key domain the frozen relation forbids to ``tile_dom``."""
     bad = 0
     for r in range(n_runs):
-        kt0 = tl.load(Start + r)
-        kt1 = tl.load(End + r)
+        kt0, kt1 = _run_bounds(Start, End, r, start, end, PREFETCH)
         for c0 in range(kt0, kt1, CHUNK):
             kts = c0 + tl.arange(0, CHUNK)
             inside = kts < kt1
@@ -111,6 +137,7 @@ def _fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
     CHECK_FULL: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    PREFETCH: tl.constexpr, RF_MAX: tl.constexpr, RP_MAX: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % 16 == 0, "BLOCK_M must be a multiple of 16")
     # Query tiles vary fastest: programs running together share one head's K/V in L2
@@ -142,32 +169,32 @@ def _fwd_kernel(
     kv_row0 = (b * Hkv + hk) * Sk  # first row of this (batch, kv head) in the [B*Hkv*Sk, D] views
     kslot0 = b * Sk
     lrow = ((b * Hm + hm) * Tq + t).to(tl.int64)
+    # Run tables of this row, fetched at once (no dependent load before each run).
+    f_start, f_end = _runs_fetch(FullStart + lrow * RF, FullEnd + lrow * RF, RF, RF_MAX, PREFETCH)
+    p_start, p_end = _runs_fetch(PartStart + lrow * RP, PartEnd + lrow * RP, RP, RP_MAX, PREFETCH)
     n_full = tl.load(FullRuns + lrow)
     n_fast = n_full
     if CHECK_FULL:
         # Whatever the run tables say, a FULL tile is taken unmasked only if the frozen
         # relation allows its key domain; otherwise this row's FULL runs take the masked path.
         bad = _runs_readable(FullStart + lrow * RF, FullEnd + lrow * RF, n_full, KDom, kslot0, tile_dom,
-                             REL, DP, BLOCK_N, 64)
+                             REL, DP, BLOCK_N, 64, f_start, f_end, PREFETCH)
         n_fast = tl.where(bad == 0, n_full, 0)
     for r in range(n_fast):
-        kt0 = tl.load(FullStart + lrow * RF + r)
-        kt1 = tl.load(FullEnd + lrow * RF + r)
+        kt0, kt1 = _run_bounds(FullStart + lrow * RF, FullEnd + lrow * RF, r, f_start, f_end, PREFETCH)
         for kt in tl.range(kt0, kt1, warp_specialize=WARP_SPEC):
             # FULL: every pair allowed and no padding slot inside; no mask of any kind.
             k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
             acc, l_i, m_i = _online_step(acc, l_i, m_i, q, tl.trans(k), v, None, qk_scale, False, PREC)
     for r in range(n_full - n_fast):
-        kt0 = tl.load(FullStart + lrow * RF + r)
-        kt1 = tl.load(FullEnd + lrow * RF + r)
+        kt0, kt1 = _run_bounds(FullStart + lrow * RF, FullEnd + lrow * RF, r, f_start, f_end, PREFETCH)
         for kt in range(kt0, kt1):
             k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
             acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, tile_dom, KDom, KIdx,
                                          kslot0 + kt * BLOCK_N, qk_scale, REL, CAUSAL, DP, BLOCK_N, PREC)
     n_part = tl.load(PartRuns + lrow)
     for r in range(n_part):
-        kt0 = tl.load(PartStart + lrow * RP + r)
-        kt1 = tl.load(PartEnd + lrow * RP + r)
+        kt0, kt1 = _run_bounds(PartStart + lrow * RP, PartEnd + lrow * RP, r, p_start, p_end, PREFETCH)
         for kt in range(kt0, kt1):
             k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
             acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, tile_dom, KDom, KIdx,
@@ -191,7 +218,7 @@ def dot_precision(q: torch.Tensor) -> int:
 
 def launch_forward(
     q, kp, vp, qs, ks, runs, order, tables, scale, *, block_m, block_n, num_warps, num_stages,
-    check_full=True, use_tma=False, warp_specialize=False, out=None,
+    check_full=True, use_tma=False, warp_specialize=False, prefetch_runs=True, out=None,
 ):
     """Run ``_fwd_kernel``. ``runs`` = (full, partial) ``plan.Runs``.
 
@@ -224,6 +251,8 @@ def launch_forward(
         REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
         PREC=dot_precision(q), CHECK_FULL=check_full, USE_TMA=use_tma, WARP_SPEC=warp_specialize,
+        PREFETCH=prefetch_runs,
+        RF_MAX=triton.next_power_of_2(full.start.shape[-1]), RP_MAX=triton.next_power_of_2(part.start.shape[-1]),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse2

@@ -62,3 +62,58 @@ def gather_rows_reference(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     idx = src.long().clamp(min=0)
     y = torch.stack([x[i][:, idx[i]] for i in range(b)])
     return torch.where((src >= 0)[:, None, :, None], y, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+@triton.jit
+def _bwd_prep_kernel(
+    Q, DO, O, Qp, DOp, Delta, Src,
+    sqb, sqh, sqn, sdb, sdh, sdn, sob, soh, son,
+    H, S, N,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Slot-order Q and dO, and Delta = rowsum(O * dO) in float32, in one pass."""
+    pid_bh = tl.program_id(1)
+    pid_r = tl.program_id(0)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, HEAD_DIM)
+    in_range = rows < S
+    src = tl.load(Src + b * S + rows, mask=in_range, other=-1)
+    ok = (src >= 0) & (src < N)
+    r = tl.where(ok, src, 0).to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q = tl.load(Q + b64 * sqb + h64 * sqh + r[:, None] * sqn + cols[None, :], mask=ok[:, None], other=0.0)
+    do = tl.load(DO + b64 * sdb + h64 * sdh + r[:, None] * sdn + cols[None, :], mask=ok[:, None], other=0.0)
+    o = tl.load(O + b64 * sob + h64 * soh + r[:, None] * son + cols[None, :], mask=ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    out_rows = pid_bh.to(tl.int64) * S + rows
+    tl.store(Qp + out_rows[:, None] * HEAD_DIM + cols[None, :], q, mask=in_range[:, None])
+    tl.store(DOp + out_rows[:, None] * HEAD_DIM + cols[None, :], do, mask=in_range[:, None])
+    tl.store(Delta + out_rows, tl.where(ok, delta, 0.0), mask=in_range)
+
+
+def backward_inputs(q, do, o, src):
+    """(qp, dop [B, H, S, D], delta [B, H, S] fp32) in slot order ``src`` for the backward kernels."""
+    b, h, n, d = q.shape
+    s = src.shape[1]
+    qp = torch.empty(b, h, s, d, dtype=q.dtype, device=q.device)
+    dop = torch.empty_like(qp)
+    delta = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
+    block_r = 64 if d <= 64 else 32
+    _bwd_prep_kernel[(triton.cdiv(s, block_r), b * h)](
+        q, do, o, qp, dop, delta, src,
+        q.stride(0), q.stride(1), q.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        o.stride(0), o.stride(1), o.stride(2),
+        h, s, n, HEAD_DIM=d, BLOCK_R=block_r,
+    )
+    return qp, dop, delta
+
+
+def backward_inputs_reference(q, do, o, src):
+    """PyTorch twin of ``backward_inputs``."""
+    delta = (o.float() * do.float()).sum(-1, keepdim=True)
+    return (gather_rows_reference(q, src), gather_rows_reference(do, src),
+            gather_rows_reference(delta, src)[..., 0])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 
 from domainguard.errors import KernelError
 
@@ -36,7 +37,8 @@ class FrozenTables:
     def allowed(self, reader: int, source: int) -> bool:
         return bool((self.rel_bits[reader] >> source) & 1)
 
-    def digest(self) -> str:
+    @cached_property
+    def _digest(self) -> str:
         payload = json.dumps(
             {
                 "num_domains": self.num_domains,
@@ -48,6 +50,10 @@ class FrozenTables:
             sort_keys=True,
         )
         return hashlib.sha256(payload.encode()).hexdigest()
+
+    def digest(self) -> str:
+        """sha256 over the constants (cached: the tables are immutable)."""
+        return self._digest
 
 
 def _pattern_is_plain(pat) -> bool:
