@@ -134,12 +134,13 @@ ASSUMPTIONS = [
 
 
 def build_certificate(model, *, inputs=None, trials: int | None = None, rounds: int = 2, generate_tokens: int = 2,
-                      seed: int = 0, audit_report=None):
+                      seed: int = 0, audit_report=None, verdict=None):
     """Verify the policy, audit the graph, leak-test and probe positions of a guarded ``model``.
 
     Returns a Certificate (subject files and weights are filled in by ``save_certified``).
     ``inputs`` = (input_ids, domain_ids) for the leak test; by default random tokens with a
-    segment of every domain. ``audit_report`` reuses an audit of this same model.
+    segment of every domain. ``audit_report`` and ``verdict`` reuse an audit of this same
+    model and a ``verify`` of its compiled policy.
     """
     from .audit import audit
     from .certificate import Claim, from_verdict
@@ -149,7 +150,7 @@ def build_certificate(model, *, inputs=None, trials: int | None = None, rounds: 
 
     state = guard_state(model)
     compiled = state.compiled
-    verdict = verify(compiled)
+    verdict = verdict if verdict is not None else verify(compiled)
     cert = from_verdict(compiled, verdict)
     config = model.config
     cert.subject["model"] = {
@@ -524,21 +525,30 @@ def certify_cli(model_dir: str, policy_path: str, profile: str | None, out_dir: 
     from .compiled import compile as compile_policy
     from .guard import guard
     from .parse import load_policy
+    from .verify import verify
 
     start = time.perf_counter()
+    say = lambda s: print(s, file=sys.stderr)  # noqa: E731
     policy = load_policy(policy_path)
     model, tokenizer = load_model_dir(model_dir)
     layers = int(model.config.num_hidden_layers)
     compiled = compile_policy(policy, layers=layers, profile=profile, source=str(policy_path))
+    verdict = verify(compiled)
+    if verdict.status.value != "PROVED":
+        # The policy alone decides this; no need to guard, audit or leak-test the model.
+        for r in verdict.results:
+            say(f"  {r.status.value:<8} {r.id}: {r.statement}")
+            for w in r.witness:
+                say(f"           witness: {w}")
+        say(f"verdict: {verdict.status.value}; no bundle written")
+        return _EXIT[verdict.status.value]
     guard(model, compiled)
-    cert = build_certificate(model)
-    say = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    cert = build_certificate(model, verdict=verdict)
     for c in cert.claims:
         say(f"  {c.status:<8} {c.id}: {c.statement}")
     for f in cert.findings:
         say(f"  {f.severity:<8} {f.code}: {f.message}")
-    lt = cert.leak_test or {}
-    rate = lt.get("leakage_rate", {})
+    rate = (cert.leak_test or {}).get("leakage_rate", {})
     say(f"  leakage rate: guarded {rate.get('guarded', 0):.3f}, dense {rate.get('dense', 0):.3f}")
     if cert.verdict != "PROVED":
         say(f"verdict: {cert.verdict}; no bundle written")
