@@ -26,12 +26,22 @@ How the pieces fit:
 Only architectures whose attention is known to dispatch through the interface are
 accepted (``ARCHITECTURES``); anything else is refused with a ModelError. The graph audit
 (``domainguard.audit``) checks the rest of the model for ops that mix positions.
+
+Error codes (ModelError): DG501 unsupported architecture, DG502 unsupported configuration
+(sliding window, BERT as a decoder, layer count differs from the policy's), DG503 bad
+inputs (domain ids missing or malformed), DG504 a mask or cache the guard cannot take,
+DG505 tokens generated from a token outside the generation domain, DG506 position ids
+other than the layout's, DG507 a layer's attention bypassed the guard (output withheld),
+DG508 not guarded / already guarded, DG509 a non-causal pattern on a causal LM, DG510
+guarded attention called without a layout, DG511 an attention module the guard did not
+register, DG512 attention dropout or arguments the guard does not support, DG513 a
+prepared mask reached guarded attention, DG514 the KV cache out of step with the layout.
 """
 
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -162,7 +172,6 @@ class GuardState:
     original_implementation: str | None
     backend: str = "auto"  # "auto" | "reference" | "triton" (GuardedAttention's backends)
     certificate: object | None = None  # set by load_certified
-    extras: dict = field(default_factory=dict)
 
     @property
     def num_layers(self) -> int:
