@@ -207,7 +207,7 @@ class KernelConfig:
     check_full: bool = True
     use_tma: bool = True
     warp_specialize: bool = False
-    prefetch_runs: bool = True
+    prefetch_runs: bool = False  # measured slower on the H100 (BENCHMARKS.md); kept as an option
 
 
 def default_config(dtype: torch.dtype, head_dim: int) -> KernelConfig:
