@@ -13,6 +13,17 @@ Semantics shared by every path (q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]``):
 * a masked key's values are never multiplied into a row that may not read them
   (``0 * NaN`` would be NaN), so outputs are bitwise independent of forbidden keys;
 * a fully masked row gives output 0 and log-sum-exp 0 (finite by convention).
+
+How the kernels stay fast on fragmented layouts: tokens are sorted by domain into
+domain-pure tiles (``domainguard.kernels.plan``); causality follows each token's sequence
+index, so 64-token chat turns cost what 4K-token documents do (BENCHMARKS.md).
+
+Error codes (KernelError): DG311 malformed q/k/v, layout mismatch, q_slice or backend;
+DG312 query heads not a multiple of key/value heads; DG313 more than 63 domains;
+DG314 dtype (bf16, fp16, fp32 only, all three alike); DG315 a pattern part the kernels do
+not implement (anything beyond ``causal``, or masks that differ between heads: use
+``backend="reference"``); DG316 head dim other than 64 or 128; DG317 layer out of range;
+DG318 a plan built for another mask or shape.
 """
 
 from __future__ import annotations
@@ -231,7 +242,7 @@ class AttentionPlan:
     runs_t: tuple  # the same, key-major, for dk/dv
     order: torch.Tensor  # int32 [B, Tq]: launch order of query tiles
     q_inv: torch.Tensor  # int32 [B, Nq]: slot of each query token
-    tables_digest: str
+    mask_key: tuple  # (rel_bits, causal_bits): the mask the tables were built for
     config: KernelConfig
     nq: int
     nk: int
@@ -252,7 +263,7 @@ class DecodePlan:
     k_idx: torch.Tensor  # int32 [B, Nk]
     kinds: torch.Tensor  # uint8 [B, Hm, Tq, Tk] over (QT, block_n) tiles
     block_n: int
-    tables_digest: str
+    mask_key: tuple
     nq: int
     nk: int
     group: int
@@ -261,6 +272,14 @@ class DecodePlan:
 # Queries per call up to which the split-KV decode kernel is used (without gradients).
 DECODE_MAX_QUERIES = 16
 DECODE_BLOCK_N = 64
+
+
+_PLAN_CACHE_SIZE = 64
+
+
+def _mask_key(tables) -> tuple:
+    """What a plan's tile tables depend on: the frozen relation and causal flags."""
+    return (tables.rel_bits, tables.causal_bits, tables.num_domains)
 
 
 class _FrozenView:
@@ -355,6 +374,7 @@ class GuardedAttention:
             except KernelError as err:  # kept; raised when that layer is asked to run on the kernels
                 self._unsupported[layer] = err
         self._view = _FrozenView(compiled, self._relations)
+        self._plans: dict = {}
         self._heads_vary = _heads_vary(compiled)
 
     # --- identity ------------------------------------------------------------------
@@ -380,6 +400,18 @@ class GuardedAttention:
         return h.hexdigest()
 
     # --- planning ------------------------------------------------------------------
+    def _cached(self, layout, key, build):
+        """Plans are reused while the same layout object lives (layouts are treated as immutable):
+        one plan serves every layer with the same mask and every call of a forward pass."""
+        entry = self._plans.get((id(layout), key))
+        if entry is not None and entry[0]() is layout:
+            return entry[1]
+        plan = build()
+        if len(self._plans) >= _PLAN_CACHE_SIZE:
+            self._plans.pop(next(iter(self._plans)))
+        self._plans[(id(layout), key)] = (weakref.ref(layout), plan)
+        return plan
+
     def plan(self, layout, layer: int = 0, *, q_slice=None, heads: int = 1, dtype=torch.bfloat16, head_dim: int = 128) -> AttentionPlan:
         """Slot order and tile lists for ``layout`` at ``layer`` (reusable across calls and layers with equal tables)."""
         from domainguard.blockmap import build_blockmap_from_attrs
@@ -410,7 +442,7 @@ class GuardedAttention:
         order = torch.arange(tq - 1, -1, -1, dtype=torch.int32, device=qs.tok.device).expand(qs.tok.shape[0], tq).contiguous()
         return AttentionPlan(
             qs=qs, ks=ks, runs=runs, runs_t=runs_t, order=order, q_inv=inverse(qs, qsl.stop - qsl.start),
-            tables_digest=tables.digest(), config=cfg, nq=qsl.stop - qsl.start, nk=n,
+            mask_key=_mask_key(tables), config=cfg, nq=qsl.stop - qsl.start, nk=n,
             heads=bm.kinds.shape[1],
         )
 
@@ -434,7 +466,7 @@ class GuardedAttention:
         )
         return DecodePlan(
             qs=qs, k_dom=ka.domain.to(torch.int32).contiguous(), k_idx=ka.index.to(torch.int32).contiguous(),
-            kinds=bm.kinds.contiguous(), block_n=DECODE_BLOCK_N, tables_digest=tables.digest(),
+            kinds=bm.kinds.contiguous(), block_n=DECODE_BLOCK_N, mask_key=_mask_key(tables),
             nq=qsl.stop - qsl.start, nk=n, group=group,
         )
 
@@ -443,8 +475,9 @@ class GuardedAttention:
 
         tables = self.tables(layer)
         if plan is None:
-            plan = self.decode_plan(layout, layer, qsl, heads=q.shape[1], kv_heads=k.shape[1])
-        elif plan.tables_digest != tables.digest() or plan.nq != q.shape[2] or plan.nk != k.shape[2]:
+            key = ("decode", _mask_key(tables), qsl.start, qsl.stop, q.shape[1], k.shape[1])
+            plan = self._cached(layout, key, lambda: self.decode_plan(layout, layer, qsl, heads=q.shape[1], kv_heads=k.shape[1]))
+        elif plan.mask_key != _mask_key(tables) or plan.nq != q.shape[2] or plan.nk != k.shape[2]:
             raise KernelError("decode plan was built for another layer, policy or shape", code="DG318")
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -476,8 +509,9 @@ class GuardedAttention:
             out, lse = self._decode(q, k, v, layout, layer, qsl, scale, plan)
             return (out, lse) if return_lse else out
         if plan is None:
-            plan = self.plan(layout, layer, q_slice=qsl, heads=hq, dtype=q.dtype, head_dim=d)
-        elif plan.tables_digest != tables.digest() or plan.nq != nq or plan.nk != nk:
+            key = ("attn", _mask_key(tables), qsl.start, qsl.stop, hq, q.dtype, d)
+            plan = self._cached(layout, key, lambda: self.plan(layout, layer, q_slice=qsl, heads=hq, dtype=q.dtype, head_dim=d))
+        elif plan.mask_key != _mask_key(tables) or plan.nq != nq or plan.nk != nk:
             raise KernelError("plan was built for another layer, policy or shape", code="DG318")
         if q.stride(-1) != 1:
             q = q.contiguous()

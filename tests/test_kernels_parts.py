@@ -1,0 +1,118 @@
+"""The pieces under the kernels, each against its reference: slot order, runs, masks, row moves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import domainguard as dg
+from domainguard.kernels.masks import _pair_mask, pair_mask_reference
+from domainguard.kernels.permute import backward_inputs, backward_inputs_reference, gather_rows, gather_rows_reference
+from domainguard.kernels.plan import FULL, PARTIAL, sort_slots, tile_runs
+from domainguard.kernels.tables import freeze
+from domainguard.layout import TokenAttrs
+from domainguard.patterns import rules_for, token_mask
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+POLICY = """
+domainguard: 1
+name: parts
+domains: {a: {}, b: {children: {b1: {}, b2: {}}}, c: {}}
+reads: {b1: [a], b2: [b1], c: [a, b]}
+patterns: {default: {causal: true}, c: {}}
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return dg.compile(dg.loads_policy(POLICY), layers=1)
+
+
+def _layout(compiled, n=61, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, compiled.num_domains, (2, n), generator=g)
+    ids[1, -5:] = compiled.pad_id
+    return dg.Layout.from_ids(compiled, ids)
+
+
+@pytest.mark.parametrize("query", [True, False])
+def test_sort_slots_is_a_padded_permutation_with_pure_tiles(compiled, query):
+    lay = _layout(compiled)
+    a = lay.attrs()
+    block = 8
+    s = sort_slots(a.domain, a.index, a.rank, compiled.pad_id, block, query=query)
+    assert s.size % block == 0
+    for b in range(2):
+        tok = s.tok[b]
+        real = tok >= 0
+        assert sorted(tok[real].tolist()) == list(range(lay.seq_len))  # every token exactly once
+        assert torch.equal(s.dom[b][real].long(), a.domain[b][tok[real].long()])
+        assert torch.equal(s.idx[b][real].long(), a.index[b][tok[real].long()])
+        tiles = s.dom[b].view(-1, block)
+        if query:  # padding copies its group's attributes: every tile holds one domain
+            assert bool((tiles == tiles[:, :1]).all())
+        else:  # key padding is the pad domain, index -1
+            assert bool((s.dom[b][~real] == compiled.pad_id).all()) and bool((s.idx[b][~real] == -1).all())
+            real_tiles = real.view(-1, block)
+            first = torch.where(real_tiles, tiles, -1).amax(1, keepdim=True)
+            assert bool(((tiles == first) | ~real_tiles).all())
+        # sequence order is kept inside each domain group
+        for d in range(compiled.num_domains + 1):
+            sel = real & (s.dom[b] == d)
+            assert torch.equal(tok[sel], tok[sel].sort().values)
+
+
+def test_tile_runs_rebuild_the_kinds():
+    g = torch.Generator().manual_seed(3)
+    kinds = torch.randint(0, 3, (2, 1, 5, 13), generator=g).to(torch.uint8)
+    for kind in (FULL, PARTIAL):
+        runs = tile_runs(kinds, kind)
+        rebuilt = torch.zeros_like(kinds, dtype=torch.bool)
+        for idx in torch.cartesian_prod(*(torch.arange(n) for n in kinds.shape[:3])).tolist():
+            b, h, t = idx
+            for r in range(int(runs.num[b, h, t])):
+                rebuilt[b, h, t, runs.start[b, h, t, r] : runs.end[b, h, t, r]] = True
+        assert torch.equal(rebuilt, kinds == kind)
+        assert runs.tiles == int((kinds == kind).sum())
+
+
+@triton.jit
+def _mask_probe(QD, QI, KD, KI, Out, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
+                M: tl.constexpr, N: tl.constexpr):
+    rm = tl.arange(0, M)
+    rn = tl.arange(0, N)
+    ok = _pair_mask(tl.load(QD + rm), tl.load(QI + rm), tl.load(KD + rn), tl.load(KI + rn), REL, CAUSAL, DP)
+    tl.store(Out + rm[:, None] * N + rn[None, :], ok.to(tl.int8))
+
+
+def test_kernel_mask_equals_the_layout_helpers_ground_truth(compiled):
+    """The element mask the kernels apply == patterns.token_mask (relation AND pattern), pads included."""
+    tables = freeze(compiled, 0)
+    lay = _layout(compiled, n=64, seed=5)
+    a = lay.attrs()
+    truth = token_mask(TokenAttrs(a.domain[1], a.index[1], a.rank[1]), TokenAttrs(a.domain[1], a.index[1], a.rank[1]),
+                       compiled.relation(0), rules_for(compiled, 0))
+    qd, qi = a.domain[1].int().to(DEV), a.index[1].int().to(DEV)
+    out = torch.empty(64, 64, dtype=torch.int8, device=DEV)
+    _mask_probe[(1,)](qd, qi, qd, qi, out, REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp, M=64, N=64)
+    assert torch.equal(out.bool().cpu(), truth)
+    ref = pair_mask_reference(a.domain[1], a.index[1], a.domain[1], a.index[1], tables.rel_bits, tables.causal_bits)
+    assert torch.equal(ref, truth)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_row_moves_are_bitwise_copies(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 20, 64, generator=g).to(DEV, dtype)
+    x[0, 1, 4] = float("nan")
+    x[1, 2, 7] = float("-inf")
+    src = torch.tensor([[3, 4, -1, 0, 19, -1, 7, 7], [7, -1, 2, 1, 0, 5, 6, 4]], dtype=torch.int32, device=DEV)
+    got, want = gather_rows(x, src), gather_rows_reference(x, src)
+    assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    do, o = torch.randn_like(x), torch.randn_like(x)
+    for a, b in zip(backward_inputs(x, do, o, src), backward_inputs_reference(x, do, o, src)):
+        torch.testing.assert_close(a, b, equal_nan=True)
