@@ -387,12 +387,16 @@ class GuardedAttention:
         return self._tables[layer]
 
     def digest(self) -> str:
-        """sha256 over the kernel source files and every layer's frozen tables."""
+        """sha256 over the kernel source files, this wrapper's source and every layer's frozen tables."""
         import hashlib
 
         from domainguard.kernels import source_digest
 
         h = hashlib.sha256(source_digest().encode())
+        # This wrapper freezes the tables and builds the plans the kernels run: covered too.
+        from pathlib import Path
+
+        h.update(hashlib.sha256(Path(__file__).read_bytes()).hexdigest().encode())
         for layer in sorted(self._tables):
             h.update(self._tables[layer].digest().encode())
         for layer in sorted(self._unsupported):
