@@ -102,22 +102,6 @@ def inverse(slots: Slots, n: int) -> torch.Tensor:
     return inv.int().contiguous()
 
 
-def tile_lists(kinds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """kinds uint8 [..., T, U] → (full_num, full_idx, partial_num, partial_idx), int32, ascending."""
-    full = kinds == FULL
-    part = kinds == PARTIAL
-    full_num = full.sum(-1, dtype=torch.int32)
-    part_num = part.sum(-1, dtype=torch.int32)
-    u = kinds.shape[-1]
-    ar = torch.arange(u, device=kinds.device, dtype=torch.int32)
-    # Valid entries first, ascending: sort by (not selected, index).
-    full_idx = torch.sort(torch.where(full, ar, ar + u), dim=-1).values
-    part_idx = torch.sort(torch.where(part, ar, ar + u), dim=-1).values
-    full_idx = torch.where(full_idx < u, full_idx, torch.zeros_like(full_idx))
-    part_idx = torch.where(part_idx < u, part_idx, torch.zeros_like(part_idx))
-    return full_num.contiguous(), full_idx.int().contiguous(), part_num.contiguous(), part_idx.int().contiguous()
-
-
 @dataclass(frozen=True)
 class Runs:
     """Tiles of one kind as runs of consecutive tile indices: ``[start[r], end[r])`` for r < num.
