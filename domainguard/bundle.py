@@ -4,7 +4,7 @@ Layout (every path relative to the bundle; a superset of a compiled directory, s
 ``domainguard verify BUNDLE`` re-derives it too)::
 
     policy.yaml         the policy source the tables compile from (domain order = domain ids)
-    policy.json         the canonical policy (sorted keys; its sha256 is the policy digest)
+    policy.json         the canonical policy (its sha256 is the policy digest)
     domains.json        domain names in id order, pad id, layers, profile
     relations.npy       the relation tables, bool [L, D, D]
     model/              safetensors weights, config.json (+ tokenizer files when given)
@@ -35,7 +35,6 @@ import hashlib
 import json
 import shutil
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -43,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .artifact import replace_dir, temp_dir_beside, write_tables
 from .errors import BundleError, Location, ModelError
 
 __all__ = [
@@ -107,21 +107,10 @@ def _version(dist: str) -> str | None:
 
 
 def _kernel_digest(state) -> dict:
-    """The digest of the code that enforces the tables: GuardedAttention's own when it has one."""
-    digest = getattr(state.attention, "digest", None)
-    if callable(digest):
-        return {"sha256": digest(), "method": "GuardedAttention.digest"}
-    import domainguard
-    import domainguard.kernels
+    """The digest of the code that enforces the tables: the guard's own GuardedAttention (source and tables)."""
+    from .kernels import source_manifest
 
-    files = [Path(domainguard.__file__).with_name("attention.py")]
-    files += sorted(Path(domainguard.kernels.__file__).parent.glob("*.py"))
-    h = hashlib.sha256()
-    names = []
-    for f in files:
-        names.append(f"{f.parent.name}/{f.name}")
-        h.update(names[-1].encode() + b"\0" + f.read_bytes())
-    return {"sha256": h.hexdigest(), "method": "source files", "files": names}
+    return {"sha256": state.attention.digest(), "method": "GuardedAttention.digest", "files": source_manifest()}
 
 
 # --- the certificate ---------------------------------------------------------------------------
@@ -133,18 +122,27 @@ ASSUMPTIONS = [
 ]
 
 
+VALIDATION_BLOCKS = (128, 64)  # the tile sizes the kernels and FlexAttention export use
+VALIDATION_MAX_LEN = 1 << 17
+VALIDATION_MAX_SEGMENTS = 4
+
+
 def build_certificate(model, *, inputs=None, trials: int | None = None, rounds: int = 2, generate_tokens: int = 2,
-                      seed: int = 0, audit_report=None, verdict=None):
-    """Verify the policy, audit the graph, leak-test and probe positions of a guarded ``model``.
+                      seed: int = 0, audit_report=None, verdict=None, validation: bool = True):
+    """Verify the policy, validate the tile tables, audit the graph, leak-test and probe positions of a guarded ``model``.
 
     Returns a Certificate (subject files and weights are filled in by ``save_certified``).
     ``inputs`` = (input_ids, domain_ids) for the leak test; by default random tokens with a
     segment of every domain. ``audit_report`` and ``verdict`` reuse an audit of this same
-    model and a ``verify`` of its compiled policy.
+    model and a ``verify`` of its compiled policy. Translation validation (Z3 over every
+    layout up to the model's context length in at most 4 segments, at tile sizes 128 and 64,
+    plus an exhaustive re-check of the leak-test layout's tables) takes tens of seconds for
+    a deep model; ``validation=False`` keeps only its length-free part (under a second).
     """
     from .audit import audit
     from .certificate import Claim, from_verdict
     from .guard import guard_state
+    from .layout import Layout
     from .leaktest import compare_dense, position_channel, synthetic_inputs
     from .verify import verify
 
@@ -163,9 +161,16 @@ def build_certificate(model, *, inputs=None, trials: int | None = None, rounds: 
     }
     cert.subject["kernels"] = _kernel_digest(state)
     cert.tools.update({"transformers": _version("transformers"), "safetensors": _version("safetensors")})
-    cert.scope.update({"max_seq_len": getattr(config, "max_position_embeddings", None), "block_size": None,
-                       "model": type(model).__name__})
+    causal = state.architecture.causal
+    if inputs is None:
+        vocab = int(model.get_input_embeddings().num_embeddings)
+        inputs = synthetic_inputs(compiled, vocab, seed=seed, causal=causal)
+    input_ids, domain_ids = inputs
+    max_len = min(int(getattr(config, "max_position_embeddings", None) or VALIDATION_MAX_LEN), VALIDATION_MAX_LEN)
+    cert.scope.update({"max_seq_len": max_len, "block_size": list(VALIDATION_BLOCKS), "model": type(model).__name__})
     cert.assumptions.extend(ASSUMPTIONS)
+    for claim in _validation(compiled, Layout.from_ids(compiled, domain_ids), max_len, full=validation):
+        cert.add_claim(claim)
 
     report = audit_report if audit_report is not None else audit(model)
     cert.audit = report.to_dict()
@@ -182,11 +187,6 @@ def build_certificate(model, *, inputs=None, trials: int | None = None, rounds: 
         details={"ops_checked": report.ops_checked, "notes": list(report.notes)},
     ))
 
-    causal = state.architecture.causal
-    if inputs is None:
-        vocab = int(model.get_input_embeddings().num_embeddings)
-        inputs = synthetic_inputs(compiled, vocab, seed=seed, causal=causal)
-    input_ids, domain_ids = inputs
     guarded, dense = compare_dense(model, input_ids, domain_ids, trials=trials, rounds=rounds,
                                    generate_tokens=generate_tokens if causal else 0, seed=seed)
     channel = position_channel(model, compiled, seed=seed)
@@ -207,10 +207,21 @@ def build_certificate(model, *, inputs=None, trials: int | None = None, rounds: 
         cert.add_finding(
             "DGF51", "warning",
             f"measured: outputs of {channel['protected']!r} tokens change with the length of an earlier "
-            f"{channel['source']!r} segment (positions: global); set `positions: per_domain` to close this channel",
+            f"{channel['source']!r} segment (positions: global); set `positions: reach` (or `per_domain`) to close this channel",
             **channel,
         )
     return cert
+
+
+def _validation(compiled, layout, max_len: int, *, full: bool) -> list[dict]:
+    """Translation-validation claims for the tables this model runs (validate.py)."""
+    from .artifact import table_claims
+    from .validate import validation_claims
+
+    if not full:
+        return table_claims(compiled)
+    return validation_claims(compiled, block_sizes=VALIDATION_BLOCKS, max_len=max_len,
+                             max_segments=VALIDATION_MAX_SEGMENTS, layouts=[layout])
 
 
 def _refusal(cert) -> str | None:
@@ -221,27 +232,6 @@ def _refusal(cert) -> str | None:
 
 
 # --- writing -----------------------------------------------------------------------------------
-def _policy_text(compiled) -> str:
-    """Text the tables compile from: the source file if known, else the policy as JSON in declaration order.
-
-    (The canonical policy sorts keys, which would reorder the domain tree and so the ids.)
-    """
-    if compiled.source and Path(compiled.source).is_file():
-        return Path(compiled.source).read_text(encoding="utf-8")
-    data = compiled.policy.model_dump(mode="json", by_alias=True, exclude_none=True)
-    return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
-
-
-def _write_tables(compiled, root: Path) -> None:
-    (root / "policy.yaml").write_text(_policy_text(compiled), encoding="utf-8")
-    (root / "policy.json").write_text(compiled.canonical_policy + "\n", encoding="utf-8")
-    (root / "domains.json").write_text(json.dumps({
-        "domains": list(compiled.domains), "pad_id": compiled.pad_id, "layers": compiled.num_layers,
-        "profile": compiled.profile, "depth_given": compiled.flow.depth_given}, indent=1) + "\n")
-    with open(root / "relations.npy", "wb") as f:
-        np.save(f, np.ascontiguousarray(compiled.relations), allow_pickle=False)
-
-
 def _write_report(root: Path) -> list[str]:
     """Render the report into report/ when the report module is available."""
     try:
@@ -254,22 +244,6 @@ def _write_report(root: Path) -> list[str]:
         report.write_report(str(root), fmt, str(root / REPORT_DIR / name))
         written.append(f"{REPORT_DIR}/{name}")
     return written
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    backup = None
-    if target.exists():
-        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        backup.rmdir()
-        target.rename(backup)
-    try:
-        tmp.rename(target)
-    except OSError:
-        if backup is not None:
-            backup.rename(target)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
 
 
 def save_certified(model, path, *, certificate=None, tokenizer=None, key=None, **build) -> Path:
@@ -293,12 +267,11 @@ def save_certified(model, path, *, certificate=None, tokenizer=None, key=None, *
         raise _bad(target, "exists and is not a bundle; refusing to replace it", "DG451",
                    hint="Choose a new or empty output folder.")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        tmp = temp_dir_beside(target)
     except OSError as exc:
         raise _bad(target, f"cannot write ({exc})", "DG440") from None
     try:
-        _write_tables(compiled, tmp)
+        write_tables(compiled, tmp)
         model.save_pretrained(tmp / MODEL_DIR)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / MODEL_DIR)
@@ -320,7 +293,7 @@ def save_certified(model, path, *, certificate=None, tokenizer=None, key=None, *
             from .signing import sign_certificate
 
             sign_certificate(tmp, key)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -516,7 +489,7 @@ def load_model_dir(model_dir) -> tuple[object, object | None]:
 _EXIT = {"PROVED": 0, "REFUTED": 1, "UNKNOWN": 3}
 
 
-def certify_cli(model_dir: str, policy_path: str, profile: str | None, out_dir: str) -> int:
+def certify_cli(model_dir: str, policy_path: str, profile: str | None, out_dir: str, *, key: str | None = None) -> int:
     """``domainguard certify``: guard, verify, audit, leak-test and write a bundle; return the exit code.
 
     0 certified, 1 refuted (a forbidden flow, an audit finding or a measured leak),
@@ -530,6 +503,10 @@ def certify_cli(model_dir: str, policy_path: str, profile: str | None, out_dir: 
     start = time.perf_counter()
     say = lambda s: print(s, file=sys.stderr)  # noqa: E731
     policy = load_policy(policy_path)
+    if key is not None:
+        from .signing import load_private_key
+
+        load_private_key(key)  # a bad key fails before minutes of certification, not after
     model, tokenizer = load_model_dir(model_dir)
     layers = int(model.config.num_hidden_layers)
     compiled = compile_policy(policy, layers=layers, profile=profile, source=str(policy_path))
@@ -553,6 +530,6 @@ def certify_cli(model_dir: str, policy_path: str, profile: str | None, out_dir: 
     if cert.verdict != "PROVED":
         say(f"verdict: {cert.verdict}; no bundle written")
         return _EXIT[cert.verdict]
-    target = save_certified(model, out_dir, certificate=cert, tokenizer=tokenizer)
+    target = save_certified(model, out_dir, certificate=cert, tokenizer=tokenizer, key=key)
     say(f"verdict: PROVED; wrote {target} in {time.perf_counter() - start:.1f} s")
     return 0

@@ -173,6 +173,20 @@ THREAT_MODEL = {
 }
 
 
+def _random_links(value, path: str = "policy") -> list[dict]:
+    """Every seeded random-link pattern in the policy, with where it is declared (the seed fixes the links)."""
+    found = []
+    if isinstance(value, dict):
+        if isinstance(value.get("random"), dict):
+            found.append({"at": path, **value["random"]})
+        for k, v in value.items():
+            found += _random_links(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found += _random_links(v, f"{path}[{i}]")
+    return found
+
+
 def from_verdict(compiled, verdict, *, files: dict[str, str] | None = None) -> Certificate:
     """A certificate for a compiled policy: subject digests, tool versions, one claim per result."""
     cert = Certificate(
@@ -188,6 +202,7 @@ def from_verdict(compiled, verdict, *, files: dict[str, str] | None = None) -> C
             "profile": compiled.profile,
             "generation": compiled.domains[compiled.generation_id] if compiled.generation_id is not None else None,
             "positions": compiled.positions,
+            "random_links": _random_links(json.loads(compiled.canonical_policy)),
         },
         assumptions=list(ASSUMPTIONS),
         threat_model=dict(THREAT_MODEL),

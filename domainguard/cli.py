@@ -88,82 +88,54 @@ def _verdict_json(verdict, compiled) -> dict:
     }
 
 
-def _write_compiled(compiled, verdict, target: Path) -> dict[str, str]:
-    """Write the compiled directory atomically: everything lands, or nothing changes."""
-    import numpy as np
+def _claim_result(claim: dict):
+    """A certificate-shaped claim (translation validation) as a verdict Result."""
+    from .verdict import Result, Status
 
-    from .certificate import from_verdict, sha256_file
-
-    target = target.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        if compiled.source:
-            shutil.copyfile(compiled.source, tmp / "policy.yaml")
-        (tmp / "policy.json").write_text(compiled.canonical_policy + "\n")
-        (tmp / "domains.json").write_text(json.dumps({"domains": list(compiled.domains), "pad_id": compiled.pad_id,
-                                                      "layers": compiled.num_layers, "profile": compiled.profile,
-                                                      "depth_given": compiled.flow.depth_given}, indent=1) + "\n")
-        with open(tmp / "relations.npy", "wb") as f:
-            np.save(f, np.ascontiguousarray(compiled.relations), allow_pickle=False)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-        cert = from_verdict(compiled, verdict, files=files)
-        (tmp / "certificate.json").write_text(cert.to_json())
-        backup = None
-        if target.exists():
-            backup = target.with_name(f".{target.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            target.rename(backup)
-        tmp.rename(target)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-        return files
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    details = dict(claim.get("details") or {})
+    if claim.get("witness"):
+        details["witness"] = claim["witness"]
+    return Result(id=claim["id"], kind=claim["kind"], statement=claim["statement"], status=Status(claim["status"]),
+                  method=dict(claim.get("method") or {}), scope=dict(claim.get("scope") or {}),
+                  reason=claim.get("reason"), details=details)
 
 
-def _load_dir(path: Path):
-    """Re-derive a compiled directory or bundle from its policy; returns (compiled, certificate, problems)."""
-    from .certificate import Certificate, sha256_file
-    from .compiled import compile
-    from .parse import load_policy, loads_policy
+def _artifact_results(path: Path, compiled, cert, problems: list[str], pubkey: str | None) -> list:
+    """Checks of a compiled directory or bundle beyond its policy's proofs: signature, files, kernels, tables."""
+    from .artifact import kernel_subject, table_claims
+    from .verdict import Result, Status
 
-    cert = Certificate.load(path)
-    problems: list[str] = []
-    for name, digest in cert.subject.get("files", {}).items():
-        p = path / name
-        if not p.is_file():
-            problems.append(f"{p}: listed in the certificate but missing")
-        elif sha256_file(p) != digest:
-            problems.append(f"{p}: contents changed since certification (sha256 mismatch)")
-    if (path / "policy.yaml").is_file():
-        policy = load_policy(path / "policy.yaml")
-        src = str(path / "policy.yaml")
-    elif (path / "policy.json").is_file():
-        policy = loads_policy((path / "policy.json").read_text(), str(path / "policy.json"))
-        src = str(path / "policy.json")
-    else:
-        raise BundleError(f"{path}: no policy.yaml or policy.json", code="DG403")
-    scope = cert.scope
-    layers = scope.get("layers")
-    compiled = compile(policy, layers=layers if isinstance(layers, int) else None, profile=scope.get("profile"),
-                       source=src)
-    rel_file = path / "relations.npy"
-    if rel_file.is_file():
-        import numpy as np
+    results = []
+    signed = (path / "signature.json").is_file()
+    if pubkey is not None or signed:
+        from .signing import check_signature_integrity, verify_bundle_signature
 
-        try:
-            stored = np.load(rel_file, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            stored = None
-            problems.append(f"{rel_file}: unreadable ({exc})")
-        if stored is not None and (stored.shape != compiled.relations.shape or not (stored == compiled.relations).all()):
-            problems.append(f"{rel_file}: tables do not match the policy")
-    if cert.subject.get("tables", {}).get("sha256") not in (None, compiled.tables_digest):
-        problems.append(f"{path / 'certificate.json'}: tables digest does not match the policy")
-    return compiled, cert, problems
+        # A signature that is there must hold (BundleError, exit 2, names the file); with --pubkey it must
+        # also be that key's. Without one, an intact signature shows integrity since signing, not authorship.
+        info = verify_bundle_signature(str(path), pubkey) if pubkey is not None else check_signature_integrity(path)
+        results.append(Result(
+            id="signature", kind="signature", status=Status.PROVED,
+            statement=f"Ed25519 signature by key {info.key_id} over the certificate and {info.files} files holds"
+                      + ("" if info.authenticated else " (checked against the key it carries: integrity, not authorship)"),
+            method={"name": "ed25519"}, scope={"authenticated": info.authenticated}))
+    results.append(Result(
+        id="artifact", kind="artifact-matches-policy",
+        statement="the directory's files and tables are exactly what its policy compiles to",
+        status=Status.REFUTED if problems else Status.PROVED,
+        method={"name": "digest-and-recompile"}, scope={}, reason="; ".join(problems) or None))
+    certified = cert.subject.get("kernels", {}).get("sha256")
+    if certified is not None:
+        now = kernel_subject(compiled)["sha256"]
+        results.append(Result(
+            id="kernels", kind="kernels-match-certificate",
+            statement="the installed kernels (source and frozen tables) are the certified ones",
+            status=Status.PROVED if now == certified else Status.UNKNOWN,
+            method={"name": "digest"}, scope={},
+            reason=None if now == certified else
+            f"kernel digest {now[:12]}… differs from the certified {certified[:12]}… (another domainguard "
+            "version?): the tables are re-proved, but the code that enforces them is not the certified code"))
+    results += [_claim_result(c) for c in table_claims(compiled)]
+    return results
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -173,9 +145,12 @@ def compile_cmd(
     profile: Optional[str] = typer.Option(None, "--profile", help="Deployment profile."),
     layers: Optional[int] = typer.Option(None, "--layers", help="Model depth (transformer layers)."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output directory."),
+    key: Optional[str] = typer.Option(None, "--key", help="Sign the directory with this Ed25519 private key (PEM)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ):
     """Compile POLICY into per-layer relation tables and a certificate."""
+    from .artifact import write_compiled
+    from .verdict import Verdict, combine_status
     from .verify import verify
 
     try:
@@ -190,14 +165,19 @@ def compile_cmd(
                     err.print(f"[red]refusing to compile profile {profile!r}[/]: {ref.reason}")
                 raise typer.Exit(EXIT[ref.status.value])
         target = Path(output or f"{Path(policy).stem}.compiled")
-        files = _write_compiled(compiled, verdict, target)
+        files, cert = write_compiled(compiled, verdict, target, key=key)
     except DomainGuardError as e:
         raise _Fail(e, as_json) from None
+    # The certificate adds translation-validation claims to the policy's: its verdict is the exit code.
+    shown = {r.id for r in verdict.results}
+    results = verdict.results + tuple(_claim_result(c.model_dump(mode="json")) for c in cert.claims if c.id not in shown)
+    verdict = Verdict(combine_status(r.status for r in results), results, verdict.reach, verdict.findings,
+                      verdict.suggestion)
     if as_json:
         _emit_json({**_verdict_json(verdict, compiled), "written": str(target), "files": files})
     else:
         _show_results(verdict, compiled, "compile")
-        out.print(f"wrote [cyan]{target}[/] ({', '.join(files)}, certificate.json)")
+        out.print(f"wrote [cyan]{target}[/] ({', '.join(files)}, certificate.json{', signature.json' if key else ''})")
     raise typer.Exit(EXIT[verdict.status.value])
 
 
@@ -211,38 +191,28 @@ def verify_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """Prove every forbid rule (or re-check a compiled directory/bundle from scratch)."""
-    from .verdict import Result, Status, Verdict
+    from .verdict import Verdict, combine_status
     from .verify import verify
 
     try:
         path = Path(target)
-        problems: list[str] = []
         if path.is_dir():
-            if pubkey is not None:
-                from .signing import verify_bundle_signature
+            from .artifact import load_dir
 
-                verify_bundle_signature(str(path), pubkey)
-            compiled, cert, problems = _load_dir(path)
             if profile is not None or layers is not None:
                 raise BundleError("--profile and --layers are fixed by the compiled directory's certificate",
                                   code="DG404")
-        else:
-            if pubkey is not None:
-                raise BundleError("--pubkey needs a bundle directory", code="DG404")
-            compiled = _load(target, layers, profile)
-        verdict = verify(compiled, suggest=suggest)
-        if path.is_dir():
-            integrity = Result(
-                id="artifact", kind="artifact-matches-policy",
-                statement="the directory's files and tables are exactly what its policy compiles to",
-                status=Status.REFUTED if problems else Status.PROVED,
-                method={"name": "digest-and-recompile"}, scope={}, reason="; ".join(problems) or None,
-            )
-            results = verdict.results + (integrity,)
-            from .verdict import combine_status
-
+            compiled, cert, problems = load_dir(path)
+            extra = _artifact_results(path, compiled, cert, problems, pubkey)
+            verdict = verify(compiled, suggest=suggest)
+            results = verdict.results + tuple(extra)
             verdict = Verdict(combine_status(r.status for r in results), results, verdict.reach,
                               verdict.findings, verdict.suggestion)
+        else:
+            if pubkey is not None:
+                raise BundleError("--pubkey needs a compiled directory or bundle", code="DG404")
+            compiled = _load(target, layers, profile)
+            verdict = verify(compiled, suggest=suggest)
     except DomainGuardError as e:
         raise _Fail(e, as_json) from None
     if as_json:
@@ -301,12 +271,13 @@ def certify_cmd(
     policy: str = typer.Option(..., "--policy", help="Policy YAML."),
     profile: Optional[str] = typer.Option(None, "--profile"),
     output: str = typer.Option(..., "-o", "--output", help="Bundle directory to write."),
+    key: Optional[str] = typer.Option(None, "--key", help="Sign the bundle with this Ed25519 private key (PEM)."),
 ):
     """Guard a model, audit and leak-test it, and write a certified bundle."""
     from .bundle import certify_cli
 
     try:
-        code = certify_cli(model, policy, profile, output)
+        code = certify_cli(model, policy, profile, output, key=key)
     except DomainGuardError as e:
         raise _Fail(e, False) from None
     raise typer.Exit(code)
@@ -315,7 +286,8 @@ def certify_cmd(
 @app.command("report")
 def report_cmd(
     target: str = typer.Argument(..., help="Compiled directory or bundle."),
-    fmt: str = typer.Option("html", "--format", help="html, pdf, md, json or sarif."),
+    fmt: Optional[str] = typer.Option(None, "--format",
+                                      help="html, pdf, md, json or sarif (default: from -o's suffix, else html)."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output file (default: stdout for text formats)."),
 ):
     """Write the audit report for a compiled directory or bundle."""
@@ -325,12 +297,28 @@ def report_cmd(
         if output:
             report.write_report(target, fmt, output)
         else:
-            data = report.render(target, fmt)
+            data = report.render(target, fmt or "html")
             if isinstance(data, bytes):
                 raise DomainGuardError("binary format: give -o FILE", code="DG001")
             sys.stdout.write(data if data.endswith("\n") else data + "\n")
     except DomainGuardError as e:
         raise _Fail(e, False) from None
+
+
+@app.command("keygen")
+def keygen_cmd(
+    private: str = typer.Argument(..., help="Private key file to write (PEM, mode 0600)."),
+    public: Optional[str] = typer.Argument(None, help="Public key file (default: PRIVATE.pub)."),
+):
+    """Write a new Ed25519 key pair for signing certificates (never overwrites a file)."""
+    from .signing import generate_keypair, key_id, load_public_key
+
+    try:
+        priv, pub = generate_keypair(private, public)
+    except DomainGuardError as e:
+        raise _Fail(e, False) from None
+    out.print(f"wrote [cyan]{priv}[/] (keep it secret) and [cyan]{pub}[/] (publish it); key id "
+              f"{key_id(load_public_key(pub))}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,18 @@ class CompiledPolicy:
     def positions(self) -> str:
         return self.policy.positions
 
+    @cached_property
+    def position_sources(self) -> "torch.Tensor":
+        """bool [D+1, D+1]: [n, s] when ``positions: reach`` counts tokens of domain s for a token of domain n
+        (padding counts nothing and is counted by nothing)."""
+        import torch
+
+        from .verify import entry_table
+
+        table = torch.zeros(self.pad_id + 1, self.pad_id + 1, dtype=torch.bool)
+        table[: self.pad_id, : self.pad_id] = torch.from_numpy(entry_table(self.flow))
+        return table
+
     def id_of(self, name: str) -> int:
         try:
             return self.flow.tree.index[name]
@@ -117,9 +129,11 @@ class CompiledPolicy:
     # --- digests -------------------------------------------------------------------
     @cached_property
     def canonical_policy(self) -> str:
-        """The policy as canonical JSON (sorted keys, aliases, defaults dropped)."""
+        """The policy as canonical JSON: aliases, defaults dropped, keys sorted — except the
+        names in the domain tree, whose declaration order is the domain ids' order (so the
+        canonical form compiles to the same tables as the source)."""
         data = self.policy.model_dump(mode="json", by_alias=True, exclude_none=True)
-        return json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return json.dumps(_canonical_policy_data(data), separators=(",", ":"), ensure_ascii=False)
 
     @cached_property
     def tables_digest(self) -> str:
@@ -132,6 +146,24 @@ class CompiledPolicy:
     @cached_property
     def policy_digest(self) -> str:
         return hashlib.sha256(self.canonical_policy.encode()).hexdigest()
+
+
+def _canonical_order(value):
+    """Sort mapping keys recursively."""
+    if isinstance(value, dict):
+        return {k: _canonical_order(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_canonical_order(v) for v in value]
+    return value
+
+
+def _canonical_policy_data(data: dict) -> dict:
+    """Keys sorted, except the domain tree's names, which keep their declaration order."""
+    def tree(names: dict) -> dict:
+        return {name: {k: tree(v) if k == "children" else _canonical_order(v) for k, v in sorted(node.items())}
+                for name, node in names.items()}
+
+    return {k: tree(v) if k == "domains" else _canonical_order(v) for k, v in sorted(data.items())}
 
 
 def compile(policy: Policy, layers: int | None = None, profile: str | None = None, *, source: str | None = None) -> CompiledPolicy:

@@ -146,9 +146,23 @@ def _integrity(src: _Source) -> dict:
         else:
             actual = sha256_file(f)
             add(name, digest, actual, "match" if actual == digest else "mismatch")
+    kernels = subject.get("kernels")
+    if isinstance(kernels, dict) and isinstance(kernels.get("sha256"), str):
+        # The kernels are installed code, not files of the directory: compare with what would run here.
+        try:
+            from .artifact import kernel_subject
+
+            actual = kernel_subject(src.compiled)["sha256"] if src.compiled is not None else None
+        except (ImportError, DomainGuardError):
+            actual = None
+        if actual is None:
+            add("kernels", kernels["sha256"], None, "not checked", "no kernels or policy to re-derive them from")
+        else:
+            add("kernels", kernels["sha256"], actual, "match" if actual == kernels["sha256"] else "mismatch",
+                "the installed kernel source and the frozen tables built from the directory's policy")
     for key, entry in sorted(subject.items()):
-        # Other subject parts (weights, kernels, ...) may name files of their own.
-        if key in ("files", "policy", "tables") or not isinstance(entry, dict):
+        # Other subject parts (weights, ...) may name files of their own.
+        if key in ("files", "policy", "tables", "kernels") or not isinstance(entry, dict):
             continue
         named = dict(entry.get("files") or {}) if isinstance(entry.get("files"), dict) else {}
         if isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str):
@@ -260,17 +274,20 @@ def _claim_row(claim: dict) -> dict:
 
 
 def _recheck(compiled, notes: list[str]) -> dict | None:
-    """Re-derive the policy claims (forbid rules, profiles) from the directory's policy: {claim id: status}."""
+    """Re-derive the policy claims (forbid rules, profiles) and the length-free tile-table proofs from the
+    directory's policy: {claim id: status}."""
     if compiled is None:
         return None
+    from .artifact import table_claims
     from .verify import verify
 
     try:
         v = verify(compiled, explain=False)
+        tables = table_claims(compiled)
     except DomainGuardError as exc:
         notes.append(f"the claims could not be re-derived from the policy: {exc}")
         return None
-    return {r.id: r.status.value for r in v.results}
+    return {**{r.id: r.status.value for r in v.results}, **{c["id"]: c["status"] for c in tables}}
 
 
 def _shown_verdict(cert: dict, claims: list[dict], integrity: dict, leak: dict | None, audit: dict | None,

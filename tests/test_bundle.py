@@ -110,8 +110,19 @@ def test_bundle_holds_weights_tables_policy_certificate_and_report(bundle):
     assert data["leak_test"]["leakage_rate"]["dense"] > 0.0
     assert data["leak_test"]["position_channel"]["changed"] is False  # per_domain positions
     assert data["subject"]["weights"]["tensors_sha256"] == tensors_digest(model)
-    assert data["subject"]["kernels"]["sha256"]
+    assert data["subject"]["kernels"]["sha256"] and "forward.py" in data["subject"]["kernels"]["files"]
     assert set(data["subject"]["files"]) <= set(files)
+    # Translation validation of the tables the model runs, with its scope: Z3 per tile size over every layout
+    # up to the context length, the length-free rules, and an exhaustive re-check of the leak-test layout.
+    assert data["scope"]["block_size"] == [128, 64] and data["scope"]["max_seq_len"] > 0
+    for kind in ("tiles-sound", "decode-alignment"):
+        proofs = [c for c in data["claims"] if c["kind"] == kind]
+        assert sorted(c["scope"]["block_size"] for c in proofs) == [[64, 64], [128, 128]], kind
+        assert all(c["status"] == "PROVED" and c["method"]["name"] == "z3" for c in proofs)
+        assert all(c["scope"]["max_seq_len"] == data["scope"]["max_seq_len"] for c in proofs)
+    assert claims["tile-rules-sound"]["status"] == claims["patterns-within-policy"]["status"] == "PROVED"
+    exhaustive = [c for c in data["claims"] if c["id"].startswith("tables-exhaustive[")]
+    assert len(exhaustive) == 2 * LAYERS and all(c["status"] == "PROVED" for c in exhaustive)
     assert data["tools"]["transformers"]
 
 

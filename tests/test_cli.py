@@ -84,9 +84,13 @@ def test_compile_then_verify_directory_and_detect_tampering(tmp_path, capsys):
                                                    "certificate.json"}
     cert = json.loads((out_dir / "certificate.json").read_text())
     assert cert["verdict"] == "PROVED" and cert["tools"]["z3"]
-    assert {c["id"] for c in cert["claims"]} == {"forbid[0]", "forbid[1]", "profile[public]"}
+    assert {c["id"] for c in cert["claims"]} == {"forbid[0]", "forbid[1]", "profile[public]",
+                                                  "patterns-within-policy", "tile-rules-sound"}
+    assert len(cert["subject"]["kernels"]["sha256"]) == 64 and "forward.py" in cert["subject"]["kernels"]["files"]
     code, out, _ = run(capsys, "verify", str(out_dir), "--json")
-    assert code == 0 and json.loads(out)["status"] == "PROVED"
+    data = json.loads(out)
+    assert code == 0 and data["status"] == "PROVED"
+    assert {c["id"]: c["status"] for c in data["claims"]}["kernels"] == "PROVED"
 
     # A widened table with the digest left alone: never PROVED.
     bad = tmp_path / "tampered"
@@ -108,6 +112,118 @@ def test_compile_then_verify_directory_and_detect_tampering(tmp_path, capsys):
     (leak / "policy.yaml").write_text(text)
     code, out, _ = run(capsys, "verify", str(leak), "--json")
     assert code == 1 and json.loads(out)["status"] == "REFUTED"
+
+
+def test_kernels_other_than_the_certified_ones_are_never_proved(tmp_path, capsys):
+    out_dir = tmp_path / "clinical"
+    assert run(capsys, "compile", str(ROOT / "policies/clinical.yaml"), "--layers", "4", "-o", str(out_dir))[0] == 0
+    cert = json.loads((out_dir / "certificate.json").read_text())
+    cert["subject"]["kernels"]["sha256"] = "0" * 64
+    (out_dir / "certificate.json").write_text(json.dumps(cert))
+    code, out, _ = run(capsys, "verify", str(out_dir), "--json")
+    kernels = next(c for c in json.loads(out)["claims"] if c["id"] == "kernels")
+    assert code == 3 and kernels["status"] == "UNKNOWN" and "differs from the certified" in kernels["reason"]
+
+
+def test_canonical_policy_alone_recompiles_to_the_same_tables(tmp_path, capsys):
+    """policy.json keeps the domain tree's order, so it compiles to the same ids and tables as the YAML."""
+    out_dir = tmp_path / "clinical"
+    assert run(capsys, "compile", str(ROOT / "policies/clinical.yaml"), "--layers", "6", "-o", str(out_dir))[0] == 0
+    (out_dir / "policy.yaml").unlink()
+    cert = json.loads((out_dir / "certificate.json").read_text())
+    del cert["subject"]["files"]["policy.yaml"]
+    (out_dir / "certificate.json").write_text(json.dumps(cert))
+    code, out, _ = run(capsys, "verify", str(out_dir), "--json")
+    assert code == 0, out
+    # A domain tree written in another order is another policy: other ids, other digest.
+    text = (ROOT / "policies/clinical.yaml").read_text()
+    swapped = text.replace("  records: {description: Patient records}\n", "", 1).replace(
+        "  toxicology: {description", "  records: {description: Patient records}\n  toxicology: {description", 1)
+    assert swapped != text
+    from domainguard import compile, load_policy
+
+    a = compile(load_policy(ROOT / "policies/clinical.yaml"), layers=6)
+    p = tmp_path / "swapped.yaml"
+    p.write_text(swapped)
+    b = compile(load_policy(p), layers=6)
+    assert a.domains != b.domains and a.policy_digest != b.policy_digest
+
+
+def test_signed_compiled_directory(tmp_path, capsys):
+    key = tmp_path / "k.pem"
+    assert run(capsys, "keygen", str(key))[0] == 0
+    assert (tmp_path / "k.pem.pub").is_file() and oct(key.stat().st_mode & 0o777) == "0o600"
+    code, _, err = run(capsys, "keygen", str(key))
+    assert code == 2 and "DG419" in err  # never overwrites a key
+    other = tmp_path / "other.pem"
+    assert run(capsys, "keygen", str(other), str(tmp_path / "other.pub"))[0] == 0
+
+    out_dir = tmp_path / "signed"
+    code, out, _ = run(capsys, "compile", str(ROOT / "policies/prompt_injection.yaml"), "--layers", "4",
+                       "-o", str(out_dir), "--key", str(key))
+    assert code == 0 and (out_dir / "signature.json").is_file(), out
+    code, out, _ = run(capsys, "verify", str(out_dir), "--pubkey", str(tmp_path / "k.pem.pub"), "--json")
+    sig = next(c for c in json.loads(out)["claims"] if c["id"] == "signature")
+    assert code == 0 and sig["scope"]["authenticated"] is True
+    code, out, _ = run(capsys, "verify", str(out_dir), "--json")  # no key: integrity only, said so
+    sig = next(c for c in json.loads(out)["claims"] if c["id"] == "signature")
+    assert code == 0 and sig["scope"]["authenticated"] is False and "not authorship" in sig["statement"]
+    code, _, err = run(capsys, "verify", str(out_dir), "--pubkey", str(tmp_path / "other.pub"))
+    assert code == 2 and "DG41" in err
+
+    # One byte changed in any file: refused, naming it (with or without the key).
+    for name in ("policy.yaml", "relations.npy", "certificate.json", "domains.json"):
+        bad = tmp_path / f"bad-{name}"
+        shutil.copytree(out_dir, bad)
+        data = bytearray((bad / name).read_bytes())
+        data[len(data) // 2] ^= 1
+        (bad / name).write_bytes(bytes(data))
+        code, _, err = run(capsys, "verify", str(bad))
+        assert code == 2 and name in err, (name, err)
+
+    # A bad key is refused before anything is written.
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a key")
+    code, _, err = run(capsys, "compile", str(ROOT / "policies/clinical.yaml"), "-o", str(tmp_path / "never"),
+                       "--key", str(junk))
+    assert code == 2 and not (tmp_path / "never").exists()
+
+
+def test_random_link_seeds_are_in_the_certificate(tmp_path, capsys):
+    policy = tmp_path / "rnd.yaml"
+    policy.write_text("""domainguard: 1
+name: random-links
+domains: {a: {}, b: {}, answer: {}}
+reads: {answer: [a]}
+forbid:
+  - flow: {from: b, to: answer}
+patterns:
+  default: {causal: true}
+  answer: {causal: true, window: 64, random: {links: 2, seed: 7}}
+generation: {domain: answer}
+positions: reach
+""")
+    out_dir = tmp_path / "rnd"
+    assert run(capsys, "compile", str(policy), "--layers", "2", "-o", str(out_dir))[0] == 0
+    cert = json.loads((out_dir / "certificate.json").read_text())
+    assert cert["scope"]["random_links"] == [{"at": "policy.patterns.answer", "links": 2, "seed": 7}]
+    assert not any(f["code"] == "DGF01" for f in cert.get("findings", []))  # reach positions: no length channel
+    # Another seed is another policy: other digest.
+    policy.write_text(policy.read_text().replace("seed: 7", "seed: 8"))
+    assert run(capsys, "compile", str(policy), "--layers", "2", "-o", str(tmp_path / "rnd8"))[0] == 0
+    other = json.loads((tmp_path / "rnd8" / "certificate.json").read_text())
+    assert other["subject"]["policy"]["sha256"] != cert["subject"]["policy"]["sha256"]
+
+
+def test_report_format_follows_the_output_suffix(tmp_path, capsys):
+    out_dir = tmp_path / "clinical"
+    assert run(capsys, "compile", str(ROOT / "policies/clinical.yaml"), "--layers", "4", "-o", str(out_dir))[0] == 0
+    assert run(capsys, "report", str(out_dir), "-o", str(tmp_path / "r.json"))[0] == 0
+    assert json.loads((tmp_path / "r.json").read_text())
+    assert run(capsys, "report", str(out_dir), "-o", str(tmp_path / "r.md"))[0] == 0
+    assert (tmp_path / "r.md").read_text().startswith("#")
+    code, out, _ = run(capsys, "report", str(out_dir), "--format", "sarif")
+    assert code == 0 and json.loads(out)["version"] == "2.1.0"
 
 
 def test_explain_and_schema(capsys):

@@ -192,7 +192,7 @@ def test_forged_certificate_is_caught_by_re_deriving_the_claims(refuted):
     _validate(data)
     assert data["verdict"]["certificate"] == "PROVED" and data["verdict"]["shown"] == "REFUTED"
     assert "re-derived from the policy, forbid[0] is REFUTED; the certificate says PROVED" in data["verdict"]["reasons"]
-    assert [c["rechecked"] for c in data["claims"]] == ["REFUTED", "REFUTED"]
+    assert [c["rechecked"] for c in data["claims"]] == ["REFUTED", "REFUTED", "PROVED", "PROVED"]
     assert _banner(report.to_html(data)) == "REFUTED"
 
 

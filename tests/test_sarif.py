@@ -120,7 +120,7 @@ def test_proved_policy_has_no_errors(tmp_path):
     _check(log)
     assert [r for r in log["runs"][0]["results"] if r["level"] == "error"] == []
     props = log["runs"][0]["properties"]
-    assert props["verdict"] == "PROVED" and props["claims"]["PROVED"] == 3
+    assert props["verdict"] == "PROVED" and props["claims"]["PROVED"] == 5  # 3 policy claims, 2 tile-table proofs
 
 
 def test_unknown_claims_are_open_warnings_never_silent(tmp_path):

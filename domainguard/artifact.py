@@ -1,0 +1,175 @@
+"""Compiled directories on disk: written atomically, re-derived from their policy when read.
+
+A compiled directory (``domainguard compile -o DIR``) holds::
+
+    policy.yaml        the policy source the tables compile from (domain order = domain ids)
+    policy.json        the canonical policy (its sha256 is the policy digest)
+    domains.json       domain names in id order, pad id, layers, profile
+    relations.npy      the relation tables, bool [L, D, D]
+    certificate.json   subject digests (policy, tables, kernels, files), claims, findings
+    signature.json     optional (``--key``): Ed25519 over the certificate and every file
+
+A certified bundle (bundle.py) is a superset, so everything here reads bundles too.
+Nothing is written in place: files go to a temporary folder beside the target that is
+renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError
+
+POLICY_FILES = ("policy.yaml", "policy.json")
+
+
+def policy_text(compiled) -> str:
+    """The text the tables compile from: the source file when known, else the canonical policy."""
+    if compiled.source and Path(compiled.source).is_file():
+        return Path(compiled.source).read_text(encoding="utf-8")
+    return compiled.canonical_policy + "\n"
+
+
+def write_tables(compiled, root: Path) -> None:
+    """policy.yaml, policy.json, domains.json and relations.npy into ``root``."""
+    (root / "policy.yaml").write_text(policy_text(compiled), encoding="utf-8")
+    (root / "policy.json").write_text(compiled.canonical_policy + "\n", encoding="utf-8")
+    (root / "domains.json").write_text(json.dumps({
+        "domains": list(compiled.domains), "pad_id": compiled.pad_id, "layers": compiled.num_layers,
+        "profile": compiled.profile, "depth_given": compiled.flow.depth_given}, indent=1) + "\n")
+    with open(root / "relations.npy", "wb") as f:
+        np.save(f, np.ascontiguousarray(compiled.relations), allow_pickle=False)
+
+
+def temp_dir_beside(target: Path) -> Path:
+    """An empty folder next to ``target`` (same file system, so the final rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the result private by accident
+    return tmp
+
+
+def replace_dir(tmp: Path, target: Path) -> None:
+    """Move the finished folder ``tmp`` to ``target``; an old ``target`` is restored if the move fails."""
+    backup = None
+    if target.exists():
+        backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        backup.rmdir()
+        target.rename(backup)
+    try:
+        tmp.rename(target)
+    except OSError:
+        if backup is not None:
+            backup.rename(target)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def kernel_subject(compiled) -> dict:
+    """What enforces the tables: the digest of the frozen kernels (source and tables) and each source file."""
+    from .attention import GuardedAttention
+    from .kernels import source_manifest
+
+    return {"sha256": GuardedAttention(compiled).digest(), "method": "GuardedAttention.digest",
+            "files": source_manifest()}
+
+
+def table_claims(compiled) -> list[dict]:
+    """Translation-validation claims that hold for every layout of any length (Z3, well under a second):
+    the tile rules are sound, and no pattern adds a pair the policy forbids."""
+    from .validate import prove_patterns_within_policy, prove_tile_rules_sound
+
+    return [prove_patterns_within_policy(compiled), prove_tile_rules_sound(compiled)]
+
+
+def write_compiled(compiled, verdict, target: str | Path, *, key: str | None = None):
+    """Write the compiled directory ``target`` (everything lands, or nothing changes); returns (file digests,
+    certificate). The certificate adds the kernel digest and translation-validation claims to ``verdict``.
+
+    With ``key`` (an Ed25519 private key file) the directory is signed last.
+    """
+    from .certificate import from_verdict, sha256_file
+
+    target = Path(target).resolve()
+    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / "certificate.json").is_file())):
+        raise BundleError(f"{target}: exists and is not a compiled directory; refusing to replace it", code="DG451",
+                          hint="Choose a new or empty output folder.")
+    if key is not None:
+        from .signing import load_private_key
+
+        load_private_key(key)  # a bad key fails before anything is written
+    tmp = temp_dir_beside(target)
+    try:
+        write_tables(compiled, tmp)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        cert = from_verdict(compiled, verdict, files=files)
+        cert.subject["kernels"] = kernel_subject(compiled)
+        for claim in table_claims(compiled):
+            cert.add_claim(claim)
+        (tmp / "certificate.json").write_text(cert.to_json())
+        if key is not None:
+            from .signing import sign_certificate
+
+            sign_certificate(tmp, key)
+        replace_dir(tmp, target)
+        return files, cert
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_dir(path: Path):
+    """Re-derive a compiled directory or bundle from its policy; returns (compiled, certificate, problems).
+
+    ``problems`` lists every file that differs from what the certificate names or the policy compiles to.
+    """
+    from .certificate import Certificate, sha256_file
+    from .compiled import compile
+    from .parse import load_policy, loads_policy
+
+    path = Path(path)
+    cert = Certificate.load(path)
+    problems: list[str] = []
+    for name, digest in cert.subject.get("files", {}).items():
+        p = path / name
+        if not p.is_file():
+            problems.append(f"{p}: listed in the certificate but missing")
+        elif sha256_file(p) != digest:
+            problems.append(f"{p}: contents changed since certification (sha256 mismatch)")
+    if (path / "policy.yaml").is_file():
+        src = path / "policy.yaml"
+        policy = load_policy(src)
+    elif (path / "policy.json").is_file():
+        src = path / "policy.json"
+        policy = loads_policy(src.read_text(encoding="utf-8"), str(src))
+    else:
+        raise BundleError(f"{path}: no policy.yaml or policy.json", code="DG403")
+    layers = cert.scope.get("layers")
+    compiled = compile(policy, layers=layers if isinstance(layers, int) else None, profile=cert.scope.get("profile"),
+                       source=str(src))
+    canonical = path / "policy.json"
+    if canonical.is_file() and canonical.read_text(encoding="utf-8") != compiled.canonical_policy + "\n":
+        problems.append(f"{canonical}: not the canonical form of {src.name}")
+    if cert.subject.get("policy", {}).get("sha256") not in (None, compiled.policy_digest):
+        problems.append(f"{src}: policy digest differs from the certificate's")
+    rel_file = path / "relations.npy"
+    if rel_file.is_file():
+        try:
+            stored = np.load(rel_file, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            stored = None
+            problems.append(f"{rel_file}: unreadable ({exc})")
+        if stored is not None and (stored.shape != compiled.relations.shape or not (stored == compiled.relations).all()):
+            problems.append(f"{rel_file}: tables do not match the policy")
+    if cert.subject.get("tables", {}).get("sha256") not in (None, compiled.tables_digest):
+        problems.append(f"{path / 'certificate.json'}: tables digest does not match the policy")
+    return compiled, cert, problems
