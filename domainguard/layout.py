@@ -11,8 +11,12 @@ function of three per-token attributes only, never of where a token sits in a te
   (global tokens are the first k of each domain; -1 for padding).
 
 ``position_ids`` are what the model's positional encoding sees: ``index`` under
-``positions: global`` and ``domain_rank`` under ``positions: per_domain`` (which hides
-the length of other domains' segments from a token; DESIGN §2 "Positions").
+``positions: global``; ``domain_rank`` under ``positions: per_domain`` (which hides
+the length of other domains' segments from a token; DESIGN §2 "Positions"); under
+``positions: reach`` the count of earlier tokens of the domains a token may hold from
+layer 0 on — its own, and for the generation domain every domain whose information
+reaches the model's output — so a generated answer sits after everything it may read,
+as the model was trained to see it, while a forbidden segment's length stays hidden.
 
 Error codes (LayoutError): DG301 unknown domain name, DG303 domain id out of range,
 DG304 prompt does not end with a generation-domain token, DG305 no generation domain,
@@ -141,7 +145,7 @@ class Layout:
             _check_ends_with_generation(compiled, dom, valid)
         index = torch.where(valid, valid.long().cumsum(1) - 1, torch.full_like(dom, -1))
         rank = torch.where(valid, _ranks(dom, pad + 1), torch.full_like(dom, -1))
-        return cls(dom, index, _positions(compiled, index, rank), rank, valid, ids, compiled)
+        return cls(dom, index, _positions(compiled, index, rank, dom), rank, valid, ids, compiled)
 
     @classmethod
     def from_segments(
@@ -229,10 +233,11 @@ class Layout:
                 ids = torch.cat([self.input_ids, extra], 1)
         index = torch.cat([self.index, new_index], 1)
         rank = torch.cat([self.domain_rank, new_rank], 1)
+        dom = torch.cat([self.domain_ids, new_dom], 1)
         return Layout(
-            domain_ids=torch.cat([self.domain_ids, new_dom], 1),
+            domain_ids=dom,
             index=index,
-            position_ids=_positions(self.compiled, index, rank),
+            position_ids=_positions(self.compiled, index, rank, dom),
             domain_rank=rank,
             valid=torch.cat([self.valid, torch.ones_like(new_dom, dtype=torch.bool)], 1),
             input_ids=ids,
@@ -259,10 +264,26 @@ def query_columns(n: int, q_slice: slice | int | None) -> slice:
     raise LayoutError(f"q_slice must be None, an int or a slice, got {type(q_slice).__name__}", code="DG306")
 
 
-def _positions(compiled, index: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+def _positions(compiled, index: torch.Tensor, rank: torch.Tensor, dom: torch.Tensor) -> torch.Tensor:
     mode = getattr(compiled, "positions", "global")
+    if mode == "reach":
+        return _reach_positions(compiled, dom)
     pos = rank if mode == "per_domain" else index
     return pos.clamp_min(0)
+
+
+def _reach_positions(compiled, dom: torch.Tensor) -> torch.Tensor:
+    """Each token's count of earlier tokens (tensor order = sequence order for valid tokens) of the domains
+    ``compiled.position_sources`` lets its domain count; 0 for padding. O(D·B·N) time, O(B·N) memory."""
+    sources = compiled.position_sources.to(dom.device)
+    pos = torch.zeros_like(dom)
+    for d in torch.unique(dom).tolist():
+        if d == compiled.pad_id:
+            continue
+        counted = sources[d][dom].long()  # [B, N]: is each token of a domain that d counts?
+        before = counted.cumsum(1) - counted
+        pos = torch.where(dom == d, before, pos)
+    return pos
 
 
 def _check_ends_with_generation(compiled, dom: torch.Tensor, valid: torch.Tensor) -> None:

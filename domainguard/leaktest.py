@@ -295,7 +295,7 @@ def position_channel(model: nn.Module, compiled, *, lengths: tuple[int, int] = (
     matter too, as with rotary embeddings), and compares R's logits and hidden states
     bitwise. The padding keeps every token of A and R in the same column, so only the
     length of S differs. Under ``positions: global`` R's position ids shift with k; under
-    ``per_domain`` they do not. Returns {"positions", "source", "protected", "context",
+    ``per_domain`` and ``reach`` they do not. Returns {"positions", "source", "protected", "context",
     "lengths", "changed", "outputs_changed"}.
     """
     if not is_guarded(model):

@@ -132,7 +132,9 @@ class Policy(_Model):
     patterns: dict[DomainName, PatternValue] = Field(default_factory=dict)
     profiles: dict[DomainName, Profile] = Field(default_factory=dict)
     generation: Generation | None = None
-    positions: Literal["global", "per_domain"] = "global"
+    # global: sequence index. per_domain: rank among the token's own domain. reach: rank among the tokens of
+    # the domains the token may hold from layer 0 on (its own; for the generation domain, all it may read).
+    positions: Literal["global", "per_domain", "reach"] = "global"
     num_layers: int | None = Field(None, gt=0, description="Model depth, if the policy fixes it.")
 
     # Where each part came from (a parse.SourceMap), for errors that name file:line:column.

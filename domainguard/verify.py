@@ -46,8 +46,9 @@ def _propagate(flow, start: np.ndarray) -> np.ndarray:
     return R
 
 
-def reach_table(flow, sources: np.ndarray | None = None) -> np.ndarray:
-    """bool [D, K]: node domain n holds information of source k after a forward pass, decode feedback included."""
+def _feedback_fixpoint(flow, sources: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(at layer 0, after a forward pass), each bool [D, K]: domain n holds information of source k,
+    decode feedback included."""
     D = len(flow.tree.names)
     cols = np.arange(D) if sources is None else np.asarray(sources)
     start = np.zeros((D, len(cols)), dtype=np.float32)
@@ -61,7 +62,28 @@ def reach_table(flow, sources: np.ndarray | None = None) -> np.ndarray:
             break
         start[g] = merged
         R = _propagate(flow, start)
-    return R > 0
+    return start > 0, R > 0
+
+
+def reach_table(flow, sources: np.ndarray | None = None) -> np.ndarray:
+    """bool [D, K]: node domain n holds information of source k after a forward pass, decode feedback included."""
+    return _feedback_fixpoint(flow, sources)[1]
+
+
+def entry_table(flow) -> np.ndarray:
+    """bool [D, D]: [n, s] when a token of domain n may hold information of domain s already at layer 0.
+
+    That is n itself, and for the generation domain everything the model's last layer holds there
+    (a generated token re-enters carrying it). ``positions: reach`` counts exactly these domains,
+    so a position id carries nothing the verifier has not already let reach the token at layer 0.
+    Without a fixed depth, the any-depth closure stands in for the last layer.
+    """
+    if flow.depth_given:
+        return _feedback_fixpoint(flow)[0]
+    table = np.eye(len(flow.tree.names), dtype=bool)
+    if flow.generation is not None:
+        table[flow.generation] |= closure(flow)[flow.generation]
+    return table
 
 
 def closure(flow) -> np.ndarray:
@@ -345,7 +367,7 @@ def verify(compiled, *, explain: bool = True, suggest: bool = False, timeout_ms:
         findings.append({
             "code": "DGF01", "severity": "warning",
             "message": "positions are global: a protected token can learn the length of an earlier forbidden "
-                       "segment from its position id; set `positions: per_domain` to close this channel",
+                       "segment from its position id; set `positions: reach` (or `per_domain`) to close this channel",
         })
     suggestion = solver.suggest(compiled, timeout_ms=timeout_ms) if suggest else None
     status = combine_status(r.status for r in results) if results else Status.PROVED

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import re
 import sys
 import time
 from pathlib import Path
@@ -276,16 +277,20 @@ def run_scenario(name, model, dense, tokenizer, report, args, say) -> dict:
     del reloaded
     unguard(model)
 
-    if compiled.positions == "per_domain":
-        # Per-domain positions put every segment at position 0, which a model trained on one running
-        # position was never shown; the same policy with global positions shows what it costs.
-        text = (ROOT / sc["policy"]).read_text().replace("positions: per_domain", "positions: global")
-        glob = dg.compile(dg.loads_policy(text, sc["policy"]), layers=layers)
-        dg.guard(model, glob)
-        say("    the same policy with `positions: global` (the position geometry the model was trained on; "
-            "segment lengths get through: finding DGF01):")
-        result["global"] = generation_check(model, None, glob, sc, tokenizer, args.new_tokens, say, "   ")
-        unguard(model)
+    if compiled.positions != "global":
+        # The position geometry the model was trained on (one running position), for comparison: the same
+        # policy with global positions, where segment lengths get through (finding DGF01), and with
+        # per-domain positions, where every segment, the answer included, starts again at 0.
+        for mode, note in (("global", "segment lengths get through: finding DGF01"),
+                           ("per_domain", "every segment starts at position 0")):
+            if mode == compiled.positions:
+                continue
+            text = re.sub(r"(?m)^positions:.*$", f"positions: {mode}", (ROOT / sc["policy"]).read_text())
+            other = dg.compile(dg.loads_policy(text, sc["policy"]), layers=layers)
+            dg.guard(model, other)
+            say(f"    the same policy with `positions: {mode}` ({note}):")
+            result[mode] = generation_check(model, None, other, sc, tokenizer, args.new_tokens, say, "   ")
+            unguard(model)
     return result
 
 

@@ -56,6 +56,38 @@ def test_per_domain_positions_hide_other_lengths():
     assert long.position_ids.tolist() == [[0, 0, 1, 2, 3, 0]]
 
 
+def test_reach_positions_count_what_the_token_may_hold():
+    c = compiled("reach")
+    sy, pu, pr, an = (c.id_of(n) for n in ("system", "public", "private", "answer"))
+    # answer (the generation domain) counts system, public and answer tokens — never private ones;
+    # every other domain counts its own.
+    lay = dg.Layout.from_ids(c, [[sy, sy, pr, pu, pr, pr, pu, an, an]])
+    assert lay.position_ids.tolist() == [[0, 1, 0, 0, 1, 2, 1, 4, 5]]
+    longer = dg.Layout.from_ids(c, [[sy, sy, pr, pr, pr, pr, pr, pu, pr, pr, pu, an, an]])
+    assert longer.position_ids[0, -2:].tolist() == lay.position_ids[0, -2:].tolist()
+    # Decoding continues the count; padding counts for nothing.
+    ext = dg.Layout.from_ids(c, [[sy, pu, an, c.pad_id], [sy, pr, pu, an]]).extend(2)
+    assert ext.position_ids[:, -2:].tolist() == [[3, 4], [3, 4]]
+    assert ext.position_ids[1, :4].tolist() == [0, 0, 0, 2]
+
+
+def test_reach_positions_follow_the_decode_feedback_through_layers():
+    # answer reads public, which reads system: after 2 layers answer holds system too, and a generated answer
+    # token re-enters at layer 0 with it, so answer counts system tokens; after 1 layer it holds public only.
+    text = POLICY.replace("{positions}", "reach").replace("answer: [system, public]", "answer: [public]")
+    two = dg.compile(dg.loads_policy(text), layers=2)
+    src = two.position_sources
+    ids = {n: two.id_of(n) for n in ("system", "public", "private", "answer")}
+    assert src[ids["answer"], ids["system"]] and src[ids["answer"], ids["public"]]
+    assert not src[ids["answer"], ids["private"]]
+    one = dg.compile(dg.loads_policy(text), layers=1)
+    assert not one.position_sources[ids["answer"], ids["system"]]
+    assert one.position_sources[ids["answer"], ids["public"]]
+    for d in ("system", "public", "private"):  # non-generation domains count only themselves
+        assert two.position_sources[ids[d]].nonzero().flatten().tolist() == [ids[d]]
+    assert not two.position_sources[two.pad_id].any() and not two.position_sources[:, two.pad_id].any()
+
+
 def test_padding_mask_and_pad_id():
     c = compiled()
     sy, an = c.id_of("system"), c.id_of("answer")

@@ -147,10 +147,12 @@ def test_global_positions_leak_the_length_of_a_forbidden_segment(make):
     assert "logits" in result["outputs_changed"]
 
 
+@pytest.mark.parametrize("positions", ["per_domain", "reach"])
 @pytest.mark.parametrize("make", [tiny_llama, tiny_bert], ids=["llama", "bert"])
-def test_per_domain_positions_close_the_length_channel(make):
-    model = dg.guard(make(), compiled("per_domain"))
-    result = position_channel(model, compiled("per_domain"), lengths=(1, 7))
+def test_per_domain_and_reach_positions_close_the_length_channel(make, positions):
+    model = dg.guard(make(), compiled(positions))
+    result = position_channel(model, compiled(positions), lengths=(1, 7))
+    assert result["positions"] == positions and result["context"] == "system"
     assert not result["changed"], result
 
 
