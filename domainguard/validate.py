@@ -719,9 +719,25 @@ def validation_claims(
         claims += [prove_tiles_sound(compiled, **scope), prove_decode_alignment(compiled, **scope)]
     heads = list(representative_heads(compiled))
     for n, layout in enumerate(layouts):
-        for layer in range(compiled.num_layers):
-            for b in block_sizes:
-                claim = check_blockmap(build_blockmap(layout, compiled, layer, block_q=b, block_k=b, head=heads), compiled)
-                claim["id"] = f"tables-exhaustive[layout={n},layer={layer},block={b}]"
-                claims.append(claim)
+        for b in block_sizes:
+            per_layer = [check_blockmap(build_blockmap(layout, compiled, layer, block_q=b, block_k=b, head=heads), compiled)
+                         for layer in range(compiled.num_layers)]
+            claims.append(_merge_layers(per_layer, f"tables-exhaustive[layout={n},block={b}]"))
     return claims
+
+
+def _merge_layers(per_layer: list[dict], claim_id: str) -> dict:
+    """One claim for a layout's tables at every layer: REFUTED if any layer's is, with that layer's witness."""
+    first = per_layer[0]
+    bad = next((c for c in per_layer if c["status"] != "PROVED"), None)
+    totals = {key: sum(c["details"][key] for c in per_layer) for key in first["details"]}
+    scope = {k: v for k, v in first["scope"].items() if k != "layer"}
+    return {
+        **first,
+        "id": claim_id,
+        "scope": {**scope, "layers": [c["scope"]["layer"] for c in per_layer]},
+        "method": {**first["method"], "seconds": round(sum(c["method"]["seconds"] for c in per_layer), 6)},
+        "status": combine_status(Status(c["status"]) for c in per_layer).value,
+        "witness": [{"layer": bad["scope"]["layer"], **w} for w in bad["witness"] or []] if bad else None,
+        "details": totals,
+    }

@@ -219,6 +219,13 @@ def generation_check(model, dense, compiled, sc, tokenizer, n: int, say, tag: st
     return result
 
 
+def _claim_kinds(cert) -> str:
+    kinds: dict[str, list[str]] = {}
+    for c in cert.claims:
+        kinds.setdefault(c.kind, []).append(c.status)
+    return ", ".join(f"{k} {len(v)}× {'/'.join(sorted(set(v)))}" for k, v in kinds.items())
+
+
 def run_scenario(name, model, dense, tokenizer, report, args, say) -> dict:
     sc = SCENARIOS[name]
     policy = dg.load_policy(ROOT / sc["policy"])
@@ -271,7 +278,7 @@ def run_scenario(name, model, dense, tokenizer, report, args, say) -> dict:
     state = guard_state(reloaded)
     files = sum(1 for p in out.rglob("*") if p.is_file())
     say(f"certified: {out} ({files} files, verdict {state.certificate.verdict}, "
-        f"claims {', '.join(c.id for c in state.certificate.claims)}); reloaded and re-checked "
+        f"{len(state.certificate.claims)} claims: {_claim_kinds(state.certificate)}); reloaded and re-checked "
         f"[{time.perf_counter() - start:.0f} s]")
     result.update(bundle=str(out), certificate=state.certificate.verdict)
     del reloaded

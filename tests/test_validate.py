@@ -11,6 +11,7 @@ import domainguard as dg
 from domainguard.blockmap import EMPTY, FULL, build_blockmap
 from domainguard.patterns import Causal, rules_for
 from domainguard.validate import (
+    _merge_layers,
     check_blockmap,
     prove_decode_alignment,
     prove_patterns_within_policy,
@@ -138,6 +139,15 @@ def test_exhaustive_checker_catches_a_tampered_table(compiled):
     kinds[tuple(empty)] = FULL  # claims a tile of forbidden pairs is all allowed
     claim = check_blockmap(dataclasses.replace(bm, kinds=kinds), compiled)
     assert claim["status"] == "REFUTED" and claim["witness"][0]["kind"] == "FULL"
+    # Merged over layers (as certificates carry it), one bad layer refutes the whole claim and is named.
+    good = [check_blockmap(build_blockmap(layout, compiled, layer, block_q=32, block_k=32), compiled)
+            for layer in range(compiled.num_layers)]
+    merged = _merge_layers(good, "t")
+    assert merged["status"] == "PROVED" and merged["scope"]["layers"] == list(range(compiled.num_layers))
+    bad = dict(claim, scope={**claim["scope"], "layer": 1})
+    merged = _merge_layers([good[0], bad] + good[2:], "t")
+    assert merged["status"] == "REFUTED" and merged["witness"][0]["layer"] == 1
+    assert merged["details"]["full_violations"] == claim["details"]["full_violations"]
 
 
 @st.composite
