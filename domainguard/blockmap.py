@@ -18,16 +18,21 @@ O((Nq/Bq)·(Nk/Bk)·D) on the layout's device, using the tile rules of patterns.
             NOT rule_r.tile_any(span_r, span of keys r may read); and no random link lands in it
 
 validate.py proves these rules sound with Z3 and re-checks concrete tables exhaustively.
+Two builders give identical tables: torch ops (any device) and three fused Triton kernels
+(CUDA; ``backend="auto"`` picks them there), which run the same rules (see _SrcOps).
 The ragged last tile (N not a multiple of the block size) is classified over the tokens
 that exist; kernels bound-check it as always.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import os
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
-
-import weakref
 
 import torch
 
@@ -128,16 +133,21 @@ def _random_hits(q: TokenAttrs, k: TokenAttrs, rel: torch.Tensor, rules, block_q
 _REL_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _relation_on(compiled, layer: int, device: torch.device) -> torch.Tensor:
-    """``compiled.relation(layer)`` on ``device``, cached per policy object (no host copy per build)."""
+def _cached(compiled, key, make):
+    """``make()`` cached per policy object under ``key`` (policies are frozen; no cache if not weak-referenceable)."""
     try:
         per = _REL_CACHE.setdefault(compiled, {})
-    except TypeError:  # not weak-referenceable: no cache
-        return compiled.relation(layer).to(device)
-    key = (layer, str(device))
-    if key not in per:
-        per[key] = compiled.relation(layer).to(device)
-    return per[key]
+    except TypeError:
+        return make()
+    got = per.get(key)
+    if got is None:
+        got = per[key] = make()
+    return got
+
+
+def _relation_on(compiled, layer: int, device: torch.device) -> torch.Tensor:
+    """``compiled.relation(layer)`` on ``device``, cached per policy object (no host copy per build)."""
+    return _cached(compiled, ("relation", layer, str(device)), lambda: compiled.relation(layer).to(device))
 
 
 def _classify(q: TokenAttrs, k: TokenAttrs, rel: torch.Tensor, rules: Sequence[MaskRule], block_q: int, block_k: int) -> torch.Tensor:
@@ -202,6 +212,379 @@ def _flex_lists(kinds: torch.Tensor, kind: int) -> tuple[torch.Tensor, torch.Ten
     num = sel.sum(-1, dtype=torch.int32)
     idx = torch.sort((~sel).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
     return num, idx
+
+
+# --- fused path: three Triton kernels (CUDA, or TRITON_INTERPRET=1) --------------------------
+#
+# The same summaries, rules and tables as the torch path above, in three launches instead of
+# ~55: (1) per-tile summaries, with domain sets as int64 bitmasks (D+1 <= 64); (2) one program
+# per (query tile, row) classifying every key tile; (3) the index lists. The tile rules are not
+# rewritten for the kernel: each MaskRule's own tile_any/tile_all (the code validate.py proves
+# with Z3) is evaluated once on symbolic operands (_SrcOps) to emit the Triton expression that
+# kernel (2) runs, so the three backends (torch, Z3, Triton) share one definition of the rules.
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with torch's CUDA builds
+    triton = None
+
+_MAX_BITS = 64  # domain sets are int64 bitmasks over ids 0..D (pads included)
+_INT32 = 1 << 31
+
+
+class _Src:
+    """A Triton source expression; Python operators build bigger expressions (for the tile rules)."""
+
+    __slots__ = ("text",)
+    __hash__ = None
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __bool__(self):
+        raise TypeError("a tile rule branched on a symbolic value")
+
+    def _bin(op, flip=False):
+        def f(a, b):
+            x, y = (_src(b), a.text) if flip else (a.text, _src(b))
+            return _Src(f"({x} {op} {y})")
+
+        return f
+
+    __add__, __sub__, __mul__ = _bin("+"), _bin("-"), _bin("*")
+    __radd__, __rsub__, __rmul__ = _bin("+", True), _bin("-", True), _bin("*", True)
+    __lt__, __le__, __gt__, __ge__ = _bin("<"), _bin("<="), _bin(">"), _bin(">=")
+    __eq__, __ne__ = _bin("=="), _bin("!=")
+    __and__, __or__ = _bin("&"), _bin("|")
+    del _bin
+
+    def __neg__(self):
+        return _Src(f"(-{self.text})")
+
+
+def _src(x) -> str:
+    if isinstance(x, _Src):
+        return x.text
+    if isinstance(x, int) and not isinstance(x, bool) and -_INT32 < x < _INT32:
+        return str(x)  # int32 constants only: the torch path computes in int32
+    raise TypeError(f"no Triton form for {x!r}")
+
+
+def _positive(n) -> int:
+    if isinstance(n, int) and not isinstance(n, bool) and 0 < n < _INT32:
+        return n
+    raise TypeError(f"divisor {n!r} is not a positive int32")
+
+
+def _call(fn: str, second) -> staticmethod:
+    """An ops method ``(a, b) -> fn(a, b)`` over source text, ``second`` checking b."""
+    return staticmethod(lambda a, b: _Src(f"{fn}({_src(a)}, {second(b)})"))
+
+
+class _SrcOps:
+    """The patterns ``ops`` interface over Triton source text (floor division as in torch)."""
+
+    name = "triton"
+
+    @staticmethod
+    def and_(*xs):
+        return _Src("(" + " & ".join(_src(x) for x in xs) + ")")
+
+    @staticmethod
+    def or_(*xs):
+        return _Src("(" + " | ".join(_src(x) for x in xs) + ")")
+
+    @staticmethod
+    def not_(x):
+        return _Src(f"({_src(x)} == 0)")
+
+    @staticmethod
+    def const(value: bool, like):
+        return _Src(f"({_src(like)} {'==' if value else '!='} {_src(like)})")
+
+    min = _call("tl.minimum", _src)
+    max = _call("tl.maximum", _src)
+    fdiv = _call("_dg_fdiv", _positive)
+    mod = _call("_dg_mod", _positive)
+
+    @staticmethod
+    def linked(part, qi, ki):
+        raise TypeError("random links are marked from the links themselves, not by a span rule")
+
+
+_KERNEL_HEAD = '''"""Generated by domainguard.blockmap from a tuple of MaskRules; do not edit."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dg_mod(a, n: tl.constexpr):
+    r = a % n
+    return tl.where(r < 0, r + n, r)
+
+
+@triton.jit
+def _dg_fdiv(a, n: tl.constexpr):
+    return (a - _dg_mod(a, n)) // n
+
+
+@triton.jit
+def {name}(
+    qp_ptr, qf_ptr, qlo_ptr, qhi_ptr, qrlo_ptr, qrhi_ptr,
+    kp_ptr, kh_ptr, alo_ptr, ahi_ptr, arlo_ptr, kalo_ptr, kahi_ptr, karlo_ptr, karhi_ptr,
+    group_ptr, out_ptr, out_stride_b, Tq, Tk, D, BK: tl.constexpr,
+):
+    i = tl.program_id(0)
+    b = tl.program_id(1)
+    qrow = b * Tq + i
+    qp = tl.load(qp_ptr + qrow)
+    qf = tl.load(qf_ptr + qrow)
+    for j0 in range(0, Tk, BK):
+        j = j0 + tl.arange(0, BK)
+        jm = j < Tk
+        krow = b * Tk + j
+        kp = tl.load(kp_ptr + krow, mask=jm, other=0)
+        kh = tl.load(kh_ptr + krow, mask=jm, other=0)
+        kalo = tl.load(kalo_ptr + krow, mask=jm, other=0)
+        kahi = tl.load(kahi_ptr + krow, mask=jm, other=0)
+{kall_rank}        all_ = (qf & kp) == 0
+        any_ = j < 0
+        for r in range(0, D):
+            if ((qp >> r) & 1) != 0:
+                g = tl.load(group_ptr + r)
+                khas = ((kh >> r) & 1) != 0
+                qlo = tl.load(qlo_ptr + qrow * D + r)
+                qhi = tl.load(qhi_ptr + qrow * D + r)
+                klo = tl.load(alo_ptr + krow * D + r, mask=jm, other=0)
+                khi = tl.load(ahi_ptr + krow * D + r, mask=jm, other=0)
+{span_rank}{groups}        kind = tl.where(all_, {full}, tl.where(any_, {partial}, {empty}))
+        tl.store(out_ptr + b * out_stride_b + i * Tk + j, kind.to(tl.uint8), mask=jm)
+'''
+_KALL_RANK = """        karlo = tl.load(karlo_ptr + krow, mask=jm, other=0)
+        karhi = tl.load(karhi_ptr + krow, mask=jm, other=0)
+"""
+_SPAN_RANK = """                qrlo = tl.load(qrlo_ptr + qrow * D + r)
+                qrhi = tl.load(qrhi_ptr + qrow * D + r)
+                krlo = tl.load(arlo_ptr + krow * D + r, mask=jm, other=0)
+"""
+
+
+def _kernel_source(rules: tuple, name: str) -> str:
+    """Source of the classification kernel for ``rules`` (TypeError where a rule has no Triton form)."""
+    need_rank = any(r.needs_rank for r in rules)
+    qspan = Span(_Src("qlo"), _Src("qhi"), _Src("qrlo") if need_rank else None, _Src("qrhi") if need_rank else None)
+    kspan = Span(_Src("klo"), _Src("khi"), _Src("krlo") if need_rank else None, None)
+    kall = Span(_Src("kalo"), _Src("kahi"), _Src("karlo") if need_rank else None, _Src("karhi") if need_rank else None)
+    ops = _SrcOps()
+    body = []
+    for gid, rule in enumerate(group_domains(rules)):
+        pad = " " * 16
+        body.append(f"{pad}if g == {gid}:\n")
+        if rule.dense:
+            body.append(f"{pad}    any_ = any_ | khas\n")
+            continue
+        body.append(f"{pad}    any_ = any_ | (khas & {_src(rule.tile_any(ops, qspan, kspan))})\n")
+        body.append(f"{pad}    all_ = all_ & {_src(rule.tile_all(ops, qspan, kall))}\n")
+    return _KERNEL_HEAD.format(
+        name=name,
+        kall_rank=_KALL_RANK if need_rank else "",
+        span_rank=_SPAN_RANK if need_rank else "",
+        groups="".join(body),
+        full=FULL,
+        partial=PARTIAL,
+        empty=EMPTY,
+    )
+
+
+_KERNELS: dict = {}  # rules tuple -> generated kernel, or the TypeError saying why there is none
+
+
+def _kernel_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "domainguard", "tile_kernels")
+    try:
+        os.makedirs(path, exist_ok=True)
+        return path
+    except OSError:
+        path = os.path.join(tempfile.gettempdir(), f"domainguard-tile-kernels-{os.getuid()}")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+
+def _classify_kernel(rules: tuple):
+    """The generated classification kernel of ``rules`` (cached; Triton needs its source in a file)."""
+    got = _KERNELS.get(rules)
+    if got is None:
+        try:
+            probe = _kernel_source(rules, "KERNEL")
+            name = "dg_classify_" + hashlib.sha256(probe.encode()).hexdigest()[:16]
+            text = _kernel_source(rules, name)
+            path = os.path.join(_kernel_dir(), name + ".py")
+            if not os.path.exists(path):
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".py")
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                os.replace(tmp, path)
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            got = getattr(module, name)
+        except TypeError as e:
+            got = e
+        _KERNELS[rules] = got
+    return got
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_summaries(
+        dom_ptr, idx_ptr, rank_ptr, rel_ptr, N, T, D,
+        p_ptr, f_ptr, kh_ptr, lo_ptr, hi_ptr, rlo_ptr, rhi_ptr, alo_ptr, ahi_ptr, arlo_ptr,
+        kalo_ptr, kahi_ptr, karlo_ptr, karhi_ptr,
+        BLOCK: tl.constexpr, BP: tl.constexpr, DP: tl.constexpr, NEED_RANK: tl.constexpr, BIG: tl.constexpr,
+    ):
+        """One program per (tile, row): _summarise plus the per-key-tile reductions of _classify."""
+        t = tl.program_id(0)
+        b = tl.program_id(1)
+        lane = tl.arange(0, BP)
+        offs = t * BLOCK + lane
+        m = (lane < BLOCK) & (offs < N)
+        dom = tl.load(dom_ptr + b * N + offs, mask=m, other=-1)
+        idx = tl.load(idx_ptr + b * N + offs, mask=m, other=0).to(tl.int32)
+        c = tl.arange(0, DP)
+        onehot = (dom[:, None] == c[None, :]) & m[:, None] & (c < D + 1)[None, :]  # ids 0..D; pads are id D
+        real = onehot & (c < D)[None, :]
+        present = tl.max(onehot.to(tl.int32), axis=0) > 0
+        bit = tl.full([DP], 1, tl.int64) << c.to(tl.int64)
+        lo = tl.min(tl.where(real, idx[:, None], BIG), axis=0)
+        hi = tl.max(tl.where(real, idx[:, None], -BIG), axis=0)
+        row = (b * T + t) * D
+        cm = c < D
+        tl.store(lo_ptr + row + c, lo, mask=cm)
+        tl.store(hi_ptr + row + c, hi, mask=cm)
+        # relation rows r, columns s (pad row/column included)
+        rr = tl.arange(0, DP)[:, None]
+        ss = tl.arange(0, DP)[None, :]
+        inside = (rr < D + 1) & (ss < D + 1)
+        rel = tl.load(rel_ptr + rr * (D + 1) + ss, mask=inside, other=0) != 0
+        readable = rel & (rr < D) & (ss < D)
+        # key side: per query domain r, the keys r may read
+        tl.store(alo_ptr + row + c, tl.min(tl.where(readable, lo[None, :], BIG), axis=1), mask=cm)
+        tl.store(ahi_ptr + row + c, tl.max(tl.where(readable, hi[None, :], -BIG), axis=1), mask=cm)
+        has_allowed = tl.max((readable & present[None, :]).to(tl.int32), axis=1) > 0
+        tl.store(kh_ptr + b * T + t, tl.sum(tl.where(has_allowed, bit, 0), axis=0))
+        # query side: key domains forbidden to some domain present here (pads included)
+        forbidden = inside & (rel == 0) & present[:, None]
+        fb = tl.max(forbidden.to(tl.int32), axis=0) > 0
+        tl.store(f_ptr + b * T + t, tl.sum(tl.where(fb, bit, 0), axis=0))
+        tl.store(p_ptr + b * T + t, tl.sum(tl.where(present, bit, 0), axis=0))
+        tl.store(kalo_ptr + b * T + t, tl.min(lo, axis=0))
+        tl.store(kahi_ptr + b * T + t, tl.max(hi, axis=0))
+        if NEED_RANK:
+            rank = tl.load(rank_ptr + b * N + offs, mask=m, other=0).to(tl.int32)
+            rlo = tl.min(tl.where(real, rank[:, None], BIG), axis=0)
+            rhi = tl.max(tl.where(real, rank[:, None], -BIG), axis=0)
+            tl.store(rlo_ptr + row + c, rlo, mask=cm)
+            tl.store(rhi_ptr + row + c, rhi, mask=cm)
+            tl.store(arlo_ptr + row + c, tl.min(tl.where(readable, rlo[None, :], BIG), axis=1), mask=cm)
+            tl.store(karlo_ptr + b * T + t, tl.min(rlo, axis=0))
+            tl.store(karhi_ptr + b * T + t, tl.max(rhi, axis=0))
+
+    @triton.jit
+    def _tile_lists(kinds_ptr, pnum_ptr, pidx_ptr, fnum_ptr, fidx_ptr, Tk, BK: tl.constexpr, PARTIAL_: tl.constexpr, FULL_: tl.constexpr):
+        """One program per table row: _flex_lists for PARTIAL and FULL (selected ascending, then the rest)."""
+        row = tl.program_id(0)
+        base = row.to(tl.int64) * Tk
+        zero = tl.sum(tl.zeros([BK], tl.int32), axis=0)
+        n_p = zero
+        n_f = zero
+        for j0 in range(0, Tk, BK):
+            j = j0 + tl.arange(0, BK)
+            kind = tl.load(kinds_ptr + base + j, mask=j < Tk, other=255)
+            n_p += tl.sum((kind == PARTIAL_).to(tl.int32), axis=0)
+            n_f += tl.sum((kind == FULL_).to(tl.int32), axis=0)
+        tl.store(pnum_ptr + row, n_p)
+        tl.store(fnum_ptr + row, n_f)
+        c_p = zero
+        c_f = zero
+        for j0 in range(0, Tk, BK):
+            j = j0 + tl.arange(0, BK)
+            jm = j < Tk
+            kind = tl.load(kinds_ptr + base + j, mask=jm, other=255)
+            s_p = (kind == PARTIAL_).to(tl.int32)
+            s_f = (kind == FULL_).to(tl.int32)
+            k_p = c_p + tl.cumsum(s_p, axis=0)  # selected up to and including j
+            k_f = c_f + tl.cumsum(s_f, axis=0)
+            tl.store(pidx_ptr + base + tl.where(s_p != 0, k_p - 1, n_p + j - k_p), j, mask=jm)
+            tl.store(fidx_ptr + base + tl.where(s_f != 0, k_f - 1, n_f + j - k_f), j, mask=jm)
+            c_p += tl.sum(s_p, axis=0)
+            c_f += tl.sum(s_f, axis=0)
+
+
+def _fused_usable(device: torch.device, num_domains: int, rule_rows) -> bool:
+    if triton is None or num_domains + 1 > _MAX_BITS:
+        return False
+    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return False
+    return all(not isinstance(_classify_kernel(r), TypeError) for r in rule_rows)
+
+
+def _fused_summaries(a: TokenAttrs, rel8: torch.Tensor, d: int, block: int, need_rank: bool) -> tuple:
+    b, n = a.domain.shape
+    t = max(1, -(-n // block))
+    dev = a.domain.device
+    spans = torch.empty(7, b, t, d, dtype=_SPAN, device=dev)  # lo hi rlo rhi | allowed lo hi rlo
+    kall = torch.empty(4, b, t, dtype=_SPAN, device=dev)  # all keys: lo hi rlo rhi
+    bits = torch.empty(3, b, t, dtype=torch.int64, device=dev)  # present, forbidden-to-present, has-allowed
+    dom, idx, rank = (x.contiguous() for x in a)
+    _tile_summaries[(t, b)](
+        dom, idx, rank, rel8, n, t, d,
+        bits[0], bits[1], bits[2], *spans, *kall,
+        BLOCK=block, BP=triton.next_power_of_2(block), DP=max(2, triton.next_power_of_2(d + 1)), NEED_RANK=need_rank, BIG=_BIG,
+    )
+    return bits, spans, kall
+
+
+def _fused_tables(q: TokenAttrs, k: TokenAttrs, compiled, layer: int, relation, rule_rows, block_q: int, block_k: int):
+    """(kinds [B, H, Tq, Tk] uint8, partial_num, partial_idx, full_num, full_idx) through the Triton kernels."""
+    d = len(rule_rows[0])
+    dev = q.domain.device
+    need_rank = any(r.needs_rank for rules in rule_rows for r in rules)
+    rel8 = _cached(compiled, ("rel8", layer, str(dev)), lambda: relation.to(torch.int8).contiguous())
+    qsum = _fused_summaries(q, rel8, d, block_q, need_rank)
+    same = block_q == block_k and all(a.shape == b.shape and a.data_ptr() == b.data_ptr() for a, b in zip(q, k))
+    ksum = qsum if same else _fused_summaries(k, rel8, d, block_k, need_rank)
+    (qbits, qspans, _), (kbits, kspans, kall) = qsum, ksum
+    bsz, tq, tk = qbits.shape[1], qbits.shape[2], kbits.shape[2]
+    kinds = torch.empty(bsz, len(rule_rows), tq, tk, dtype=torch.uint8, device=dev)
+    bk = min(128, max(16, triton.next_power_of_2(tk)))
+    done: dict = {}
+    for h, rules in enumerate(rule_rows):
+        if rules in done:
+            kinds[:, h] = kinds[:, done[rules]]
+            continue
+        done[rules] = h
+        groups = _cached(compiled, ("groups", rules, str(dev)), lambda: _group_ids(rules, dev))
+        out = kinds[:, h]
+        _classify_kernel(rules)[(tq, bsz)](
+            qbits[0], qbits[1], qspans[0], qspans[1], qspans[2], qspans[3],
+            kbits[0], kbits[2], kspans[4], kspans[5], kspans[6], *kall,
+            groups, out, out.stride(0), tq, tk, d, BK=bk,
+        )
+        hits = _random_hits(q, k, relation, rules, block_q, block_k, tq, tk)
+        if hits is not None:
+            out.masked_fill_(hits & (out == EMPTY), PARTIAL)
+    lists = [torch.empty(bsz, len(rule_rows), tq, *shape, dtype=torch.int32, device=dev) for shape in ((), (tk,), (), (tk,))]
+    _tile_lists[(bsz * len(rule_rows) * tq,)](kinds, *lists, tk, BK=bk, PARTIAL_=PARTIAL, FULL_=FULL)
+    return (kinds, *lists)
+
+
+def _group_ids(rules: tuple, device) -> torch.Tensor:
+    """int32 [D]: the index (in group_domains order) of each domain's rule."""
+    gid = {rule: g for g, rule in enumerate(group_domains(rules))}
+    return torch.tensor([gid[r] for r in rules], dtype=torch.int32, device=device)
 
 
 # --- the artifact ----------------------------------------------------------------------------
@@ -302,13 +685,19 @@ def build_blockmap_from_attrs(
     block_k: int = 128,
     heads: Sequence[int] | None = None,
     rules: Sequence[Sequence[MaskRule]] | None = None,
+    backend: str = "auto",
 ) -> BlockMap:
     """Tile tables over tokens in any order (reordered tokens, decode): ``q``/``k`` fields [B, Nq] / [B, Nk].
 
     ``heads`` None builds one table shared by all heads (LayoutError DG308 if the policy has
     per-head patterns); otherwise one table per listed head. ``rules`` (one tuple of per-domain
     MaskRules per head row) overrides the policy's patterns — for validation experiments only.
+    ``backend``: ``"torch"`` (vectorised torch ops, any device), ``"triton"`` (three fused
+    kernels: CUDA, or the CPU under ``TRITON_INTERPRET=1``; at most 63 domains) or ``"auto"``
+    (Triton on CUDA where it applies, torch elsewhere). Both give identical tables.
     """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if block_q <= 0 or block_k <= 0:
         raise LayoutError(f"block sizes must be positive, got {block_q}x{block_k}", code="DG306")
     if q.domain.dim() != 2 or k.domain.dim() != 2 or q.domain.shape[0] != k.domain.shape[0]:
@@ -322,24 +711,36 @@ def build_blockmap_from_attrs(
     relation = _relation_on(compiled, layer, q.domain.device)
     if rules is None:
         if heads is None:
-            if representative_heads(compiled) != (0,):
+            if _cached(compiled, "representative_heads", lambda: representative_heads(compiled)) != (0,):
                 raise LayoutError(
                     "the policy has per-head patterns; pass head=... (an int or a list of heads)",
                     code="DG308",
                 )
-            rules = [rules_for(compiled, layer, 0)]
+            heads_for_rules = (0,)
         else:
-            rules = [rules_for(compiled, layer, h) for h in heads]
+            heads_for_rules = tuple(heads)
+        rules = [_cached(compiled, ("rules", layer, h), lambda: tuple(rules_for(compiled, layer, h))) for h in heads_for_rules]
     rules = [tuple(r) for r in rules]
-    tables = {}
-    per_head = []
-    for r in rules:
-        if r not in tables:
-            tables[r] = _classify(q, k, relation, r, block_q, block_k)
-        per_head.append(tables[r])
-    kinds = torch.stack(per_head, 1)  # [B, H, Tq, Tk]
-    partial_num, partial_idx = _flex_lists(kinds, PARTIAL)
-    full_num, full_idx = _flex_lists(kinds, FULL)
+    fused = backend == "triton" or (backend == "auto" and q.domain.is_cuda)
+    if fused and not (q.domain.shape[0] and _fused_usable(q.domain.device, len(rules[0]), rules)):
+        if backend == "triton":
+            raise ValueError(
+                "the Triton tile builder needs CUDA (or TRITON_INTERPRET=1 on the CPU), at most "
+                f"{_MAX_BITS - 1} domains and rules with a Triton form"
+            )
+        fused = False
+    if fused:
+        kinds, partial_num, partial_idx, full_num, full_idx = _fused_tables(q, k, compiled, layer, relation, rules, block_q, block_k)
+    else:
+        tables = {}
+        per_head = []
+        for r in rules:
+            if r not in tables:
+                tables[r] = _classify(q, k, relation, r, block_q, block_k)
+            per_head.append(tables[r])
+        kinds = torch.stack(per_head, 1)  # [B, H, Tq, Tk]
+        partial_num, partial_idx = _flex_lists(kinds, PARTIAL)
+        full_num, full_idx = _flex_lists(kinds, FULL)
     return BlockMap(
         block_q=block_q,
         block_k=block_k,
@@ -368,11 +769,12 @@ def build_blockmap(
     block_k: int = 128,
     head: int | Sequence[int] | None = None,
     q_slice=None,
+    backend: str = "auto",
 ) -> BlockMap:
     """Tile tables of ``layer`` for ``layout`` (queries: all tokens, or those in ``q_slice`` for decode)."""
     heads = None if head is None else ([head] if isinstance(head, int) else list(head))
     return build_blockmap_from_attrs(
-        layout.attrs(q_slice), layout.attrs(), compiled, layer, block_q=block_q, block_k=block_k, heads=heads
+        layout.attrs(q_slice), layout.attrs(), compiled, layer, block_q=block_q, block_k=block_k, heads=heads, backend=backend
     )
 
 

@@ -205,3 +205,120 @@ def test_cuda_tables_equal_cpu_tables(mixed):
     gpu = build_blockmap(lay.to("cuda"), mixed, 0)
     assert gpu.kinds.is_cuda and torch.equal(gpu.kinds.cpu(), cpu.kinds)
     assert torch.equal(gpu.full_idx.cpu(), cpu.full_idx) and torch.equal(gpu.partial_num.cpu(), cpu.partial_num)
+
+
+# --- the fused Triton builder (TRITON_INTERPRET=1 on the CPU, tests/conftest.py) -------------
+
+TABLES = ("kinds", "partial_num", "partial_idx", "full_num", "full_idx")
+
+
+def assert_same_tables(a, b):
+    for name in TABLES:
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and torch.equal(x.cpu(), y.cpu()), name
+
+
+def _on_gpu(x):
+    if isinstance(x, dg.Layout):
+        return x.to("cuda")
+    if isinstance(x, TokenAttrs):
+        return TokenAttrs(*(t.cuda() for t in x))
+    return x
+
+
+def both(*args, builder=build_blockmap, **kw):
+    """(torch tables, Triton tables) of one build; Triton runs on the GPU where there is one."""
+    fused_args = [_on_gpu(a) for a in args] if torch.cuda.is_available() else args
+    return builder(*args, backend="torch", **kw), builder(*fused_args, backend="triton", **kw)
+
+
+@pytest.mark.parametrize("n", [1, 127, 129, 1000, 521])
+@pytest.mark.parametrize("blocks", [(64, 64), (128, 128), (32, 64)])
+def test_triton_tables_equal_torch_tables(mixed, causal8, n, blocks):
+    bq, bk = blocks
+    for compiled, layers in ((mixed, 2), (causal8, 1)):
+        lay = random_layout(compiled, n, seed=n + bq)
+        for layer in range(layers):
+            ref, got = both(lay, compiled, layer, block_q=bq, block_k=bk)
+            assert_same_tables(ref, got)
+    assert_sound(ref, dense_mask(lay, causal8, 0))
+
+
+def test_triton_tables_random_layouts(mixed):
+    rng = random.Random(7)
+    for trial in range(6):
+        n = rng.randint(1, 300)
+        lay = random_layout(mixed, n, batch=3, seed=100 + trial, max_seg=rng.choice([1, 3, 30, 200]))
+        bq, bk = rng.choice([(64, 64), (128, 64), (16, 32), (32, 16)])
+        for layer in range(2):
+            assert_same_tables(*both(lay, mixed, layer, block_q=bq, block_k=bk))
+
+
+def test_triton_decode_reordered_and_per_head(mixed):
+    lay = random_layout(mixed, 300, seed=3).extend(5)
+    for q_slice in (1, 5, slice(10, 200)):
+        assert_same_tables(*both(lay, mixed, 0, block_q=16, block_k=64, q_slice=q_slice))
+    attrs = lay.attrs()
+    perm = torch.argsort(attrs.domain[0], stable=True)
+    sorted_attrs = TokenAttrs(*(t[:, perm] for t in attrs))
+    ref, got = both(sorted_attrs, sorted_attrs, mixed, 1, builder=build_blockmap_from_attrs, block_q=64, block_k=64)
+    assert_same_tables(ref, got)
+    assert check_blockmap(got, mixed)["status"] == "PROVED"
+    text = MIXED.replace("system: {causal: false}", "system: [{causal: true, window: 4, heads: \"0-1\"}, {causal: false}]")
+    c = dg.compile(dg.loads_policy(text), layers=2)
+    ref, got = both(random_layout(c, 200, seed=2), c, 0, head=[0, 2, 1], block_q=32, block_k=32)
+    assert_same_tables(ref, got)
+    assert got.kinds.shape[1] == 3 and not torch.equal(got.kinds[:, 0], got.kinds[:, 1])
+
+
+@pytest.mark.parametrize("num_domains", [63, 64])
+def test_triton_domain_bitmask_limit(num_domains):
+    # 63 domains + padding fill all 64 bits of a domain set (bit 63 is int64's sign bit)
+    names = [f"d{i}" for i in range(num_domains)]
+    rng = random.Random(num_domains)
+    reads = {n: sorted(rng.sample(names[:i], min(i, 5))) for i, n in enumerate(names) if i}
+    text = "domainguard: 1\nname: wide\ndomains: {" + ", ".join(f"{n}: {{}}" for n in names) + "}\n"
+    text += "reads: {" + ", ".join(f"{k}: [{', '.join(v)}]" for k, v in reads.items()) + "}\n"
+    text += f"patterns: {{default: {{causal: true}}}}\ngeneration: {{domain: {names[-1]}}}\n"
+    c = dg.compile(dg.loads_policy(text), layers=1)
+    lay = random_layout(c, 700, seed=1, max_seg=12)
+    if num_domains == 63:
+        ref, got = both(lay, c, 0, block_q=32, block_k=32)
+        assert_same_tables(ref, got)
+        assert_sound(ref, dense_mask(lay, c, 0), exact=True)
+    else:
+        with pytest.raises(ValueError):
+            build_blockmap(lay, c, 0, backend="triton")
+        assert build_blockmap(lay, c, 0, backend="auto").kinds.shape == (2, 1, 6, 6)
+
+
+def test_triton_rules_override_and_fallback(mixed):
+    from domainguard.patterns import MaskRule, Window, causal
+
+    lay = random_layout(mixed, 400, seed=8)
+    rules = [tuple(MaskRule(restrict=(causal(),), union=(Window(5, 2),)) for _ in range(mixed.num_domains))]
+    a, b = both(lay.attrs(), lay.attrs(), mixed, 0, builder=build_blockmap_from_attrs, heads=[0], rules=rules, block_q=32, block_k=32)
+    assert_same_tables(a, b)
+    # a constant beyond int32 has no Triton form: "auto" keeps the torch builder, "triton" refuses
+    huge = [tuple(MaskRule(union=(Window(1 << 31),)) for _ in range(mixed.num_domains))]
+    kw = dict(heads=[0], rules=huge, block_q=32, block_k=32)
+    with pytest.raises(ValueError):
+        build_blockmap_from_attrs(lay.attrs(), lay.attrs(), mixed, 0, backend="triton", **kw)
+    assert_same_tables(
+        build_blockmap_from_attrs(lay.attrs(), lay.attrs(), mixed, 0, backend="torch", **kw),
+        build_blockmap_from_attrs(lay.attrs(), lay.attrs(), mixed, 0, backend="auto", **kw),
+    )
+    with pytest.raises(ValueError):
+        build_blockmap(lay, mixed, 0, backend="numpy")
+
+
+@pytest.mark.gpu
+def test_cuda_auto_builder_is_fused_and_equal(mixed, causal8):
+    for compiled, layers in ((mixed, 2), (causal8, 1)):
+        lay = random_layout(compiled, 5000, seed=31).to("cuda")
+        for layer in range(layers):
+            assert_same_tables(build_blockmap(lay, compiled, layer, backend="torch"), build_blockmap(lay, compiled, layer))
+            assert_same_tables(
+                build_blockmap(lay, compiled, layer, block_q=64, block_k=128, q_slice=slice(100, 3000), backend="torch"),
+                build_blockmap(lay, compiled, layer, block_q=64, block_k=128, q_slice=slice(100, 3000), backend="triton"),
+            )
