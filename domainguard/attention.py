@@ -214,11 +214,10 @@ class KernelConfig:
     num_warps: int = 8
     num_stages: int = 3
     dkdv: tuple = (("SUB_N", 64), ("SUB_M", 32), ("num_warps", 4), ("num_stages", 3))
-    dq: tuple = (("SUB_M", 64), ("SUB_N", 32), ("num_warps", 4), ("num_stages", 3))
+    dq: tuple = (("SUB_M", 64), ("SUB_N", 64), ("num_warps", 4), ("num_stages", 2))
     check_full: bool = True
     use_tma: bool = True
     warp_specialize: bool = False
-    prefetch_runs: bool = False  # measured slower on the H100 (BENCHMARKS.md); kept as an option
 
 
 def default_config(dtype: torch.dtype, head_dim: int) -> KernelConfig:
@@ -311,16 +310,12 @@ class _GuardedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: AttentionPlan, tables, scale: float):
         from domainguard.kernels.forward import launch_forward
-        from domainguard.kernels.permute import gather_rows
 
         cfg = plan.config
-        kp = gather_rows(k, plan.ks.tok)
-        vp = gather_rows(v, plan.ks.tok)
         out, lse2 = launch_forward(
-            q, kp, vp, plan.qs, plan.ks, plan.runs, plan.order, tables, scale,
+            q, k, v, plan.qs, plan.ks, plan.runs, plan.order, tables, scale,
             block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             check_full=cfg.check_full, use_tma=cfg.use_tma, warp_specialize=cfg.warp_specialize,
-            prefetch_runs=cfg.prefetch_runs,
         )
         ctx.save_for_backward(q, k, v, out, lse2)
         ctx.plan, ctx.tables, ctx.scale = plan, tables, scale
@@ -517,8 +512,8 @@ class GuardedAttention:
             plan = self._cached(layout, key, lambda: self.plan(layout, layer, q_slice=qsl, heads=hq, dtype=q.dtype, head_dim=d))
         elif plan.mask_key != _mask_key(tables) or plan.nq != nq or plan.nk != nk:
             raise KernelError("plan was built for another layer, policy or shape", code="DG318")
-        if q.stride(-1) != 1:
-            q = q.contiguous()
+        # The kernels read rows of q/k/v in place: each row's D values must be contiguous.
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         out, lse2 = _GuardedAttentionFn.apply(q, k, v, plan, tables, scale)
         if not return_lse:
             return out

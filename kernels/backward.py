@@ -35,38 +35,37 @@ def _pair_mask_t(k_dom, k_idx, q_dom, q_idx, REL: tl.constexpr, CAUSAL: tl.const
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, q_off, qslot0, t, k_dom, k_idx, readable,
+def _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, q_off, qslot0, row0, k_dom, k_idx, readable,
                qk_scale, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_M: tl.constexpr, SUB_M: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
-    """Add one query tile's contribution to dk, dv [SUB_N, D] of a key block."""
+               SUB_M: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """Add the contribution of query slots [row0, row0 + SUB_M) to dk, dv [SUB_N, D] of a key block."""
     d = tl.arange(0, HEAD_DIM)
-    for sub in range(BLOCK_M // SUB_M):
-        rows = t * BLOCK_M + sub * SUB_M + tl.arange(0, SUB_M)
-        q = tl.load(Qp + (q_off + rows[:, None]) * HEAD_DIM + d[None, :])
-        do = tl.load(DOp + (q_off + rows[:, None]) * HEAD_DIM + d[None, :])
-        lse2 = tl.load(Lse2 + q_off + rows)
-        delta = tl.load(Delta + q_off + rows)
-        st = _dot(k, tl.trans(q), None, PREC)  # [SUB_N, SUB_M]
-        if MASKED:
-            q_dom = tl.load(QDom + qslot0 + rows)
-            q_idx = tl.load(QIdx + qslot0 + rows)
-            allowed = _pair_mask_t(k_dom, k_idx, q_dom, q_idx, REL, CAUSAL, DP) & readable[:, None]
-            pt = tl.where(allowed, tl.math.exp2(tl.where(allowed, st, float("-inf")) * qk_scale - lse2[None, :]), 0.0)
-        else:
-            pt = tl.math.exp2(st * qk_scale - lse2[None, :])
-        dv_up = _dot(pt.to(do.dtype), do, None, PREC)
-        dpt = _dot(v, tl.trans(do), None, PREC)
-        dst = pt * (dpt - delta[None, :])
-        if MASKED:
-            dst = tl.where(allowed, dst, 0.0)
-        dk_up = _dot(dst.to(q.dtype), q, None, PREC)
-        if MASKED:
-            # A key this tile may not read keeps its gradient untouched (no 0 * NaN).
-            dv = dv + tl.where(readable[:, None], dv_up, 0.0)
-            dk = dk + tl.where(readable[:, None], dk_up, 0.0)
-        else:
-            dv = dv + dv_up
-            dk = dk + dk_up
+    rows = row0 + tl.arange(0, SUB_M)
+    q = tl.load(Qp + (q_off + rows[:, None]) * HEAD_DIM + d[None, :])
+    do = tl.load(DOp + (q_off + rows[:, None]) * HEAD_DIM + d[None, :])
+    lse2 = tl.load(Lse2 + q_off + rows)
+    delta = tl.load(Delta + q_off + rows)
+    st = _dot(k, tl.trans(q), None, PREC)  # [SUB_N, SUB_M]
+    if MASKED:
+        q_dom = tl.load(QDom + qslot0 + rows)
+        q_idx = tl.load(QIdx + qslot0 + rows)
+        allowed = _pair_mask_t(k_dom, k_idx, q_dom, q_idx, REL, CAUSAL, DP) & readable[:, None]
+        pt = tl.where(allowed, tl.math.exp2(tl.where(allowed, st, float("-inf")) * qk_scale - lse2[None, :]), 0.0)
+    else:
+        pt = tl.math.exp2(st * qk_scale - lse2[None, :])
+    dv_up = _dot(pt.to(do.dtype), do, None, PREC)
+    dpt = _dot(v, tl.trans(do), None, PREC)
+    dst = pt * (dpt - delta[None, :])
+    if MASKED:
+        dst = tl.where(allowed, dst, 0.0)
+    dk_up = _dot(dst.to(q.dtype), q, None, PREC)
+    if MASKED:
+        # A key this tile may not read keeps its gradient untouched (no 0 * NaN).
+        dv = dv + tl.where(readable[:, None], dv_up, 0.0)
+        dk = dk + tl.where(readable[:, None], dk_up, 0.0)
+    else:
+        dv = dv + dv_up
+        dk = dk + dk_up
     return dk, dv
 
 
@@ -116,10 +115,12 @@ def _dkdv_kernel(
         for r in range(n_fast):
             t0 = tl.load(FullStart + lrow * RF + r)
             t1 = tl.load(FullEnd + lrow * RF + r)
+            # Nested loops (tile, then SUB_M rows), as tuned; see BENCHMARKS.md for the flat variant.
             for t in range(t0, t1):
-                dk, dv = _dkdv_tile(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, q_off, qslot0, t,
-                                    k_dom, k_idx, None, qk_scale, REL, CAUSAL, DP, HEAD_DIM, BLOCK_M, SUB_M,
-                                    False, PREC)
+                for sub in range(BLOCK_M // SUB_M):
+                    dk, dv = _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, q_off, qslot0,
+                                        t * BLOCK_M + sub * SUB_M, k_dom, k_idx, None, qk_scale, REL, CAUSAL,
+                                        DP, HEAD_DIM, SUB_M, False, PREC)
         for which in tl.static_range(2):
             # Masked path: the PARTIAL runs, and FULL runs that failed the relation check.
             if which == 0:
@@ -136,9 +137,10 @@ def _dkdv_kernel(
                 for t in range(t0, t1):
                     # INVARIANT: query tiles are domain-pure; one domain decides readability of each key.
                     readable = _key_readable(tl.load(QDom + qslot0 + t * BLOCK_M), k_dom, REL, DP)
-                    dk, dv = _dkdv_tile(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, q_off, qslot0, t,
-                                        k_dom, k_idx, readable, qk_scale, REL, CAUSAL, DP, HEAD_DIM, BLOCK_M,
-                                        SUB_M, True, PREC)
+                    for sub in range(BLOCK_M // SUB_M):
+                        dk, dv = _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, q_off, qslot0,
+                                            t * BLOCK_M + sub * SUB_M, k_dom, k_idx, readable, qk_scale, REL,
+                                            CAUSAL, DP, HEAD_DIM, SUB_M, True, PREC)
     k_tok = tl.load(KTok + b * Sk + cols)
     ok = k_tok >= 0
     row = tl.where(ok, k_tok, 0).to(tl.int64)
@@ -167,32 +169,30 @@ def _runs_readers_bad(Start, End, n_runs, QDom, qslot0, k_dom,
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, kslot0, u, q_dom, q_idx, tile_dom, qk_scale,
-             REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, HEAD_DIM: tl.constexpr,
-             BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
-    """Add one key tile's contribution to dq [SUB_M, D]."""
+def _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, kslot0, col0, q_dom, q_idx, tile_dom,
+             qk_scale, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, HEAD_DIM: tl.constexpr,
+             SUB_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """Add the contribution of key slots [col0, col0 + SUB_N) to dq [SUB_M, D]."""
     d = tl.arange(0, HEAD_DIM)
-    for sub in range(BLOCK_N // SUB_N):
-        cols = u * BLOCK_N + sub * SUB_N + tl.arange(0, SUB_N)
-        k = tl.load(Kp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
-        v = tl.load(Vp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
-        if MASKED:
-            k_dom = tl.load(KDom + kslot0 + cols)
-            k_idx = tl.load(KIdx + kslot0 + cols)
-            readable = _key_readable(tile_dom, k_dom, REL, DP)
-            k = tl.where(readable[:, None], k, 0.0)
-            v = tl.where(readable[:, None], v, 0.0)
-            allowed = _pair_mask(q_dom, q_idx, k_dom, k_idx, REL, CAUSAL, DP) & readable[None, :]
-            s = tl.where(allowed, _dot(q, tl.trans(k), None, PREC), float("-inf"))
-            p = tl.where(allowed, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        else:
-            p = tl.math.exp2(_dot(q, tl.trans(k), None, PREC) * qk_scale - lse2[:, None])
-        dp = _dot(do, tl.trans(v), None, PREC)
-        ds = p * (dp - delta[:, None])
-        if MASKED:
-            ds = tl.where(allowed, ds, 0.0)
-        dq = _dot(ds.to(k.dtype), k, dq, PREC)
-    return dq
+    cols = col0 + tl.arange(0, SUB_N)
+    k = tl.load(Kp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
+    v = tl.load(Vp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
+    if MASKED:
+        k_dom = tl.load(KDom + kslot0 + cols)
+        k_idx = tl.load(KIdx + kslot0 + cols)
+        readable = _key_readable(tile_dom, k_dom, REL, DP)
+        k = tl.where(readable[:, None], k, 0.0)
+        v = tl.where(readable[:, None], v, 0.0)
+        allowed = _pair_mask(q_dom, q_idx, k_dom, k_idx, REL, CAUSAL, DP) & readable[None, :]
+        s = tl.where(allowed, _dot(q, tl.trans(k), None, PREC), float("-inf"))
+        p = tl.where(allowed, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
+    else:
+        p = tl.math.exp2(_dot(q, tl.trans(k), None, PREC) * qk_scale - lse2[:, None])
+    dp = _dot(do, tl.trans(v), None, PREC)
+    ds = p * (dp - delta[:, None])
+    if MASKED:
+        ds = tl.where(allowed, ds, 0.0)
+    return _dot(ds.to(k.dtype), k, dq, PREC)
 
 
 @triton.jit
@@ -237,14 +237,14 @@ def _dq_kernel(
     n_fast = n_full
     if CHECK_FULL:
         bad = _runs_readable(FullStart + lrow * RF, FullEnd + lrow * RF, n_full, KDom, kslot0, tile_dom,
-                             REL, DP, BLOCK_N, 64, None, None, False)
+                             REL, DP, BLOCK_N, 64)
         n_fast = tl.where(bad == 0, n_full, 0)
     for r in range(n_fast):
         u0 = tl.load(FullStart + lrow * RF + r)
         u1 = tl.load(FullEnd + lrow * RF + r)
-        for u in range(u0, u1):
-            dq = _dq_tile(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, kslot0, u, q_dom, q_idx, tile_dom,
-                          qk_scale, REL, CAUSAL, DP, HEAD_DIM, BLOCK_N, SUB_N, False, PREC)
+        for col0 in range(u0 * BLOCK_N, u1 * BLOCK_N, SUB_N):
+            dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, kslot0, col0, q_dom, q_idx,
+                          tile_dom, qk_scale, REL, CAUSAL, DP, HEAD_DIM, SUB_N, False, PREC)
     for which in tl.static_range(2):
         if which == 0:
             n_runs = n_full - n_fast
@@ -257,9 +257,9 @@ def _dq_kernel(
         for r in range(n_runs):
             u0 = tl.load(Start + r)
             u1 = tl.load(End + r)
-            for u in range(u0, u1):
-                dq = _dq_tile(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, kslot0, u, q_dom, q_idx,
-                              tile_dom, qk_scale, REL, CAUSAL, DP, HEAD_DIM, BLOCK_N, SUB_N, True, PREC)
+            for col0 in range(u0 * BLOCK_N, u1 * BLOCK_N, SUB_N):
+                dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, kslot0, col0, q_dom,
+                              q_idx, tile_dom, qk_scale, REL, CAUSAL, DP, HEAD_DIM, SUB_N, True, PREC)
     q_tok = tl.load(QTok + b * Sq + rows)
     ok = q_tok >= 0
     row = tl.where(ok, q_tok, 0).to(tl.int64)

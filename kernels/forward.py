@@ -1,8 +1,10 @@
 """Forward guarded attention (flash-style online softmax over non-EMPTY tiles only).
 
-Works in slot order (``plan.py``): K/V arrive permuted into slot order (``[B, Hkv, Sk, D]``
-contiguous, zero rows at padding slots); Q is gathered and O scattered in the kernel,
-so the caller's tensors keep their order. For each query tile the kernel walks its
+Works in slot order (``plan.py``): ``launch_forward`` copies K/V into slot order
+(``[B, Hkv, Sk, D]`` contiguous, zero rows at padding slots; gathering them inside the
+kernel instead was measured 1.5x slower on an H100, and Hopper's tensor copies cannot
+gather rows); Q is gathered and O scattered in the kernel, so the caller's tensors keep
+their order. For each query tile the kernel walks its
 FULL key tiles (no element mask: every pair allowed) and then its PARTIAL key tiles
 (relation and causal mask from the frozen constants, and K/V loads the tile's domain
 may not read are never issued: a forbidden value is never multiplied, so ``0 * NaN``
@@ -17,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .masks import _domain_pair_allowed, _key_readable, _pair_mask, pair_mask_reference
+from .masks import _key_readable, _pair_mask, pair_mask_reference
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -82,39 +84,13 @@ def _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, tile_dom, KDom, KIdx, slo
 
 
 @triton.jit
-def _runs_fetch(Start, End, R, RMAX: tl.constexpr, PREFETCH: tl.constexpr):
-    """A row of run tables as two vectors [RMAX] (only when PREFETCH; else placeholders)."""
-    ri = tl.arange(0, RMAX)
-    if PREFETCH:
-        start = tl.load(Start + ri, mask=ri < R, other=0)
-        end = tl.load(End + ri, mask=ri < R, other=0)
-    else:
-        start = ri * 0
-        end = ri * 0
-    return start, end
-
-
-@triton.jit
-def _run_bounds(Start, End, r, start, end, PREFETCH: tl.constexpr):
-    """[first, last + 1) tile of run ``r``: picked from the prefetched vectors, or loaded."""
-    if PREFETCH:
-        ri = tl.arange(0, start.shape[0])
-        t0 = tl.sum(tl.where(ri == r, start, 0), 0)
-        t1 = tl.sum(tl.where(ri == r, end, 0), 0)
-    else:
-        t0 = tl.load(Start + r)
-        t1 = tl.load(End + r)
-    return t0, t1
-
-
-@triton.jit
 def _runs_readable(Start, End, n_runs, KDom, kslot0, tile_dom,
-                   REL: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-                   start, end, PREFETCH: tl.constexpr):
+                   REL: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
     """Number of tiles in the runs whose (pure) key domain the frozen relation forbids to ``tile_dom``."""
     bad = 0
     for r in range(n_runs):
-        kt0, kt1 = _run_bounds(Start, End, r, start, end, PREFETCH)
+        kt0 = tl.load(Start + r)
+        kt1 = tl.load(End + r)
         for c0 in range(kt0, kt1, CHUNK):
             kts = c0 + tl.arange(0, CHUNK)
             inside = kts < kt1
@@ -137,7 +113,6 @@ def _fwd_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
     CHECK_FULL: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-    PREFETCH: tl.constexpr, RF_MAX: tl.constexpr, RP_MAX: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % 16 == 0, "BLOCK_M must be a multiple of 16")
     # Query tiles vary fastest: programs running together share one head's K/V in L2
@@ -169,32 +144,33 @@ def _fwd_kernel(
     kv_row0 = (b * Hkv + hk) * Sk  # first row of this (batch, kv head) in the [B*Hkv*Sk, D] views
     kslot0 = b * Sk
     lrow = ((b * Hm + hm) * Tq + t).to(tl.int64)
-    # Run tables of this row, fetched at once (no dependent load before each run).
-    f_start, f_end = _runs_fetch(FullStart + lrow * RF, FullEnd + lrow * RF, RF, RF_MAX, PREFETCH)
-    p_start, p_end = _runs_fetch(PartStart + lrow * RP, PartEnd + lrow * RP, RP, RP_MAX, PREFETCH)
+    FS = FullStart + lrow * RF
+    FE = FullEnd + lrow * RF
     n_full = tl.load(FullRuns + lrow)
     n_fast = n_full
     if CHECK_FULL:
         # Whatever the run tables say, a FULL tile is taken unmasked only if the frozen
         # relation allows its key domain; otherwise this row's FULL runs take the masked path.
-        bad = _runs_readable(FullStart + lrow * RF, FullEnd + lrow * RF, n_full, KDom, kslot0, tile_dom,
-                             REL, DP, BLOCK_N, 64, f_start, f_end, PREFETCH)
+        bad = _runs_readable(FS, FE, n_full, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
         n_fast = tl.where(bad == 0, n_full, 0)
     for r in range(n_fast):
-        kt0, kt1 = _run_bounds(FullStart + lrow * RF, FullEnd + lrow * RF, r, f_start, f_end, PREFETCH)
+        kt0 = tl.load(FS + r)
+        kt1 = tl.load(FE + r)
         for kt in tl.range(kt0, kt1, warp_specialize=WARP_SPEC):
             # FULL: every pair allowed and no padding slot inside; no mask of any kind.
             k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
             acc, l_i, m_i = _online_step(acc, l_i, m_i, q, tl.trans(k), v, None, qk_scale, False, PREC)
     for r in range(n_full - n_fast):
-        kt0, kt1 = _run_bounds(FullStart + lrow * RF, FullEnd + lrow * RF, r, f_start, f_end, PREFETCH)
+        kt0 = tl.load(FS + r)
+        kt1 = tl.load(FE + r)
         for kt in range(kt0, kt1):
             k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
             acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, tile_dom, KDom, KIdx,
                                          kslot0 + kt * BLOCK_N, qk_scale, REL, CAUSAL, DP, BLOCK_N, PREC)
     n_part = tl.load(PartRuns + lrow)
     for r in range(n_part):
-        kt0, kt1 = _run_bounds(PartStart + lrow * RP, PartEnd + lrow * RP, r, p_start, p_end, PREFETCH)
+        kt0 = tl.load(PartStart + lrow * RP + r)
+        kt1 = tl.load(PartEnd + lrow * RP + r)
         for kt in range(kt0, kt1):
             k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
             acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, tile_dom, KDom, KIdx,
@@ -217,31 +193,35 @@ def dot_precision(q: torch.Tensor) -> int:
 
 
 def launch_forward(
-    q, kp, vp, qs, ks, runs, order, tables, scale, *, block_m, block_n, num_warps, num_stages,
-    check_full=True, use_tma=False, warp_specialize=False, prefetch_runs=True, out=None,
+    q, k, v, qs, ks, runs, order, tables, scale, *, block_m, block_n, num_warps, num_stages,
+    check_full=True, use_tma=False, warp_specialize=False, out=None,
 ):
-    """Run ``_fwd_kernel``. ``runs`` = (full, partial) ``plan.Runs``.
+    """Run ``_fwd_kernel`` on the caller's q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (last dims contiguous).
 
-    Returns (out [B, Hq, Nq, D] in q's order, lse2 [B, Hq, Sq] in log2 units, slot order).
+    ``runs`` = (full, partial) ``plan.Runs``. Returns (out [B, Hq, Nq, D] in q's order,
+    lse2 [B, Hq, Sq] in log2 units, slot order).
     """
+    from .permute import gather_rows
+
     b, hq, nq, d = q.shape
-    hkv, sk = kp.shape[1], kp.shape[2]
+    hkv, sk = k.shape[1], ks.size
     full, part = runs
     hm, tq = full.num.shape[1], full.num.shape[2]
     if out is None:
         out = torch.empty_like(q)
     lse2 = torch.empty(b, hq, qs.size, dtype=torch.float32, device=q.device)
-    k2, v2 = kp.view(b * hkv * sk, d), vp.view(b * hkv * sk, d)
+    kp = gather_rows(k, ks.tok).view(b * hkv * sk, d)
+    vp = gather_rows(v, ks.tok).view(b * hkv * sk, d)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        kd = TensorDescriptor.from_tensor(k2, [block_n, d])
-        vd = TensorDescriptor.from_tensor(v2, [block_n, d])
+        kd = TensorDescriptor.from_tensor(kp, [block_n, d])
+        vd = TensorDescriptor.from_tensor(vp, [block_n, d])
     else:
-        kd = vd = k2  # unused
+        kd = vd = kp  # unused
     grid = (tq, b * hq)
     _fwd_kernel[grid](
-        q, k2, v2, kd, vd, out, lse2,
+        q, kp, vp, kd, vd, out, lse2,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         qs.tok, qs.dom, qs.idx, ks.dom, ks.idx,
@@ -251,27 +231,23 @@ def launch_forward(
         REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
         PREC=dot_precision(q), CHECK_FULL=check_full, USE_TMA=use_tma, WARP_SPEC=warp_specialize,
-        PREFETCH=prefetch_runs,
-        RF_MAX=triton.next_power_of_2(full.start.shape[-1]), RP_MAX=triton.next_power_of_2(part.start.shape[-1]),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse2
 
 
-def forward_reference(q, kp, vp, qs, ks, tables, scale):
-    """PyTorch twin of ``launch_forward`` (same slot inputs, dense mask from the frozen constants)."""
+def forward_reference(q, k, v, qs, ks, tables, scale):
+    """PyTorch twin of ``launch_forward`` (same inputs, dense slot-order mask from the frozen constants)."""
     from domainguard.attention import reference_from_mask
 
     from .permute import gather_rows_reference
 
-    qp = gather_rows_reference(q, qs.tok)
+    qp, kp, vp = (gather_rows_reference(x, s.tok) for x, s in ((q, qs), (k, ks), (v, ks)))
     mask = pair_mask_reference(qs.dom, qs.idx, ks.dom, ks.idx, tables.rel_bits, tables.causal_bits)
     out_p, lse = reference_from_mask(qp, kp, vp, mask[:, None], scale=scale)
     # Back to the caller's order: padding slots are dropped.
-    n = q.shape[2]
     out = torch.zeros_like(q)
     for bi in range(q.shape[0]):
         real = qs.tok[bi] >= 0
         out[bi][:, qs.tok[bi][real].long()] = out_p[bi][:, real]
     return out, lse / LN2
-

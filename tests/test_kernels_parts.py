@@ -118,23 +118,22 @@ def test_row_moves_are_bitwise_copies(dtype):
         torch.testing.assert_close(a, b, equal_nan=True)
 
 
-def test_forward_kernel_against_its_slot_order_twin(compiled):
+@pytest.mark.parametrize("use_tma", [False, True], ids=["gather-in-kernel", "tma"])
+def test_forward_kernel_against_its_slot_order_twin(compiled, use_tma):
     """launch_forward (slot order, runs) vs forward_reference (same inputs, dense mask)."""
     from domainguard.attention import GuardedAttention, KernelConfig
     from domainguard.kernels.forward import forward_reference, launch_forward
-    from domainguard.kernels.permute import gather_rows
 
-    cfg = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, use_tma=False)
+    cfg = KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1, use_tma=use_tma)
     guard = GuardedAttention(compiled, cfg)
     lay = _layout(compiled, n=40, seed=9).to(DEV)
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 2, 40, 64, generator=g).to(DEV) for _ in range(3))
     plan = guard.plan(lay, 0, heads=2, dtype=q.dtype, head_dim=64)
     tables = guard.tables(0)
-    kp, vp = gather_rows(k, plan.ks.tok), gather_rows(v, plan.ks.tok)
-    out, lse2 = launch_forward(q, kp, vp, plan.qs, plan.ks, plan.runs, plan.order, tables, 0.125,
-                               block_m=16, block_n=16, num_warps=4, num_stages=1)
-    ref, ref_lse2 = forward_reference(q, kp, vp, plan.qs, plan.ks, tables, 0.125)
+    out, lse2 = launch_forward(q, k, v, plan.qs, plan.ks, plan.runs, plan.order, tables, 0.125,
+                               block_m=16, block_n=16, num_warps=4, num_stages=1, use_tma=use_tma)
+    ref, ref_lse2 = forward_reference(q, k, v, plan.qs, plan.ks, tables, 0.125)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     real = plan.qs.tok >= 0
     torch.testing.assert_close(lse2[:, :, :][real[:, None].expand_as(lse2)], ref_lse2[real[:, None].expand_as(lse2)],
