@@ -1,7 +1,7 @@
 """Guarded attention vs FlexAttention vs SDPA on one GPU (issue 4; results in BENCHMARKS.md).
 
     python benchmarks/attention.py                      # the full table (N = 8K..128K)
-    python benchmarks/attention.py --sizes 32768 --no-flex --configs   # kernel configs only
+    python benchmarks/attention.py --sizes 32768 --no-flex --configs   # per-kernel times of several configs
 
 Layouts: 8 domains in random segments (geometric lengths, mean 1000 or 64 tokens),
 each segment's domain drawn uniformly; policies where each domain reads 1 or 3 other
@@ -119,9 +119,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--mask-limit-gb", type=float, default=8.0, help="skip SDPA+bool mask above this N*N size")
-    ap.add_argument("--configs", action="store_true", help="time several kernel configs (forward) instead")
+    ap.add_argument("--configs", action="store_true", help="per-kernel times of the SWEEP configs instead")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tune", action="store_true", help="pick the faster forward config on a 32K layout first")
+    ap.add_argument("--profile", action="store_true", help="per-kernel GPU time of one forward+backward instead")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -172,6 +173,11 @@ def main(argv=None) -> int:
                 plan_ms = (time.perf_counter() - t0) * 1e3
                 row = {"N": n, "segment": seg, "reads": r, "pairs": pairs, "density": pairs / causal_pairs,
                        "plan_ms": plan_ms, **plan.stats(), "sdpa_causal": sd, "sdpa_causal_tflops": sd_tf}
+                if args.profile:
+                    row["kernels_ms"] = profile_kernels(guard, plan, q, k, v, layout, do)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    continue
                 if args.configs:
                     row["configs"] = time_configs(guard, layout, q, k, v, pairs)
                     rows.append(row)
@@ -204,6 +210,9 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 torch.cuda.empty_cache()
+    if args.profile:
+        info["kernels"] = kernel_resources()
+        print(json.dumps(info["kernels"]), flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"info": info, "rows": rows}, fh, indent=1)
@@ -215,7 +224,10 @@ def tune(compiled, dev, n: int = 32768) -> KernelConfig:
     """The faster of the candidate forward configs on a fragmented 32K layout (forward time)."""
     q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, device=dev, dtype=torch.bfloat16) for _ in range(3))
     layout = dg.Layout.from_ids(compiled, segment_ids(n, 64, seed=1).to(dev))
-    candidates = [default_config(q.dtype, HEAD_DIM), KernelConfig(prefetch_runs=False)]
+    import dataclasses
+
+    base = default_config(q.dtype, HEAD_DIM)
+    candidates = [base, dataclasses.replace(base, use_tma=not base.use_tma)]
     best, best_ms = None, float("inf")
     for cfg in candidates:
         g = GuardedAttention(compiled, cfg)
@@ -227,61 +239,82 @@ def tune(compiled, dev, n: int = 32768) -> KernelConfig:
     return best
 
 
+def profile_kernels(guard, plan, q, k, v, layout, do, iters: int = 10, totals: bool = True) -> dict:
+    """GPU milliseconds per forward+backward step of each kernel launched (torch profiler), plus
+    do_bench medians of the whole forward and forward+backward, and the kernels' resource use."""
+    from torch.profiler import ProfilerActivity, profile
+
+    f, fb = run_ours(guard, plan, q, k, v, layout, do)
+    out = {"fwd_total": bench(f), "fwdbwd_total": bench(fb)} if totals else {}
+    fb()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fb()
+        torch.cuda.synchronize()
+    for ev in prof.key_averages():
+        if ev.device_type.name == "CUDA" and ev.device_time_total > 0:
+            out[ev.key[:60]] = ev.device_time_total / iters / 1e3
+    return out
+
+
+def kernel_resources() -> dict:
+    """Registers, spills and shared memory of every compiled guarded-attention kernel."""
+    from domainguard.kernels import backward, forward, permute
+
+    res = {}
+    for mod in (forward, backward, permute):
+        for name in dir(mod):
+            fn = getattr(mod, name)
+            for cache in getattr(fn, "device_caches", {}).values():
+                for i, ck in enumerate(cache[0].values()):
+                    res[f"{name}#{i}"] = {"regs": ck.n_regs, "spills": ck.n_spills, "smem": ck.metadata.shared,
+                                          "warps": ck.metadata.num_warps}
+    return res
+
+
+def _bwd(dkdv, dq):
+    """KernelConfig.dkdv / .dq tuples from (SUB_N, SUB_M, warps, stages) and (SUB_M, SUB_N, warps, stages)."""
+    return dict(dkdv=(("SUB_N", dkdv[0]), ("SUB_M", dkdv[1]), ("num_warps", dkdv[2]), ("num_stages", dkdv[3])),
+                dq=(("SUB_M", dq[0]), ("SUB_N", dq[1]), ("num_warps", dq[2]), ("num_stages", dq[3])))
+
+
+SWEEP = {  # name: KernelConfig overrides (the measured outcomes are in BENCHMARKS.md)
+    "default": {},
+    "fwd_gather_s3": dict(use_tma=False),
+    "fwd_gather_s4": dict(use_tma=False, num_stages=4),
+    "fwd_tma_bn128_s2": dict(block_n=128, num_stages=2),
+    "fwd_tma_s4": dict(num_stages=4),
+    "fwd_bm64_w4": dict(block_m=64, num_warps=4),
+    "bwd_a": _bwd((64, 64, 8, 2), (64, 32, 4, 3)),
+    "bwd_b": _bwd((32, 64, 4, 3), (128, 64, 8, 2)),
+    "bwd_c": _bwd((64, 32, 8, 3), (128, 32, 8, 3)),
+    "bwd_d": _bwd((64, 32, 4, 2), (64, 64, 8, 3)),
+}
+
+
 def time_configs(guard, layout, q, k, v, pairs):
-    """Forward and forward+backward time of several KernelConfigs on one layout."""
+    """Per-kernel GPU ms of one forward+backward for each configuration in SWEEP (torch profiler)."""
+    import dataclasses
+
     out = {}
-    base = default_config(q.dtype, q.shape[-1])
-    variants = {
-        "default": base,
-        "bn64_s3": KernelConfig(block_n=64),
-        "bn64_s3_nocheck": KernelConfig(block_n=64, check_full=False),
-        "tma_bn64_s3": KernelConfig(use_tma=True, block_n=64),
-        "tma_bn128_s2": KernelConfig(use_tma=True, num_stages=2),
-        "ws_tma_bn64_s3": KernelConfig(use_tma=True, block_n=64, warp_specialize=True),
-        "ws_tma_bn128_s2": KernelConfig(use_tma=True, num_stages=2, warp_specialize=True),
-        "ws_ptr_bn64_s3": KernelConfig(block_n=64, warp_specialize=True),
-        "ws_tma_bn64_s2": KernelConfig(use_tma=True, block_n=64, num_stages=2, warp_specialize=True),
-    }
     do = torch.randn_like(q)
+    base = default_config(q.dtype, q.shape[-1])
     ref_out = None
-    for name, cfg in variants.items():
-        g = GuardedAttention(guard.compiled, cfg)
+    for name, over in SWEEP.items():
         try:
+            g = GuardedAttention(guard.compiled, dataclasses.replace(base, **over))
             plan = g.plan(layout, 0, heads=q.shape[1], dtype=q.dtype, head_dim=q.shape[-1])
-            f, fb = run_ours(g, plan, q, k, v, layout, do)
             with torch.no_grad():
-                got = f()
-                if ref_out is None:
-                    ref_out = got
-                diff = (got.float() - ref_out.float()).abs().max().item()
-            ms = bench(f)
-            out[name] = {"fwd": ms, "tflops": tflops(pairs, ms), "max_diff_vs_default": diff}
+                got = g(q, k, v, layout, plan=plan)
+            ref_out = got if ref_out is None else ref_out
+            res = profile_kernels(g, plan, q, k, v, layout, do, iters=5, totals=False)
+            res = {kk: round(vv, 4) for kk, vv in res.items() if kk.startswith("_")}
+            res["max_diff_vs_default"] = (got.float() - ref_out.float()).abs().max().item()
+            out[name] = res
         except Exception as err:  # report and go on: this is a sweep
             out[name] = {"error": f"{type(err).__name__}: {err}"[:300]}
-    bwd_variants = {
-        "n64m32_w4_s3": (("SUB_N", 64), ("SUB_M", 32), ("num_warps", 4), ("num_stages", 3)),
-        "n128m32_w8_s3": (("SUB_N", 128), ("SUB_M", 32), ("num_warps", 8), ("num_stages", 3)),
-        "n64m64_w4_s2": (("SUB_N", 64), ("SUB_M", 64), ("num_warps", 4), ("num_stages", 2)),
-        "n128m64_w8_s2": (("SUB_N", 128), ("SUB_M", 64), ("num_warps", 8), ("num_stages", 2)),
-    }
-    dq_variants = {
-        "n64m32_w4_s3": (("SUB_M", 64), ("SUB_N", 32), ("num_warps", 4), ("num_stages", 3)),
-        "n128m32_w8_s3": (("SUB_M", 128), ("SUB_N", 32), ("num_warps", 8), ("num_stages", 3)),
-        "n64m64_w4_s2": (("SUB_M", 64), ("SUB_N", 64), ("num_warps", 4), ("num_stages", 2)),
-        "n128m64_w8_s2": (("SUB_M", 128), ("SUB_N", 64), ("num_warps", 8), ("num_stages", 2)),
-    }
-    if os.environ.get("DG_BENCH_SKIP_BWD_CONFIGS"):
-        return out
-    for name in bwd_variants:
-        cfg = KernelConfig(dkdv=bwd_variants[name], dq=dq_variants[name])
-        g = GuardedAttention(guard.compiled, cfg)
-        try:
-            plan = g.plan(layout, 0, heads=q.shape[1], dtype=q.dtype, head_dim=q.shape[-1])
-            f, fb = run_ours(g, plan, q, k, v, layout, do)
-            ms = bench(fb)
-            out["bwd_" + name] = {"fwdbwd": ms, "tflops": tflops(pairs, ms, 3.5)}
-        except Exception as err:
-            out["bwd_" + name] = {"error": f"{type(err).__name__}: {err}"[:300]}
+        print(json.dumps({name: out[name]}), flush=True)
     return out
 
 
