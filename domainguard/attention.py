@@ -23,7 +23,8 @@ DG312 query heads not a multiple of key/value heads; DG313 more than 63 domains;
 DG314 dtype (bf16, fp16, fp32 only, all three alike); DG315 a pattern part the kernels do
 not implement (anything beyond ``causal``, or masks that differ between heads: use
 ``backend="reference"``); DG316 head dim other than 64 or 128; DG317 layer out of range;
-DG318 a plan built for another mask or shape.
+DG318 a plan built for another mask or shape; DG319 a plan that does not describe the
+layout it is given with (labels, slot order, tile purity or table bounds).
 """
 
 from __future__ import annotations
@@ -96,35 +97,12 @@ def _heads_vary(compiled) -> bool:
     return False
 
 
-def _minimal_mask(layout, compiled, layer: int, qs: slice) -> torch.Tensor:
-    """relation ∧ causal ∧ valid, for use only until ``patterns.dense_mask`` exists."""
-    ids = layout.domain_ids
-    idx = getattr(layout, "index", None)
-    if idx is None:
-        idx = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
-    rel = compiled.relation(layer).to(ids.device)
-    dq, dk = ids[:, qs], ids
-    mask = rel[dq[:, :, None], dk[:, None, :]]
-    causal = torch.zeros(compiled.num_domains + 1, dtype=torch.bool)
-    for d in range(compiled.num_domains):
-        pat = compiled.pattern(d, layer)
-        causal[d] = bool(pat is not None and pat.causal)
-    causal_q = causal.to(ids.device)[dq]
-    mask &= ~causal_q[:, :, None] | (idx[:, None, :] <= idx[:, qs, None])
-    valid = getattr(layout, "valid", None)
-    if valid is not None:
-        mask &= valid[:, qs, None] & valid[:, None, :]
-    return mask
-
-
 def dense_mask_for(layout, compiled, layer: int, heads: int, q_slice=None) -> torch.Tensor:
     """The ground-truth mask, bool ``[B, Hm, Nq, Nk]`` with ``Hm`` 1 (heads share) or ``heads``."""
     n = layout.domain_ids.shape[1]
     qs = _normalize_q_slice(q_slice, n)
-    try:
-        from .patterns import dense_mask
-    except ImportError:  # the layout helper's module has not landed yet
-        return _minimal_mask(layout, compiled, layer, qs)[:, None]
+    from .patterns import dense_mask
+
     if not _heads_vary(compiled):
         return dense_mask(layout, compiled, layer, 0, q_slice=qs)[:, None]
     return torch.stack([dense_mask(layout, compiled, layer, h, q_slice=qs) for h in range(heads)], dim=1)
@@ -298,6 +276,126 @@ class _FrozenView:
         return self._compiled.pattern(domain, layer, head)
 
 
+def _plan_problem(checks) -> str | None:
+    """The message of the first failing ``(ok, message)`` check (``ok`` a bool or a bool tensor)."""
+    for ok, message in checks:
+        if not bool(ok.all() if isinstance(ok, torch.Tensor) else ok):
+            return message
+    return None
+
+
+def _tensor_problem(name: str, t, shape: tuple, dtype: torch.dtype, device) -> str | None:
+    if not isinstance(t, torch.Tensor):
+        return f"{name} is not a tensor"
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device or not t.is_contiguous():
+        return (f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)} on {device}; "
+                f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    return None
+
+
+def _slots_problem(what: str, s, attrs, n: int, block: int, pad_id: int, device, *, query: bool) -> str | None:
+    """Does ``s`` hold every token of ``attrs`` exactly once, with the layout's own attributes,
+    in tiles of ``block`` slots that are domain-pure (keys: padding slots aside)?"""
+    b = attrs.domain.shape[0]
+    size = s.tok.shape[-1] if isinstance(s.tok, torch.Tensor) and s.tok.dim() == 2 else -1
+    if size <= 0 or size % block:
+        return f"{what} slots: {size} slots is not a positive multiple of the tile size {block}"
+    for name in ("tok", "dom", "idx", "rank"):
+        bad = _tensor_problem(f"{what} slots.{name}", getattr(s, name), (b, size), torch.int32, device)
+        if bad:
+            return bad
+    tok = s.tok.long()
+    real = tok >= 0
+    safe = tok.clamp(0, max(n - 1, 0))
+    seen = torch.zeros(b, n + 1, dtype=torch.long, device=device)
+    seen.scatter_add_(1, torch.where(real & (tok < n), tok, n), torch.ones_like(tok))
+    dom = s.dom.long().view(b, size // block, block)
+    checks = [
+        ((tok >= -1) & (tok < n), f"{what} slots name tokens outside 0..{n - 1}"),
+        (seen[:, :n] == 1, f"{what} slots do not hold every token exactly once"),
+    ]
+    for name, mine in (("domain", attrs.domain), ("index", attrs.index), ("rank", attrs.rank)):
+        theirs = getattr(s, {"domain": "dom", "index": "idx", "rank": "rank"}[name]).long()
+        want = mine.to(device).long().gather(1, safe)
+        checks.append((~real | (theirs == want), f"{what} slot {name}s differ from the layout's"))
+    if query:
+        checks.append((dom == dom[..., :1], f"{what} tiles of {block} slots are not domain-pure"))
+    else:
+        checks.append((real | ((s.dom == pad_id) & (s.idx == -1)), f"{what} padding slots must have the pad domain"))
+        checks.append(((dom == dom[..., :1]) | (dom == pad_id), f"{what} tiles of {block} slots are not domain-pure"))
+    return _plan_problem(checks)
+
+
+def _runs_problem(what: str, runs, b: int, rows: int, cols: int, device) -> str | None:
+    num, start, end = runs.num, runs.start, runs.end
+    if not isinstance(num, torch.Tensor) or num.dim() != 3 or num.shape[0] != b or num.shape[2] != rows:
+        return f"{what} runs: num must be [B={b}, H, {rows}]"
+    r = start.shape[-1] if isinstance(start, torch.Tensor) and start.dim() == 4 else 0
+    for name, t, shape in (("num", num, num.shape), ("start", start, (*num.shape, r)), ("end", end, (*num.shape, r))):
+        bad = _tensor_problem(f"{what} runs.{name}", t, shape, torch.int32, device)
+        if bad:
+            return bad
+    live = torch.arange(r, device=device) < num.long()[..., None]
+    return _plan_problem([
+        ((num >= 0) & (num <= r), f"{what} runs: a run count outside 0..{r}"),
+        (~live | ((start >= 0) & (start <= end) & (end <= cols)), f"{what} runs: a run outside tiles 0..{cols}"),
+    ])
+
+
+def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hkv: int) -> None:
+    """Refuse (DG319) a plan given to a call that does not describe ``layout``.
+
+    The kernels take token labels, slot order and tile lists from the plan and check
+    only what they cannot afford to check per tile (a FULL tile's key domain, from its
+    first slot); so a plan from outside is re-derived against the layout here: every
+    token in exactly one slot with the layout's own domain, index and rank; tiles
+    domain-pure; run tables, launch order and decode tile kinds inside their bounds.
+    """
+    from domainguard.kernels.plan import inverse
+
+    qa, ka = layout.attrs(q_slice), layout.attrs()
+    b, nq, nk = qa.domain.shape[0], qa.domain.shape[1], ka.domain.shape[1]
+
+    def refuse(problem):
+        if problem:
+            raise KernelError(f"plan does not describe this layout: {problem}", code="DG319",
+                              hint="pass plan=None, or a plan built by this GuardedAttention for this layout")
+
+    if isinstance(plan, DecodePlan):
+        from domainguard.kernels.decode import decode_rows
+
+        qt = decode_rows(hq // hkv)[0]
+        refuse(_plan_problem([(plan.group == hq // hkv, f"decode plan is for GQA groups of {plan.group}, not {hq // hkv}"),
+                              (plan.block_n == DECODE_BLOCK_N, f"decode plan tiles of {plan.block_n} keys, not {DECODE_BLOCK_N}")]))
+        refuse(_slots_problem("query", plan.qs, qa, nq, qt, pad_id, device, query=True))
+        for name, t, want in (("k_dom", plan.k_dom, ka.domain), ("k_idx", plan.k_idx, ka.index)):
+            refuse(_tensor_problem(f"decode plan {name}", t, (b, nk), torch.int32, device))
+            refuse(_plan_problem([(t.long() == want.to(device).long(), f"decode plan {name} differs from the layout's")]))
+        kinds = plan.kinds
+        tq, tk = plan.qs.tok.shape[1] // qt, -(-nk // DECODE_BLOCK_N)
+        hm = kinds.shape[1] if isinstance(kinds, torch.Tensor) and kinds.dim() == 4 else 0
+        refuse(_tensor_problem("decode plan kinds", kinds, (b, max(hm, 1), tq, tk), torch.uint8, device))
+        refuse(_plan_problem([(kinds <= 2, "decode plan kinds outside EMPTY/PARTIAL/FULL")]))
+        return
+
+    cfg = plan.config
+    refuse(_plan_problem([(isinstance(cfg, KernelConfig), "plan.config is not a KernelConfig")]))
+    refuse(_slots_problem("query", plan.qs, qa, nq, cfg.block_m, pad_id, device, query=True))
+    refuse(_slots_problem("key", plan.ks, ka, nk, cfg.block_n, pad_id, device, query=False))
+    tq, tk = plan.qs.size // cfg.block_m, plan.ks.size // cfg.block_n
+    heads = {getattr(getattr(r, "num", None), "shape", (0, 0))[1:2] for r in (*plan.runs, *plan.runs_t)}
+    refuse(_plan_problem([(len(heads) == 1, "plan run tables disagree on their head axis")]))
+    for what, runs, rows, cols in (("FULL", plan.runs[0], tq, tk), ("PARTIAL", plan.runs[1], tq, tk),
+                                   ("key-major FULL", plan.runs_t[0], tk, tq), ("key-major PARTIAL", plan.runs_t[1], tk, tq)):
+        refuse(_runs_problem(what, runs, b, rows, cols, device))
+    refuse(_tensor_problem("plan.order", plan.order, (b, tq), torch.int32, device))
+    refuse(_plan_problem([
+        (torch.sort(plan.order.long(), dim=1).values == torch.arange(tq, device=device), "plan.order is not an order of the query tiles"),
+        (isinstance(plan.q_inv, torch.Tensor) and plan.q_inv.shape == (b, nq) and torch.equal(plan.q_inv, inverse(plan.qs, nq)),
+         "plan.q_inv is not the inverse of the query slots"),
+    ]))
+
+
 def _kernels_usable(q: torch.Tensor) -> bool:
     if q.device.type == "cuda":
         return True
@@ -370,6 +468,7 @@ class GuardedAttention:
                 self._unsupported[layer] = err
         self._view = _FrozenView(compiled, self._relations)
         self._plans: dict = {}
+        self._checked: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._heads_vary = _heads_vary(compiled)
 
     # --- identity ------------------------------------------------------------------
@@ -478,9 +577,21 @@ class GuardedAttention:
             plan = self._cached(layout, key, lambda: self.decode_plan(layout, layer, qsl, heads=q.shape[1], kv_heads=k.shape[1]))
         elif plan.mask_key != _mask_key(tables) or plan.nq != q.shape[2] or plan.nk != k.shape[2]:
             raise KernelError("decode plan was built for another layer, policy or shape", code="DG318")
+        else:
+            self._check_given(plan, layout, qsl, q, k)
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return launch_decode(q, k, v, plan.qs, plan.k_dom, plan.k_idx, plan.kinds, tables, scale, block_n=plan.block_n)
+
+    def _check_given(self, plan, layout, qsl: slice, q, k) -> None:
+        """``check_plan`` once per (plan, layout, query slice, heads); like layouts, plans are
+        treated as immutable once used."""
+        key = (qsl.start, qsl.stop, q.shape[1], k.shape[1], q.device)
+        seen = self._checked.get(plan)
+        if seen is not None and seen[0]() is layout and seen[1] == key:
+            return
+        check_plan(plan, layout, qsl, self.compiled.pad_id, q.device, hq=q.shape[1], hkv=k.shape[1])
+        self._checked[plan] = (weakref.ref(layout), key)
 
     # --- running -------------------------------------------------------------------
     def __call__(self, q, k, v, layout, layer: int = 0, *, q_slice=None, scale=None, return_lse=False, plan=None, backend="auto"):
@@ -512,6 +623,8 @@ class GuardedAttention:
             plan = self._cached(layout, key, lambda: self.plan(layout, layer, q_slice=qsl, heads=hq, dtype=q.dtype, head_dim=d))
         elif plan.mask_key != _mask_key(tables) or plan.nq != nq or plan.nk != nk:
             raise KernelError("plan was built for another layer, policy or shape", code="DG318")
+        else:
+            self._check_given(plan, layout, qsl, q, k)
         # The kernels read rows of q/k/v in place: each row's D values must be contiguous.
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         out, lse2 = _GuardedAttentionFn.apply(q, k, v, plan, tables, scale)

@@ -6,6 +6,8 @@ tile size 16; with CUDA they run on the GPU at the default tile sizes as well.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -191,6 +193,128 @@ def test_forged_full_tiles_cannot_widen_the_relation(compiled):
 
     assert not leaks(check_full=True)
     assert leaks(check_full=False)  # the test can fail: without the in-kernel check the forgery leaks
+
+
+def _every_tile_full(plan):
+    """Run tables claiming every key tile FULL for every query tile (the strongest forgery)."""
+    from domainguard.kernels.plan import Runs
+
+    full, part = plan.runs
+    one = torch.ones_like(full.num)
+    tk = plan.ks.size // plan.config.block_n
+    return Runs(num=one, start=torch.zeros_like(one)[..., None], end=(one * tk)[..., None]), \
+        Runs(num=torch.zeros_like(one), start=part.start, end=part.end)
+
+
+def _relabelled(slots, tokens_from, dom):
+    import dataclasses
+
+    d = slots.dom.clone()
+    d[(slots.tok >= 0) & tokens_from] = dom
+    return dataclasses.replace(slots, dom=d)
+
+
+def _mixed(slots, secret_tok, block):
+    """Honest labels, forged order: a secret token's slot swapped into the second slot of a
+    `sys` tile (the tile's first slot, the one the kernel's FULL check reads, stays `sys`)."""
+    import dataclasses
+
+    tok, dom = slots.tok[0], slots.dom[0]
+    s_slot = int(((tok >= 0) & secret_tok[0][tok.clamp(min=0).long()]).nonzero()[0])
+    starts = [t for t in range(0, slots.size, block) if int(dom[t]) == 0 and int(tok[t + 1]) >= 0 and int(dom[t + 1]) == 0]
+    o_slot = starts[0] + 1
+    perm = torch.arange(slots.size, device=tok.device)
+    perm[s_slot], perm[o_slot] = o_slot, s_slot
+    return dataclasses.replace(slots, **{f: getattr(slots, f)[:, perm].contiguous() for f in ("tok", "dom", "idx", "rank")})
+
+
+@pytest.mark.parametrize("forgery", ["relabel", "mixed_tile"])
+def test_forged_plan_slots_are_refused(compiled, forgery, monkeypatch):
+    """A plan that relabels secret tokens or hides one in a readable tile is refused (DG319);
+    the same plan leaks when the check is switched off, so the test can fail."""
+    import dataclasses
+
+    att = importlib.import_module("domainguard.attention")  # the package re-exports a function of that name
+
+    n = 48
+    ids = _ids(1, n, seed=17)
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    secret = (ids == SECRET).to(DEV)
+    q, k, v = _qkv(1, 1, 1, n, 64, torch.float32, seed=2)
+    guard = GuardedAttention(compiled, SMALL)
+    plan = guard.plan(layout, 0, heads=1, dtype=q.dtype, head_dim=64)
+    if forgery == "relabel":
+        ks = _relabelled(plan.ks, secret[0][plan.ks.tok.clamp(min=0).long()], 0)
+    else:
+        ks = _mixed(plan.ks, secret, SMALL.block_n)
+    forged = dataclasses.replace(plan, ks=ks, runs=_every_tile_full(plan))
+
+    def outputs(v_):
+        with torch.no_grad():
+            return guard(q, k, v_, layout, 0, plan=forged)
+
+    v2 = v.detach().clone()
+    v2[:, :, secret[0]] = 1e4
+    with pytest.raises(KernelError) as e:
+        outputs(v)
+    assert e.value.code == "DG319" and "layout" in str(e.value)
+    monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
+    assert not torch.equal(outputs(v)[:, :, ~secret[0]], outputs(v2)[:, :, ~secret[0]])
+
+
+def test_forged_decode_labels_are_refused(compiled, monkeypatch):
+    import dataclasses
+
+    att = importlib.import_module("domainguard.attention")  # the package re-exports a function of that name
+
+    n, new = 60, 2
+    ids = _ids(1, n, seed=29)
+    ids[0, -new:] = 4
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    secret = (ids == SECRET).to(DEV)
+    q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=3, nq=new)
+    guard = GuardedAttention(compiled)
+    plan = guard.decode_plan(layout, 0, new, heads=2, kv_heads=1)
+    k_dom = plan.k_dom.clone()
+    k_dom[secret] = 0  # secret keys claimed to be sys, which `answer` may read
+    forged = dataclasses.replace(plan, k_dom=k_dom, kinds=torch.full_like(plan.kinds, 1))
+    v2 = v.detach().clone()
+    v2[:, :, secret[0]] = 1e4
+    run = lambda v_: guard(q, k, v_, layout, 0, q_slice=new, plan=forged)  # noqa: E731
+    with torch.no_grad(), pytest.raises(KernelError) as e:
+        run(v)
+    assert e.value.code == "DG319"
+    monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
+    with torch.no_grad():
+        assert not torch.equal(run(v), run(v2))
+
+
+@pytest.mark.parametrize("field", ["order", "run_end", "q_inv", "dtype"])
+def test_plan_tables_out_of_bounds_are_refused(compiled, field):
+    import dataclasses
+
+    from domainguard.kernels.plan import Runs
+
+    n = 40
+    layout = dg.Layout.from_ids(compiled, _ids(1, n, seed=5)).to(DEV)
+    q, k, v = _qkv(1, 1, 1, n, 64, torch.float32, seed=5)
+    guard = GuardedAttention(compiled, SMALL)
+    plan = guard.plan(layout, 0, heads=1, dtype=q.dtype, head_dim=64)
+    full, part = plan.runs
+    if field == "order":
+        forged = dataclasses.replace(plan, order=plan.order + 1)
+    elif field == "run_end":
+        forged = dataclasses.replace(plan, runs=(full, Runs(part.num, part.start, part.end + 1000)))
+    elif field == "q_inv":
+        forged = dataclasses.replace(plan, q_inv=plan.q_inv.flip(1).contiguous())
+    else:
+        forged = dataclasses.replace(plan, order=plan.order.long())
+    with torch.no_grad(), pytest.raises(KernelError) as e:
+        guard(q, k, v, layout, 0, plan=forged)
+    assert e.value.code == "DG319"
+    with torch.no_grad():  # the honest plan still runs, and is checked once
+        guard(q, k, v, layout, 0, plan=plan)
+        assert plan in guard._checked
 
 
 def test_digest_covers_tables_and_sources(compiled):
