@@ -289,6 +289,38 @@ def test_forged_decode_labels_are_refused(compiled, monkeypatch):
         assert not torch.equal(run(v), run(v2))
 
 
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_PTR], ids=["tma", "ptr"])
+def test_forged_partial_tiles_stay_exact_inside_the_kernel(compiled, cfg, monkeypatch):
+    """Even a plan that got past check_plan and lists every key tile PARTIAL cannot make a
+    forbidden NaN reach a protected row: on PARTIAL tiles the kernel itself replaces unreadable
+    K/V rows by zeros before any product (defence in depth behind DG319)."""
+    import dataclasses
+
+    from domainguard.kernels.plan import Runs
+
+    att = importlib.import_module("domainguard.attention")
+    monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
+    n = 64
+    ids = _ids(1, n, seed=31)
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    secret = (ids[0] == SECRET).to(DEV)
+    q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=8)
+    guard = GuardedAttention(compiled, cfg)
+    plan = guard.plan(layout, 0, heads=2, dtype=q.dtype, head_dim=64)
+    every, _ = _every_tile_full(plan)
+    nothing = Runs(num=torch.zeros_like(every.num), start=every.start, end=every.end)
+    forged = dataclasses.replace(plan, runs=(nothing, every))
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[:, :, secret] = float("nan")
+    v2[:, :, secret] = float("inf")
+    with torch.no_grad():
+        a = guard(q, k, v, layout, 0, plan=forged)
+        b = guard(q, k2, v2, layout, 0, plan=forged)
+        honest = guard(q, k, v, layout, 0)
+    assert torch.equal(a[:, :, ~secret], b[:, :, ~secret])
+    assert _rel_err(a[:, :, ~secret], honest[:, :, ~secret]) < 1e-5  # the forged tables change no allowed pair
+
+
 @pytest.mark.parametrize("field", ["order", "run_end", "q_inv", "dtype"])
 def test_plan_tables_out_of_bounds_are_refused(compiled, field):
     import dataclasses
