@@ -2,6 +2,7 @@
 
     python benchmarks/attention.py                      # the full table (N = 8K..128K)
     python benchmarks/attention.py --sizes 32768 --no-flex --configs   # per-kernel times of several configs
+    python benchmarks/attention.py --sizes 32768 --window 4096          # policies with a sliding window
 
 Layouts: 8 domains in random segments (geometric lengths, mean 1000 or 64 tokens),
 each segment's domain drawn uniformly; policies where each domain reads 1 or 3 other
@@ -30,7 +31,7 @@ HEADS, HEAD_DIM, DOMAINS = 16, 128, 8
 
 
 # --- workloads -------------------------------------------------------------------------------
-def policy_yaml(reads: int, seed: int = 0) -> str:
+def policy_yaml(reads: int, seed: int = 0, window: int | None = None) -> str:
     rng = random.Random(seed)
     names = [f"d{i}" for i in range(DOMAINS)]
     lines = ["domainguard: 1", f"name: bench-reads{reads}", "domains:"]
@@ -39,7 +40,7 @@ def policy_yaml(reads: int, seed: int = 0) -> str:
     for i, n in enumerate(names):
         others = rng.sample([m for j, m in enumerate(names) if j != i], reads)
         lines.append(f"  {n}: [{', '.join(others)}]")
-    lines += ["patterns:", "  default: {causal: true}"]
+    lines += ["patterns:", "  default: {causal: true%s}" % (f", window: {window}" if window else "")]
     return "\n".join(lines) + "\n"
 
 
@@ -57,12 +58,14 @@ def segment_ids(n: int, mean_len: int, seed: int = 0) -> torch.Tensor:
     return ids[None, :n]
 
 
-def allowed_pairs(layout, compiled, layer: int = 0) -> int:
-    """Number of allowed (query, key) pairs, in O(N·D) (causal ∧ relation)."""
+def allowed_pairs(layout, compiled, layer: int = 0, window: int | None = None) -> int:
+    """Number of allowed (query, key) pairs, in O(N·D) (causal ∧ relation ∧ the window if any)."""
     dom = layout.domain_ids[0].cpu()
     rel = compiled.relation(layer)[:DOMAINS, :DOMAINS].to(torch.float64)
     onehot = torch.nn.functional.one_hot(dom, DOMAINS).to(torch.float64)
     before = onehot.cumsum(0)  # keys of each domain at index <= i
+    if window:  # minus those at index <= i - window
+        before = before - torch.nn.functional.pad(before, (0, 0, window, 0))[: before.shape[0]]
     return int((before * rel[dom]).sum().item())
 
 
@@ -117,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--segments", default="1000,64")
     ap.add_argument("--reads", default="1,3")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--window", type=int, default=None, help="every domain's pattern gets this sliding window")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--mask-limit-gb", type=float, default=8.0, help="skip SDPA+bool mask above this N*N size")
     ap.add_argument("--configs", action="store_true", help="per-kernel times of the SWEEP configs instead")
@@ -143,7 +147,7 @@ def main(argv=None) -> int:
         "command": "python " + " ".join(sys.argv),
     }
     print(json.dumps(info), flush=True)
-    policies = {r: dg.compile(dg.loads_policy(policy_yaml(r)), layers=1) for r in reads}
+    policies = {r: dg.compile(dg.loads_policy(policy_yaml(r, window=args.window)), layers=1) for r in reads}
     config = None
     if args.tune:
         config = tune(policies[max(reads)], dev)
@@ -165,13 +169,13 @@ def main(argv=None) -> int:
             for r in reads:
                 compiled, guard = policies[r], guards[r]
                 layout = dg.Layout.from_ids(compiled, ids.to(dev))
-                pairs = allowed_pairs(layout, compiled)
+                pairs = allowed_pairs(layout, compiled, window=args.window)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 plan = guard.plan(layout, 0, heads=HEADS, dtype=q.dtype, head_dim=HEAD_DIM)
                 torch.cuda.synchronize()
                 plan_ms = (time.perf_counter() - t0) * 1e3
-                row = {"N": n, "segment": seg, "reads": r, "pairs": pairs, "density": pairs / causal_pairs,
+                row = {"N": n, "segment": seg, "reads": r, "window": args.window, "pairs": pairs, "density": pairs / causal_pairs,
                        "plan_ms": plan_ms, **plan.stats(), "sdpa_causal": sd, "sdpa_causal_tflops": sd_tf}
                 if args.profile:
                     row["kernels_ms"] = profile_kernels(guard, plan, q, k, v, layout, do)
@@ -201,6 +205,8 @@ def main(argv=None) -> int:
                     dom = layout.domain_ids[0]
                     mask = compiled.relation(0).to(dev)[dom][:, dom]
                     mask.tril_()
+                    if args.window:
+                        mask.triu_(-(args.window - 1))
                     mask = mask[None, None]
                     m_f, m_fb = run_sdpa(q, k, v, do, causal=False, mask=mask)
                     row["sdpa_mask"] = {"fwd": bench(m_f), "fwdbwd": None if args.no_backward else bench(m_fb)}

@@ -20,9 +20,8 @@ index, so 64-token chat turns cost what 4K-token documents do (BENCHMARKS.md).
 
 Error codes (KernelError): DG311 malformed q/k/v, layout mismatch, q_slice or backend;
 DG312 query heads not a multiple of key/value heads; DG313 more than 63 domains;
-DG314 dtype (bf16, fp16, fp32 only, all three alike); DG315 a pattern part the kernels do
-not implement (anything beyond ``causal``, or masks that differ between heads: use
-``backend="reference"``); DG316 head dim other than 64 or 128; DG317 layer out of range;
+DG314 dtype (bf16, fp16, fp32 only, all three alike); DG315 patterns that differ between
+heads (the kernels enforce one mask for all heads: use ``backend="reference"``); DG316 head dim other than 64 or 128; DG317 layer out of range;
 DG318 a plan built for another mask or shape; DG319 a plan that does not describe the
 layout it is given with (labels, slot order, tile purity or table bounds).
 """
@@ -219,7 +218,7 @@ class AttentionPlan:
     runs_t: tuple  # the same, key-major, for dk/dv
     order: torch.Tensor  # int32 [B, Tq]: launch order of query tiles
     q_inv: torch.Tensor  # int32 [B, Nq]: slot of each query token
-    mask_key: tuple  # (rel_bits, causal_bits): the mask the tables were built for
+    mask_key: tuple  # (rel_bits, causal_bits, num_domains, pattern): the mask the tables were built for
     config: KernelConfig
     nq: int
     nk: int
@@ -238,6 +237,7 @@ class DecodePlan:
     qs: "Slots"
     k_dom: torch.Tensor  # int32 [B, Nk]
     k_idx: torch.Tensor  # int32 [B, Nk]
+    k_rank: torch.Tensor  # int32 [B, Nk]
     kinds: torch.Tensor  # uint8 [B, Hm, Tq, Tk] over (QT, block_n) tiles
     block_n: int
     mask_key: tuple
@@ -255,8 +255,8 @@ _PLAN_CACHE_SIZE = 64
 
 
 def _mask_key(tables) -> tuple:
-    """What a plan's tile tables depend on: the frozen relation and causal flags."""
-    return (tables.rel_bits, tables.causal_bits, tables.num_domains)
+    """What a plan's tile tables depend on: the frozen relation, causal flags and patterns."""
+    return (tables.rel_bits, tables.causal_bits, tables.num_domains, tables.pattern)
 
 
 class _FrozenView:
@@ -368,7 +368,8 @@ def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hk
         refuse(_plan_problem([(plan.group == hq // hkv, f"decode plan is for GQA groups of {plan.group}, not {hq // hkv}"),
                               (plan.block_n == DECODE_BLOCK_N, f"decode plan tiles of {plan.block_n} keys, not {DECODE_BLOCK_N}")]))
         refuse(_slots_problem("query", plan.qs, qa, nq, qt, pad_id, device, query=True))
-        for name, t, want in (("k_dom", plan.k_dom, ka.domain), ("k_idx", plan.k_idx, ka.index)):
+        for name, t, want in (("k_dom", plan.k_dom, ka.domain), ("k_idx", plan.k_idx, ka.index),
+                              ("k_rank", plan.k_rank, ka.rank)):
             refuse(_tensor_problem(f"decode plan {name}", t, (b, nk), torch.int32, device))
             refuse(_plan_problem([(t.long() == want.to(device).long(), f"decode plan {name} differs from the layout's")]))
         kinds = plan.kinds
@@ -564,6 +565,7 @@ class GuardedAttention:
         )
         return DecodePlan(
             qs=qs, k_dom=ka.domain.to(torch.int32).contiguous(), k_idx=ka.index.to(torch.int32).contiguous(),
+            k_rank=ka.rank.to(torch.int32).contiguous(),
             kinds=bm.kinds.contiguous(), block_n=DECODE_BLOCK_N, mask_key=_mask_key(tables),
             nq=qsl.stop - qsl.start, nk=n, group=group,
         )
@@ -581,7 +583,8 @@ class GuardedAttention:
             self._check_given(plan, layout, qsl, q, k)
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        return launch_decode(q, k, v, plan.qs, plan.k_dom, plan.k_idx, plan.kinds, tables, scale, block_n=plan.block_n)
+        return launch_decode(q, k, v, plan.qs, plan.k_dom, plan.k_idx, plan.k_rank, plan.kinds, tables, scale,
+                             block_n=plan.block_n)
 
     def _check_given(self, plan, layout, qsl: slice, q, k) -> None:
         """``check_plan`` once per (plan, layout, query slice, heads); like layouts, plans are

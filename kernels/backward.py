@@ -19,11 +19,12 @@ import triton
 import triton.language as tl
 
 from .forward import LOG2E, _dot, _runs_readable, dot_precision
-from .masks import _key_readable, _pair_mask, _readable_bits
+from .masks import _key_readable, _pair_mask, _pattern_keep, _readable_bits
 
 
 @triton.jit
-def _pair_mask_t(k_dom, k_idx, q_dom, q_idx, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr):
+def _pair_mask_t(k_dom, k_idx, k_rank, q_dom, q_idx, q_rank, REL: tl.constexpr, CAUSAL: tl.constexpr,
+                 DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr):
     """bool [BN, BM]: query q (column) may attend key k (row); the transpose of masks._pair_mask."""
     bits = _readable_bits(q_dom, REL, DP)  # [BM]
     kd = tl.minimum(tl.maximum(k_dom, 0), 63).to(tl.int64)
@@ -31,13 +32,16 @@ def _pair_mask_t(k_dom, k_idx, q_dom, q_idx, REL: tl.constexpr, CAUSAL: tl.const
     qd = tl.minimum(tl.maximum(q_dom, 0), 63).to(tl.int64)
     is_causal = ((q_dom.to(tl.int64) * 0 + CAUSAL) >> qd) & 1
     ok = ok & ((is_causal[None, :] == 0) | (k_idx[:, None] <= q_idx[None, :]))
+    if HAS_PAT:
+        ok = ok & _pattern_keep(q_dom, q_idx, q_rank, k_idx, k_rank, PAT, DP, True)
     return ok
 
 
 @triton.jit
-def _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, q_off, qslot0, row0, k_dom, k_idx, readable,
-               qk_scale, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, HEAD_DIM: tl.constexpr,
-               SUB_M: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+def _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0, row0, k_dom, k_idx, k_rank,
+               readable, qk_scale, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr,
+               HAS_PAT: tl.constexpr, HEAD_DIM: tl.constexpr, SUB_M: tl.constexpr, MASKED: tl.constexpr,
+               PREC: tl.constexpr):
     """Add the contribution of query slots [row0, row0 + SUB_M) to dk, dv [SUB_N, D] of a key block."""
     d = tl.arange(0, HEAD_DIM)
     rows = row0 + tl.arange(0, SUB_M)
@@ -49,7 +53,11 @@ def _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, q_off, qslot0, ro
     if MASKED:
         q_dom = tl.load(QDom + qslot0 + rows)
         q_idx = tl.load(QIdx + qslot0 + rows)
-        allowed = _pair_mask_t(k_dom, k_idx, q_dom, q_idx, REL, CAUSAL, DP) & readable[:, None]
+        if HAS_PAT:
+            q_rank = tl.load(QRank + qslot0 + rows)
+        else:
+            q_rank = q_idx
+        allowed = _pair_mask_t(k_dom, k_idx, k_rank, q_dom, q_idx, q_rank, REL, CAUSAL, DP, PAT, HAS_PAT) & readable[:, None]
         pt = tl.where(allowed, tl.math.exp2(tl.where(allowed, st, float("-inf")) * qk_scale - lse2[None, :]), 0.0)
     else:
         pt = tl.math.exp2(st * qk_scale - lse2[None, :])
@@ -73,11 +81,11 @@ def _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, q_off, qslot0, ro
 def _dkdv_kernel(
     Qp, DOp, Lse2, Delta, Kp, Vp, DK, DV,
     sdkb, sdkh, sdkn,
-    QDom, QIdx, KTok, KDom, KIdx,
+    QDom, QIdx, QRank, KTok, KDom, KIdx, KRank,
     FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd,
     Hq, Hkv, Sq, Sk, Tk, RF, RP, Hm,
     qk_scale, sm_scale,
-    REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
+    REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, SUB_M: tl.constexpr,
     PREC: tl.constexpr, CHECK_FULL: tl.constexpr,
@@ -97,6 +105,10 @@ def _dkdv_kernel(
     v = tl.load(Vp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
     k_dom = tl.load(KDom + b * Sk + cols)
     k_idx = tl.load(KIdx + b * Sk + cols)
+    if HAS_PAT:
+        k_rank = tl.load(KRank + b * Sk + cols)
+    else:
+        k_rank = k_idx
     k_tile_dom = tl.load(KDom + b * Sk + u * BLOCK_N)
     qslot0 = b * Sq
     dk = tl.zeros([SUB_N, HEAD_DIM], dtype=tl.float32)
@@ -118,9 +130,9 @@ def _dkdv_kernel(
             # Nested loops (tile, then SUB_M rows), as tuned; see BENCHMARKS.md for the flat variant.
             for t in range(t0, t1):
                 for sub in range(BLOCK_M // SUB_M):
-                    dk, dv = _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, q_off, qslot0,
-                                        t * BLOCK_M + sub * SUB_M, k_dom, k_idx, None, qk_scale, REL, CAUSAL,
-                                        DP, HEAD_DIM, SUB_M, False, PREC)
+                    dk, dv = _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0,
+                                        t * BLOCK_M + sub * SUB_M, k_dom, k_idx, k_rank, None, qk_scale, REL,
+                                        CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_M, False, PREC)
         for which in tl.static_range(2):
             # Masked path: the PARTIAL runs, and FULL runs that failed the relation check.
             if which == 0:
@@ -138,9 +150,9 @@ def _dkdv_kernel(
                     # INVARIANT: query tiles are domain-pure; one domain decides readability of each key.
                     readable = _key_readable(tl.load(QDom + qslot0 + t * BLOCK_M), k_dom, REL, DP)
                     for sub in range(BLOCK_M // SUB_M):
-                        dk, dv = _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, q_off, qslot0,
-                                            t * BLOCK_M + sub * SUB_M, k_dom, k_idx, readable, qk_scale, REL,
-                                            CAUSAL, DP, HEAD_DIM, SUB_M, True, PREC)
+                        dk, dv = _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off,
+                                            qslot0, t * BLOCK_M + sub * SUB_M, k_dom, k_idx, k_rank, readable,
+                                            qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_M, True, PREC)
     k_tok = tl.load(KTok + b * Sk + cols)
     ok = k_tok >= 0
     row = tl.where(ok, k_tok, 0).to(tl.int64)
@@ -169,9 +181,10 @@ def _runs_readers_bad(Start, End, n_runs, QDom, qslot0, k_dom,
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, kslot0, col0, q_dom, q_idx, tile_dom,
-             qk_scale, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, HEAD_DIM: tl.constexpr,
-             SUB_N: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+def _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, q_dom, q_idx, q_rank,
+             tile_dom, qk_scale, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr,
+             HAS_PAT: tl.constexpr, HEAD_DIM: tl.constexpr, SUB_N: tl.constexpr, MASKED: tl.constexpr,
+             PREC: tl.constexpr):
     """Add the contribution of key slots [col0, col0 + SUB_N) to dq [SUB_M, D]."""
     d = tl.arange(0, HEAD_DIM)
     cols = col0 + tl.arange(0, SUB_N)
@@ -180,10 +193,14 @@ def _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, kslot0, col0, q
     if MASKED:
         k_dom = tl.load(KDom + kslot0 + cols)
         k_idx = tl.load(KIdx + kslot0 + cols)
+        if HAS_PAT:
+            k_rank = tl.load(KRank + kslot0 + cols)
+        else:
+            k_rank = k_idx
         readable = _key_readable(tile_dom, k_dom, REL, DP)
         k = tl.where(readable[:, None], k, 0.0)
         v = tl.where(readable[:, None], v, 0.0)
-        allowed = _pair_mask(q_dom, q_idx, k_dom, k_idx, REL, CAUSAL, DP) & readable[None, :]
+        allowed = _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, REL, CAUSAL, DP, PAT, HAS_PAT) & readable[None, :]
         s = tl.where(allowed, _dot(q, tl.trans(k), None, PREC), float("-inf"))
         p = tl.where(allowed, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
     else:
@@ -199,11 +216,11 @@ def _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, kslot0, col0, q
 def _dq_kernel(
     Qp, DOp, Lse2, Delta, Kp, Vp, DQ,
     sdqb, sdqh, sdqn,
-    QTok, QDom, QIdx, KDom, KIdx,
+    QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
     FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd,
     Hq, Hkv, Sq, Sk, Tq, RF, RP, Hm,
     qk_scale, sm_scale,
-    REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
+    REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
     PREC: tl.constexpr, CHECK_FULL: tl.constexpr,
@@ -227,6 +244,10 @@ def _dq_kernel(
     delta = tl.load(Delta + q_off + rows)
     q_dom = tl.load(QDom + b * Sq + rows)
     q_idx = tl.load(QIdx + b * Sq + rows)
+    if HAS_PAT:
+        q_rank = tl.load(QRank + b * Sq + rows)
+    else:
+        q_rank = q_idx
     # INVARIANT: query tiles are domain-pure (plan.sort_slots).
     tile_dom = tl.load(QDom + b * Sq + t * BLOCK_M)
     kv_off = (b * Hkv + hk).to(tl.int64) * Sk * HEAD_DIM
@@ -243,8 +264,8 @@ def _dq_kernel(
         u0 = tl.load(FullStart + lrow * RF + r)
         u1 = tl.load(FullEnd + lrow * RF + r)
         for col0 in range(u0 * BLOCK_N, u1 * BLOCK_N, SUB_N):
-            dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, kslot0, col0, q_dom, q_idx,
-                          tile_dom, qk_scale, REL, CAUSAL, DP, HEAD_DIM, SUB_N, False, PREC)
+            dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, q_dom, q_idx,
+                          q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_N, False, PREC)
     for which in tl.static_range(2):
         if which == 0:
             n_runs = n_full - n_fast
@@ -258,8 +279,9 @@ def _dq_kernel(
             u0 = tl.load(Start + r)
             u1 = tl.load(End + r)
             for col0 in range(u0 * BLOCK_N, u1 * BLOCK_N, SUB_N):
-                dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, kslot0, col0, q_dom,
-                              q_idx, tile_dom, qk_scale, REL, CAUSAL, DP, HEAD_DIM, SUB_N, True, PREC)
+                dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, q_dom,
+                              q_idx, q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_N,
+                              True, PREC)
     q_tok = tl.load(QTok + b * Sq + rows)
     ok = q_tok >= 0
     row = tl.where(ok, q_tok, 0).to(tl.int64)
@@ -281,14 +303,15 @@ def launch_backward(
     full, part = runs
     full_t, part_t = runs_t
     hm, tq, tk = full.num.shape[1], full.num.shape[2], full_t.num.shape[2]
-    common = dict(REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp, GROUP=hq // hkv,
+    common = dict(REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp, PAT=tables.pattern_constants,
+                  HAS_PAT=tables.has_pattern, GROUP=hq // hkv,
                   HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PREC=dot_precision(qp), CHECK_FULL=check_full)
     c = dict(dkdv_cfg)
     grid = (sk // c["SUB_N"], b * hkv)
     _dkdv_kernel[grid](
         qp, dop, lse2, delta, kp, vp, dk, dv,
         dk.stride(0), dk.stride(1), dk.stride(2),
-        qs.dom, qs.idx, ks.tok, ks.dom, ks.idx,
+        qs.dom, qs.idx, qs.rank, ks.tok, ks.dom, ks.idx, ks.rank,
         full_t.num, full_t.start, full_t.end, part_t.num, part_t.start, part_t.end,
         hq, hkv, sq, sk, tk, full_t.start.shape[-1], part_t.start.shape[-1], hm,
         scale * LOG2E, scale,
@@ -299,7 +322,7 @@ def launch_backward(
     _dq_kernel[grid](
         qp, dop, lse2, delta, kp, vp, dq,
         dq.stride(0), dq.stride(1), dq.stride(2),
-        qs.tok, qs.dom, qs.idx, ks.dom, ks.idx,
+        qs.tok, qs.dom, qs.idx, qs.rank, ks.dom, ks.idx, ks.rank,
         full.num, full.start, full.end, part.num, part.start, part.end,
         hq, hkv, sq, sk, tq, full.start.shape[-1], part.start.shape[-1], hm,
         scale * LOG2E, scale,

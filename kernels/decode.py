@@ -5,7 +5,7 @@ than the attention itself); only the few queries are sorted into domain-pure til
 ``QT`` slots, and the query heads of one GQA group are packed into the rows of one
 program so each K/V tile is read once per group. Each program walks one split of the
 key tiles of its query tile: EMPTY tiles are skipped, FULL tiles need only the bounds
-mask, PARTIAL tiles get the element mask from the frozen constants. K/V rows the query
+mask, PARTIAL tiles get the element mask (relation, causal, pattern) from the frozen constants. K/V rows the query
 tile's domain may not read are never loaded. A second kernel merges the splits.
 
 Causal alignment comes from the tokens' sequence indices (the layout's ``index``), so
@@ -26,10 +26,10 @@ from .masks import _key_readable, _pair_mask
 def _decode_kernel(
     Q, K, V, Opart, Mpart, Lpart,
     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    QTok, QDom, QIdx, KDom, KIdx, Kinds,
+    QTok, QDom, QIdx, QRank, KDom, KIdx, KRank, Kinds,
     Hq, Hkv, Sq, Nk, Tq, Tk, Hm, SPLITS, tiles_per_split,
     qk_scale,
-    REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
+    REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr,
     GROUP: tl.constexpr, QT: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -48,6 +48,10 @@ def _decode_kernel(
     q_tok = tl.load(QTok + b * Sq + slot)
     q_dom = tl.load(QDom + b * Sq + slot)
     q_idx = tl.load(QIdx + b * Sq + slot)
+    if HAS_PAT:
+        q_rank = tl.load(QRank + b * Sq + slot)
+    else:
+        q_rank = q_idx
     q_ok = (q_tok >= 0) & row_ok
     q_row = tl.where(q_ok, q_tok, 0).to(tl.int64)
     q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + q_row[:, None] * sqn + d[None, :],
@@ -78,7 +82,12 @@ def _decode_kernel(
                 allowed = readable[None, :] & row_ok[:, None]
             else:
                 k_idx = tl.load(KIdx + b * Nk + cols, mask=inb, other=0)
-                allowed = _pair_mask(q_dom, q_idx, k_dom, k_idx, REL, CAUSAL, DP) & readable[None, :]
+                if HAS_PAT:
+                    k_rank = tl.load(KRank + b * Nk + cols, mask=inb, other=0)
+                else:
+                    k_rank = k_idx
+                allowed = _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, REL, CAUSAL, DP, PAT,
+                                     HAS_PAT) & readable[None, :]
             acc, l_i, m_i = _online_step(acc, l_i, m_i, q, tl.trans(k), v, allowed, qk_scale, True, PREC)
 
     part = ((b * Hq + h).to(tl.int64) * Sq + slot) * SPLITS + split  # [ROWS]
@@ -128,10 +137,11 @@ def decode_rows(group: int) -> tuple[int, int]:
     return qt, rows
 
 
-def launch_decode(q, k, v, qs, k_dom, k_idx, kinds, tables, scale, *, block_n, num_warps=4, num_stages=2, splits=None):
+def launch_decode(q, k, v, qs, k_dom, k_idx, k_rank, kinds, tables, scale, *, block_n, num_warps=4, num_stages=2,
+                  splits=None):
     """q [B, Hq, Nq, D] (few tokens), k/v [B, Hkv, Nk, D] in the caller's order.
 
-    ``qs``: query Slots padded to QT; ``k_dom``/``k_idx`` int32 [B, Nk]; ``kinds`` uint8
+    ``qs``: query Slots padded to QT; ``k_dom``/``k_idx``/``k_rank`` int32 [B, Nk]; ``kinds`` uint8
     [B, Hm, Tq, Tk] over (QT, block_n) tiles. Returns (out [B, Hq, Nq, D], lse [B, Hq, Nq] natural log).
     """
     b, hq, nq, d = q.shape
@@ -153,11 +163,11 @@ def launch_decode(q, k, v, qs, k_dom, k_idx, kinds, tables, scale, *, block_n, n
         q, k, v, opart, mpart, lpart,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        qs.tok, qs.dom, qs.idx, k_dom, k_idx, kinds,
+        qs.tok, qs.dom, qs.idx, qs.rank, k_dom, k_idx, k_rank, kinds,
         hq, hkv, sq, nk, tq, tk, hm, splits, per,
         scale * LOG2E,
         REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp,
-        GROUP=group, QT=qt, ROWS=rows, HEAD_DIM=d, BLOCK_N=block_n, PREC=dot_precision(q),
+        PAT=tables.pattern_constants, HAS_PAT=tables.has_pattern, GROUP=group, QT=qt, ROWS=rows, HEAD_DIM=d, BLOCK_N=block_n, PREC=dot_precision(q),
         num_warps=num_warps, num_stages=num_stages,
     )
     out = torch.empty_like(q)
@@ -171,13 +181,13 @@ def launch_decode(q, k, v, qs, k_dom, k_idx, kinds, tables, scale, *, block_n, n
     return out, lse
 
 
-def decode_reference(q, k, v, q_dom, q_idx, k_dom, k_idx, tables, scale):
+def decode_reference(q, k, v, q_dom, q_idx, k_dom, k_idx, tables, scale, q_rank=None, k_rank=None):
     """PyTorch twin of ``launch_decode`` on per-token attributes (caller's order)."""
     from domainguard.attention import reference_from_mask
 
     from .masks import pair_mask_reference
 
-    mask = pair_mask_reference(q_dom, q_idx, k_dom, k_idx, tables.rel_bits, tables.causal_bits)
+    mask = pair_mask_reference(q_dom, q_idx, k_dom, k_idx, tables, q_rank, k_rank)
     out, lse = reference_from_mask(q, k, v, mask[:, None], scale=scale)
     return out, lse
 

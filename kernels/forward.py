@@ -6,7 +6,7 @@ kernel instead was measured 1.5x slower on an H100, and Hopper's tensor copies c
 gather rows); Q is gathered and O scattered in the kernel, so the caller's tensors keep
 their order. For each query tile the kernel walks its
 FULL key tiles (no element mask: every pair allowed) and then its PARTIAL key tiles
-(relation and causal mask from the frozen constants, and K/V loads the tile's domain
+(relation, causal and pattern mask from the frozen constants, and K/V loads the tile's domain
 may not read are never issued: a forbidden value is never multiplied, so ``0 * NaN``
 cannot reach a protected row). EMPTY tiles are never touched.
 
@@ -68,18 +68,23 @@ def _load_kv(K, V, Kd, Vd, row0, d, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexp
 
 
 @triton.jit
-def _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, tile_dom, KDom, KIdx, slot0, qk_scale,
-                 REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
-                 BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """A PARTIAL key tile: element mask from the frozen constants; unreadable K/V rows are
-    replaced by zeros before any product (a select, never a multiplication by 0)."""
+def _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, q_rank, tile_dom, KDom, KIdx, KRank, slot0, qk_scale,
+                 REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr,
+                 HAS_PAT: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """A PARTIAL key tile: element mask (relation, causal, pattern) from the frozen constants;
+    unreadable K/V rows are replaced by zeros before any product (a select, never a
+    multiplication by 0)."""
     cols = slot0 + tl.arange(0, BLOCK_N)
     k_dom = tl.load(KDom + cols)
     k_idx = tl.load(KIdx + cols)
+    if HAS_PAT:
+        k_rank = tl.load(KRank + cols)
+    else:
+        k_rank = k_idx
     readable = _key_readable(tile_dom, k_dom, REL, DP)
     k = tl.where(readable[:, None], k, 0.0)
     v = tl.where(readable[:, None], v, 0.0)
-    allowed = _pair_mask(q_dom, q_idx, k_dom, k_idx, REL, CAUSAL, DP) & readable[None, :]
+    allowed = _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, REL, CAUSAL, DP, PAT, HAS_PAT) & readable[None, :]
     return _online_step(acc, l_i, m_i, q, tl.trans(k), v, allowed, qk_scale, True, PREC)
 
 
@@ -105,11 +110,11 @@ def _fwd_kernel(
     Q, K, V, Kd, Vd, O, Lse2,
     sqb, sqh, sqn,
     sob, soh, son,
-    QTok, QDom, QIdx, KDom, KIdx,
+    QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
     FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd, Order,
     Hq, Hkv, Sq, Sk, Tq, RF, RP, Hm,
     qk_scale,
-    REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
+    REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
     CHECK_FULL: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
@@ -129,6 +134,10 @@ def _fwd_kernel(
     q_tok = tl.load(QTok + b * Sq + rows)
     q_dom = tl.load(QDom + b * Sq + rows)
     q_idx = tl.load(QIdx + b * Sq + rows)
+    if HAS_PAT:
+        q_rank = tl.load(QRank + b * Sq + rows)
+    else:
+        q_rank = q_idx
     q_ok = q_tok >= 0
     q_row = tl.where(q_ok, q_tok, 0).to(tl.int64)
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
@@ -165,16 +174,18 @@ def _fwd_kernel(
         kt1 = tl.load(FE + r)
         for kt in range(kt0, kt1):
             k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
-            acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, tile_dom, KDom, KIdx,
-                                         kslot0 + kt * BLOCK_N, qk_scale, REL, CAUSAL, DP, BLOCK_N, PREC)
+            acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, q_rank, tile_dom, KDom, KIdx, KRank,
+                                         kslot0 + kt * BLOCK_N, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT,
+                                         BLOCK_N, PREC)
     n_part = tl.load(PartRuns + lrow)
     for r in range(n_part):
         kt0 = tl.load(PartStart + lrow * RP + r)
         kt1 = tl.load(PartEnd + lrow * RP + r)
         for kt in range(kt0, kt1):
             k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
-            acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, tile_dom, KDom, KIdx,
-                                         kslot0 + kt * BLOCK_N, qk_scale, REL, CAUSAL, DP, BLOCK_N, PREC)
+            acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, q_rank, tile_dom, KDom, KIdx, KRank,
+                                         kslot0 + kt * BLOCK_N, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT,
+                                         BLOCK_N, PREC)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -224,11 +235,12 @@ def launch_forward(
         q, kp, vp, kd, vd, out, lse2,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        qs.tok, qs.dom, qs.idx, ks.dom, ks.idx,
+        qs.tok, qs.dom, qs.idx, qs.rank, ks.dom, ks.idx, ks.rank,
         full.num, full.start, full.end, part.num, part.start, part.end, order,
         hq, hkv, qs.size, sk, tq, full.start.shape[-1], part.start.shape[-1], hm,
         scale * LOG2E,
         REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp,
+        PAT=tables.pattern_constants, HAS_PAT=tables.has_pattern,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
         PREC=dot_precision(q), CHECK_FULL=check_full, USE_TMA=use_tma, WARP_SPEC=warp_specialize,
         num_warps=num_warps, num_stages=num_stages,
@@ -243,7 +255,7 @@ def forward_reference(q, k, v, qs, ks, tables, scale):
     from .permute import gather_rows_reference
 
     qp, kp, vp = (gather_rows_reference(x, s.tok) for x, s in ((q, qs), (k, ks), (v, ks)))
-    mask = pair_mask_reference(qs.dom, qs.idx, ks.dom, ks.idx, tables.rel_bits, tables.causal_bits)
+    mask = pair_mask_reference(qs.dom, qs.idx, ks.dom, ks.idx, tables, qs.rank, ks.rank)
     out_p, lse = reference_from_mask(qp, kp, vp, mask[:, None], scale=scale)
     # Back to the caller's order: padding slots are dropped.
     out = torch.zeros_like(q)

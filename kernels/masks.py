@@ -41,20 +41,112 @@ def _key_readable(q_dom, k_dom, REL: tl.constexpr, DP: tl.constexpr):
 
 
 @triton.jit
-def _pair_mask(q_dom, q_idx, k_dom, k_idx, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr):
-    """bool [BM, BN]: relation[q_dom, k_dom] AND (causal → k_idx <= q_idx)."""
+def _link_target(qi, j_term, seed_term):
+    """``patterns.link_hash(seed, qi, j) % (qi + 1)`` for ``qi`` >= 0 (int32 in and out; int64
+    inside, where every product stays below 2**62), given the seed's and the link number's terms."""
+    q = qi.to(tl.int64)
+    x = (q & 0x7FFFFFFF) * 0x2C1B3C6D % 2147483648
+    x = (x + seed_term.to(tl.int64) + j_term) & 0x7FFFFFFF
+    x = ((x ^ (x >> 15)) * 0x7FEB352D) & 0x7FFFFFFF
+    x = ((x ^ (x >> 15)) * 0x4695AF5B) & 0x7FFFFFFF
+    x = x ^ (x >> 16)
+    return (x % (q + 1)).to(tl.int32)
+
+
+@triton.jit
+def _col(x, T: tl.constexpr):
+    """A per-query vector as the [BM, 1] operand (or [1, BM] when ``T``: transposed masks)."""
+    if T:
+        return x[None, :]
+    else:
+        return x[:, None]
+
+
+@triton.jit
+def _row(x, T: tl.constexpr):
+    """A per-key vector as the [1, BN] operand (or [BN, 1] when ``T``)."""
+    if T:
+        return x[:, None]
+    else:
+        return x[None, :]
+
+
+@triton.jit
+def _pattern_keep(q_dom, q_idx, q_rank, k_idx, k_rank, PAT: tl.constexpr, DP: tl.constexpr, T: tl.constexpr):
+    """bool [BM, BN] ([BN, BM] when ``T``): the union parts of each query's domain pattern keep
+    the pair (True where the domain has none). Mirrors ``patterns.MaskRule.mask``; ``causal``
+    is applied by the caller. Parameters are selected per query row; the parts no domain uses
+    are left out at compile time (``PAT``'s last constant), and per-pair work stays in int32."""
+    z = q_dom * 0
+    reach, dil, stride, block, hubs, links, seed_term = z, z, z, z, z, z, z
+    for r in tl.static_range(DP):
+        sel = q_dom == r
+        reach = tl.where(sel, PAT[7 * r + 0], reach)
+        dil = tl.where(sel, PAT[7 * r + 1], dil)
+        stride = tl.where(sel, PAT[7 * r + 2], stride)
+        block = tl.where(sel, PAT[7 * r + 3], block)
+        hubs = tl.where(sel, PAT[7 * r + 4], hubs)
+        links = tl.where(sel, PAT[7 * r + 5], links)
+        seed_term = tl.where(sel, PAT[7 * r + 6], seed_term)
+    USED: tl.constexpr = tl.constexpr(PAT[7 * DP + 1])  # bits: 1 window, 2 dilation, 4 stride, 8 block, 16 hubs
+    qi = q_idx.to(tl.int32)
+    ki = k_idx.to(tl.int32)
+    delta = _col(qi, T) - _row(ki, T)
+    none = (dil == 0) & (stride == 0) & (block == 0) & (hubs == 0) & (links == 0)
+    keep = _col(none, T) & (delta == delta)
+    if USED & 3:
+        # window: |delta| < reach (0: unbounded); dilation: delta = 0 mod dil
+        win = _col(dil > 0, T)
+        if USED & 1:
+            reach2 = _col(reach, T)
+            win = win & ((reach2 == 0) | ((delta < reach2) & (-delta < reach2)))
+        if USED & 2:
+            win = win & ((delta % _col(tl.maximum(dil, 1), T)) == 0)
+        keep = keep | win
+    if USED & 4:
+        keep = keep | (_col(stride > 0, T) & ((delta % _col(tl.maximum(stride, 1), T)) == 0))
+    if USED & 8:
+        bsz = tl.maximum(block, 1)
+        keep = keep | (_col(block > 0, T) & (_col(qi // bsz, T) == (_row(tl.maximum(ki, 0), T) // _col(bsz, T))))
+    if USED & 16:
+        hubs2 = _col(hubs, T)
+        keep = keep | ((hubs2 > 0) & ((_col(q_rank, T) < hubs2) | (_row(k_rank, T) < hubs2)))
+    q0 = tl.maximum(qi, 0)
+    for j in tl.static_range(tl.constexpr(PAT[7 * DP])):  # the most links any domain has
+        target = _link_target(q0, (j * 0x6C8E9CF5) % 2147483648, seed_term)
+        keep = keep | (_col(links > j, T) & (_row(ki, T) == _col(target, T)))
+    return keep
+
+
+@triton.jit
+def _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank,
+               REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr):
+    """bool [BM, BN]: relation[q_dom, k_dom] AND (causal → k_idx <= q_idx) AND the query domain's
+    pattern (only when ``HAS_PAT``; ranks are read only then)."""
     bits = _readable_bits(q_dom, REL, DP)  # [BM]
     kd = tl.minimum(tl.maximum(k_dom, 0), 63).to(tl.int64)
     ok = (((bits[:, None] >> kd[None, :]) & 1) != 0) & (k_dom[None, :] >= 0) & (k_dom[None, :] < DP)
     qd = tl.minimum(tl.maximum(q_dom, 0), 63).to(tl.int64)
     is_causal = ((q_dom.to(tl.int64) * 0 + CAUSAL) >> qd) & 1
     ok = ok & ((is_causal[:, None] == 0) | (k_idx[None, :] <= q_idx[:, None]))
+    if HAS_PAT:
+        ok = ok & _pattern_keep(q_dom, q_idx, q_rank, k_idx, k_rank, PAT, DP, False)
     return ok
 
 
-def pair_mask_reference(q_dom, q_idx, k_dom, k_idx, rel_bits: tuple[int, ...], causal_bits: int) -> torch.Tensor:
-    """PyTorch twin of ``_pair_mask``: bool [..., Nq, Nk] from per-token attributes."""
-    dp = len(rel_bits)
+def _link_target_reference(qi: torch.Tensor, j: int, seed_term: torch.Tensor) -> torch.Tensor:
+    m31 = (1 << 31) - 1
+    x = (qi & m31) * 0x2C1B3C6D % (1 << 31)
+    x = (x + seed_term + (j * 0x6C8E9CF5) % (1 << 31)) & m31
+    for mult in (0x7FEB352D, 0x4695AF5B):
+        x = ((x ^ (x >> 15)) * mult) & m31
+    return (x ^ (x >> 16)) % (qi + 1)
+
+
+def pair_mask_reference(q_dom, q_idx, k_dom, k_idx, tables, q_rank=None, k_rank=None) -> torch.Tensor:
+    """PyTorch twin of ``_pair_mask``: bool [..., Nq, Nk] from per-token attributes and the
+    frozen constants of ``tables`` (ranks are needed only for a pattern with global tokens)."""
+    rel_bits, causal_bits, dp = tables.rel_bits, tables.causal_bits, tables.dp
     rel = torch.tensor([[(rel_bits[r] >> s) & 1 for s in range(dp)] for r in range(dp)], dtype=torch.bool)
     causal = torch.tensor([(causal_bits >> r) & 1 for r in range(dp)], dtype=torch.bool)
     rel, causal = rel.to(q_dom.device), causal.to(q_dom.device)
@@ -62,4 +154,19 @@ def pair_mask_reference(q_dom, q_idx, k_dom, k_idx, rel_bits: tuple[int, ...], c
     ok = rel[qd[..., :, None], kd[..., None, :]]
     ok &= ((q_dom >= 0) & (q_dom < dp))[..., :, None] & ((k_dom >= 0) & (k_dom < dp))[..., None, :]
     ok &= ~causal[qd][..., :, None] | (k_idx[..., None, :] <= q_idx[..., :, None])
-    return ok
+    if not tables.has_pattern:
+        return ok
+    pat = torch.tensor(tables.pattern_constants[:-2], dtype=torch.long, device=q_dom.device).view(dp, 7)[qd]
+    reach, dil, stride, block, hubs, links, seed_term = (pat[..., i, None] for i in range(7))  # [..., Nq, 1]
+    qi, ki = q_idx.long()[..., :, None], k_idx.long()[..., None, :]
+    delta = qi - ki
+    keep = ((dil == 0) & (stride == 0) & (block == 0) & (hubs == 0) & (links == 0)).expand_as(delta)
+    keep = keep | ((dil > 0) & ((reach == 0) | (delta.abs() < reach)) & (delta.remainder(dil.clamp(min=1)) == 0))
+    keep = keep | ((stride > 0) & (delta.remainder(stride.clamp(min=1)) == 0))
+    keep = keep | ((block > 0) & (qi.div(block.clamp(min=1), rounding_mode="floor") == ki.clamp(min=0).div(block.clamp(min=1), rounding_mode="floor")))
+    if bool((hubs > 0).any()):
+        keep = keep | ((hubs > 0) & ((q_rank.long()[..., :, None] < hubs) | (k_rank.long()[..., None, :] < hubs)))
+    q0 = qi.clamp(min=0)
+    for j in range(int(links.max()) if links.numel() else 0):
+        keep = keep | ((j < links) & (ki == _link_target_reference(q0, j, seed_term)))
+    return ok & keep

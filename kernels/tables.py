@@ -1,6 +1,8 @@
 """Frozen tables: the relation and patterns a kernel enforces, as compile-time constants.
 
-A ``FrozenTables`` is built once from a compiled policy and a layer. Its fields are
+A ``FrozenTables`` is built once from a compiled policy and a layer: the relation, the
+causal flags and each query domain's pattern parts (window, dilation, stride,
+block-local, global tokens, seeded random links). Its fields are
 passed to the Triton kernels as ``tl.constexpr`` values, so they are baked into the
 compiled binary: no runtime argument (tensor or scalar) can widen the relation a
 launched kernel applies. ``digest()`` covers exactly these constants.
@@ -19,6 +21,15 @@ from domainguard.errors import KernelError
 MAX_DOMAINS = 63
 
 
+# Per-id pattern constants (``FrozenTables.pattern``), PATTERN_FIELDS ints per id:
+#   reach   window width x dilation (0: no bound), dil: window/dilation part present (its
+#   dilation, >= 1) or 0; stride (0: none); block (block_local size, 0: none); hubs
+#   (global_tokens, 0: none); links (random links per query, 0: none); seed_term (the
+#   seed's term of ``patterns.link_hash``, precomputed).
+PATTERN_FIELDS = 7
+_M31 = (1 << 31) - 1
+
+
 @dataclass(frozen=True)
 class FrozenTables:
     """Relation and pattern constants for one (policy, layer, head-set)."""
@@ -28,11 +39,30 @@ class FrozenTables:
     causal_bits: int  # bit r set iff queries of domain r are causal
     layer: int
     tables_digest: str  # compiled.tables_digest this was taken from
+    # [(D+1) * PATTERN_FIELDS]: the union parts of each query domain's pattern (all 0: none)
+    pattern: tuple[int, ...] = ()
 
     @property
     def dp(self) -> int:
         """Number of ids including the pad id."""
         return self.num_domains + 1
+
+    @property
+    def has_pattern(self) -> bool:
+        """Some domain's queries have pattern parts beyond ``causal`` (the kernels then apply them)."""
+        return any(self.pattern)
+
+    @property
+    def pattern_constants(self) -> tuple[int, ...]:
+        """What the kernels take as ``PAT``: ``pattern`` (zeros when there is none), then the
+        most random links any domain has (the bound of a static loop), then a bit set of the
+        parts some domain uses (1 bounded window, 2 dilation > 1, 4 stride, 8 block-local,
+        16 global tokens), so the kernels compile only those."""
+        f = self.pattern or (0,) * (self.dp * PATTERN_FIELDS)
+        col = lambda i: f[i::PATTERN_FIELDS]  # noqa: E731
+        flags = (any(col(0)), any(d > 1 for d in col(1)), any(col(2)), any(col(3)), any(col(4)))
+        used = sum(1 << i for i, on in enumerate(flags) if on)
+        return (*f, max(col(5), default=0), used)
 
     def allowed(self, reader: int, source: int) -> bool:
         return bool((self.rel_bits[reader] >> source) & 1)
@@ -44,6 +74,7 @@ class FrozenTables:
                 "num_domains": self.num_domains,
                 "rel_bits": list(self.rel_bits),
                 "causal_bits": self.causal_bits,
+                "pattern": list(self.pattern_constants),
                 "layer": self.layer,
                 "tables": self.tables_digest,
             },
@@ -56,29 +87,38 @@ class FrozenTables:
         return self._digest
 
 
-def _pattern_is_plain(pat) -> bool:
-    """True when a pattern is at most ``causal`` (the parts the kernels implement)."""
-    if pat is None:
-        return True
-    return all(
-        getattr(pat, name) in (None, 0)
-        for name in ("window", "dilation", "stride", "block_local", "global_tokens", "random")
-    )
+def pattern_fields(rule) -> tuple[int, ...]:
+    """The PATTERN_FIELDS constants of a ``patterns.MaskRule``'s union parts."""
+    from domainguard.patterns import BlockLocal, GlobalTokens, RandomLinks, Strided, Window
 
-
-def _pattern_heads(compiled) -> tuple[int, ...]:
-    """Heads that between them show every per-head pattern choice (see patterns.representative_heads)."""
-    from domainguard.patterns import representative_heads
-
-    return representative_heads(compiled)
+    reach = dil = stride = block = hubs = links = seed_term = 0
+    if not rule.dense:
+        for part in rule.union:
+            if isinstance(part, Window):
+                dil = part.dilation
+                reach = 0 if part.width is None else part.width * part.dilation
+            elif isinstance(part, Strided):
+                stride = part.stride
+            elif isinstance(part, BlockLocal):
+                block = part.size
+            elif isinstance(part, GlobalTokens):
+                hubs = part.count
+            elif isinstance(part, RandomLinks):
+                links = part.links
+                seed_term = ((part.seed & _M31) * 0x297A2D39) % (1 << 31)
+            else:  # a new part must be taught to the kernels before they run it
+                raise KernelError(f"pattern part {type(part).__name__} has no kernel form", code="DG315")
+    return (reach, dil, stride, block, hubs, links, seed_term)
 
 
 def freeze(compiled, layer: int) -> FrozenTables:
-    """Copy ``compiled``'s relation (and causal flags) at ``layer`` into constants.
+    """Copy ``compiled``'s relation, causal flags and patterns at ``layer`` into constants.
 
-    Raises KernelError DG313 for more than 63 domains and DG315 for pattern parts the
-    kernels do not implement (use the reference path for those).
+    Raises KernelError DG313 for more than 63 domains and DG315 for patterns that differ
+    between heads (the kernels enforce one mask for all heads; use the reference path).
     """
+    from domainguard.patterns import representative_heads, rule_for
+
     d = compiled.num_domains
     if d > MAX_DOMAINS:
         raise KernelError(
@@ -93,30 +133,26 @@ def freeze(compiled, layer: int) -> FrozenTables:
                 word |= 1 << s
         rel_bits.append(word)
     causal = 0
+    pattern: list[int] = []
     for r in range(d):
-        pat = compiled.pattern(r, layer)
-        if not _pattern_is_plain(pat):
-            raise KernelError(
-                f"pattern of domain {compiled.domains[r]!r} at layer {layer} uses parts the kernels do not "
-                f"implement yet (only 'causal')",
-                code="DG315",
-                hint="run attention(..., backend='reference') for this policy",
-            )
-        if pat is not None and pat.causal:
-            causal |= 1 << r
-        for head in _pattern_heads(compiled):
-            other = compiled.pattern(r, layer, head)
-            if bool(other is not None and other.causal) != bool(pat is not None and pat.causal) or not _pattern_is_plain(other):
+        rule = rule_for(compiled.pattern(r, layer))
+        for head in representative_heads(compiled):
+            if rule_for(compiled.pattern(r, layer, head)) != rule:
                 raise KernelError(
                     f"patterns of domain {compiled.domains[r]!r} at layer {layer} differ between heads; "
                     f"the kernels enforce one mask for all heads",
                     code="DG315",
                     hint="run attention(..., backend='reference') for this policy",
                 )
+        if rule.causal:
+            causal |= 1 << r
+        pattern.extend(pattern_fields(rule))
+    pattern.extend([0] * PATTERN_FIELDS)  # the pad id: nobody reads it, it reads nothing
     return FrozenTables(
         num_domains=d,
         rel_bits=tuple(rel_bits),
         causal_bits=causal,
         layer=layer,
         tables_digest=compiled.tables_digest,
+        pattern=tuple(pattern) if any(pattern) else (),
     )

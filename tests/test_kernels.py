@@ -364,11 +364,70 @@ def test_refusals_are_clear(compiled):
     with pytest.raises(KernelError) as e:
         attention(q, k, v, layout, compiled, backend="triton")
     assert e.value.code == "DG316"
-    windowed = dg.compile(dg.loads_policy(POLICY.replace("{causal: true}", "{causal: true, window: 4}")), layers=1)
+    per_head = dg.compile(dg.loads_policy(POLICY.replace(
+        "{default: {causal: true}}", '{default: {causal: true}, user: [{causal: true, window: 4, heads: "0-1"}, {causal: true}]}'
+    )), layers=1)
     q, k, v = _qkv(1, 1, 1, 8, 64, torch.float32, seed=1)
     with pytest.raises(KernelError) as e:
-        attention(q, k, v, dg.Layout.from_ids(windowed, _ids(1, 8, seed=1)).to(DEV), windowed, backend="triton")
-    assert e.value.code == "DG315"
+        attention(q, k, v, dg.Layout.from_ids(per_head, _ids(1, 8, seed=1)).to(DEV), per_head, backend="triton")
+    assert e.value.code == "DG315" and "differ between heads" in str(e.value)
+
+
+# Pattern parts on the kernels: each must match the dense reference (relation AND pattern).
+KERNEL_PATTERNS = {
+    "window+global": "{default: {causal: true}, user: {causal: true, window: 6, global_tokens: 4}, answer: {causal: true, window: 9}}",
+    "dilated+strided": "{default: {causal: true, window: 5, dilation: 3}, tool: {causal: true, stride: 4}, secret: {stride: 5}}",
+    "block_local": "{default: {causal: true, block_local: 12}, sys: {causal: true}}",
+    "random": "{default: {causal: true, window: 3, random: {links: 3, seed: 5}}, answer: {causal: true, random: {links: 6, seed: 1}}}",
+}
+
+
+@pytest.mark.parametrize("name", list(KERNEL_PATTERNS))
+def test_patterns_on_the_kernels_match_reference(name):
+    """Forward, backward and decode apply each pattern part exactly on PARTIAL tiles, skip the
+    tiles it empties, and keep forbidden values out of protected rows."""
+    pol = dg.compile(dg.loads_policy(POLICY.replace("{default: {causal: true}}", KERNEL_PATTERNS[name])), layers=1)
+    n = 80 if not CUDA else 900
+    ids = _ids(2, n, seed=41)
+    ids[1, -6:] = pol.pad_id
+    layout = dg.Layout.from_ids(pol, ids).to(DEV)
+    guard = GuardedAttention(pol, SMALL if not CUDA else None)
+    dtype = torch.float32 if not CUDA else torch.bfloat16
+    q, k, v = _qkv(2, 2, 1, n, 64, dtype, seed=2)
+    out = guard(q, k, v, layout, 0)
+    ref = attention_reference(q, k, v, layout, pol, 0)
+    tol = TOL[dtype]
+    assert _rel_err(out, ref) < tol
+    do = torch.randn_like(out)
+    for g, r, w in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do), "qkv"):
+        assert _rel_err(g, r) < tol * 2, w
+    # The pattern empties tiles the relation alone would visit.
+    plain = GuardedAttention(compiled_plain := dg.compile(dg.loads_policy(POLICY), layers=1), SMALL if not CUDA else None)
+    mine = guard.plan(layout, 0, heads=2, dtype=dtype, head_dim=64).stats()
+    theirs = plain.plan(dg.Layout.from_ids(compiled_plain, ids).to(DEV), 0, heads=2, dtype=dtype, head_dim=64).stats()
+    assert mine["full_tiles"] + mine["partial_tiles"] <= theirs["full_tiles"] + theirs["partial_tiles"]
+    assert mine["full_tiles"] < theirs["full_tiles"]
+    # Decode: the last tokens against the cache, pattern alignment by sequence index.
+    new = 4
+    with torch.no_grad():
+        qd = q[:, :, -new:].detach().clone()
+        got = guard(qd, k, v, layout, 0, q_slice=new)
+        want = attention_reference(qd, k, v, layout, pol, 0, q_slice=new)
+    assert _rel_err(got, want) < tol
+    # Poison the secret domain (read by nobody): everything else is bitwise unchanged.
+    secret = (ids == SECRET).to(DEV)
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2.masked_fill_(secret[:, None, :, None], float("nan"))
+    v2.masked_fill_(secret[:, None, :, None], float("inf"))
+    with torch.no_grad():
+        a = guard(q, k, v, layout, 0)
+        b = guard(q, k2, v2, layout, 0)
+        da = guard(qd, k, v, layout, 0, q_slice=new)
+        db = guard(qd, k2, v2, layout, 0, q_slice=new)
+    keep = ~secret[:, None, :, None].expand_as(a)
+    assert torch.equal(a[keep], b[keep])
+    keep_d = ~secret[:, None, -new:, None].expand_as(da)
+    assert torch.equal(da[keep_d], db[keep_d])
 
 
 @pytest.mark.parametrize("hq,hkv,hd", [(3, 1, 64), (4, 4, 128)] + ([(9, 3, 64), (32, 8, 128)] if CUDA else []))

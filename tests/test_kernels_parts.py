@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 import domainguard as dg
+from domainguard.kernels.backward import _pair_mask_t
 from domainguard.kernels.masks import _pair_mask, pair_mask_reference
 from domainguard.kernels.permute import backward_inputs, backward_inputs_reference, gather_rows, gather_rows_reference
 from domainguard.kernels.plan import FULL, PARTIAL, sort_slots, tile_runs
@@ -80,27 +81,57 @@ def test_tile_runs_rebuild_the_kinds():
 
 
 @triton.jit
-def _mask_probe(QD, QI, KD, KI, Out, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
-                M: tl.constexpr, N: tl.constexpr):
+def _mask_probe(QD, QI, QR, KD, KI, KR, Out, OutT, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
+                PAT: tl.constexpr, HAS_PAT: tl.constexpr, M: tl.constexpr, N: tl.constexpr):
     rm = tl.arange(0, M)
     rn = tl.arange(0, N)
-    ok = _pair_mask(tl.load(QD + rm), tl.load(QI + rm), tl.load(KD + rn), tl.load(KI + rn), REL, CAUSAL, DP)
+    qd, qi, qr = tl.load(QD + rm), tl.load(QI + rm), tl.load(QR + rm)
+    kd, ki, kr = tl.load(KD + rn), tl.load(KI + rn), tl.load(KR + rn)
+    ok = _pair_mask(qd, qi, qr, kd, ki, kr, REL, CAUSAL, DP, PAT, HAS_PAT)
     tl.store(Out + rm[:, None] * N + rn[None, :], ok.to(tl.int8))
+    ok_t = _pair_mask_t(kd, ki, kr, qd, qi, qr, REL, CAUSAL, DP, PAT, HAS_PAT)  # the backward's [N, M] form
+    tl.store(OutT + rn[:, None] * M + rm[None, :], ok_t.to(tl.int8))
 
 
-def test_kernel_mask_equals_the_layout_helpers_ground_truth(compiled):
-    """The element mask the kernels apply == patterns.token_mask (relation AND pattern), pads included."""
+# Every pattern part the kernels apply, alone and combined; per domain, so one probe mixes them.
+PATTERNS = {
+    "causal": "{default: {causal: true}, c: {}}",
+    "window": "{default: {causal: true, window: 5}, c: {window: 3}}",
+    "dilated": "{default: {causal: true, window: 3, dilation: 4}, b2: {window: 20, dilation: 3}, c: {}}",
+    "strided": "{default: {causal: true, stride: 7}, c: {stride: 3}}",
+    "block_local": "{default: {causal: true, block_local: 16}, c: {block_local: 5}}",
+    "global": "{default: {causal: true, window: 2, global_tokens: 3}, c: {global_tokens: 2}}",
+    "random": "{default: {causal: true, window: 2, random: {links: 3, seed: 11}}, c: {random: {links: 5, seed: 4}}}",
+    "mixed": "{default: {causal: true}, a: {causal: true, stride: 5, block_local: 8}, b1: {window: 4, global_tokens: 2}, "
+             "c: {causal: true, window: 6, dilation: 2, random: {links: 2, seed: 9}}}",
+}
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_kernel_mask_equals_the_layout_helpers_ground_truth(name):
+    """The element mask the kernels apply (forward and transposed backward form) and its PyTorch
+    twin == patterns.token_mask (relation AND pattern), pads included, for every pattern part."""
+    compiled = dg.compile(dg.loads_policy(POLICY.replace("{default: {causal: true}, c: {}}", PATTERNS[name])), layers=1)
     tables = freeze(compiled, 0)
-    lay = _layout(compiled, n=64, seed=5)
+    assert tables.has_pattern == (name != "causal")
+    m = 64
+    lay = _layout(compiled, n=m, seed=5)
     a = lay.attrs()
     truth = token_mask(TokenAttrs(a.domain[1], a.index[1], a.rank[1]), TokenAttrs(a.domain[1], a.index[1], a.rank[1]),
                        compiled.relation(0), rules_for(compiled, 0))
-    qd, qi = a.domain[1].int().to(DEV), a.index[1].int().to(DEV)
-    out = torch.empty(64, 64, dtype=torch.int8, device=DEV)
-    _mask_probe[(1,)](qd, qi, qd, qi, out, REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp, M=64, N=64)
+    qd, qi, qr = (t[1].int().to(DEV) for t in (a.domain, a.index, a.rank))
+    out = torch.empty(m, m, dtype=torch.int8, device=DEV)
+    out_t = torch.empty(m, m, dtype=torch.int8, device=DEV)
+    _mask_probe[(1,)](qd, qi, qr, qd, qi, qr, out, out_t, REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp,
+                      PAT=tables.pattern_constants, HAS_PAT=tables.has_pattern, M=m, N=m)
     assert torch.equal(out.bool().cpu(), truth)
-    ref = pair_mask_reference(a.domain[1], a.index[1], a.domain[1], a.index[1], tables.rel_bits, tables.causal_bits)
+    assert torch.equal(out_t.bool().cpu().T, truth)
+    ref = pair_mask_reference(a.domain[1], a.index[1], a.domain[1], a.index[1], tables, a.rank[1], a.rank[1])
     assert torch.equal(ref, truth)
+    if name != "causal":  # the pattern removes pairs the relation and causality keep
+        plain = dg.compile(dg.loads_policy(POLICY), layers=1)
+        assert bool((token_mask(TokenAttrs(a.domain[1], a.index[1], a.rank[1]), TokenAttrs(a.domain[1], a.index[1], a.rank[1]),
+                                plain.relation(0), rules_for(plain, 0)) & ~truth).any())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
