@@ -23,9 +23,10 @@ from .masks import _key_readable, _pair_mask, _pattern_keep, _readable_bits
 
 
 @triton.jit
-def _pair_mask_t(k_dom, k_idx, k_rank, q_dom, q_idx, q_rank, REL: tl.constexpr, CAUSAL: tl.constexpr,
+def _pair_mask_t(k_dom, k_idx, k_rank, q_dom, q_idx, q_rank, p_dom, REL: tl.constexpr, CAUSAL: tl.constexpr,
                  DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr):
-    """bool [BN, BM]: query q (column) may attend key k (row); the transpose of masks._pair_mask."""
+    """bool [BN, BM]: query q (column) may attend key k (row); the transpose of masks._pair_mask
+    (``p_dom``: the query tile's domain, whose pattern applies)."""
     bits = _readable_bits(q_dom, REL, DP)  # [BM]
     kd = tl.minimum(tl.maximum(k_dom, 0), 63).to(tl.int64)
     ok = (((bits[None, :] >> kd[:, None]) & 1) != 0) & (k_dom[:, None] >= 0) & (k_dom[:, None] < DP)
@@ -33,13 +34,13 @@ def _pair_mask_t(k_dom, k_idx, k_rank, q_dom, q_idx, q_rank, REL: tl.constexpr, 
     is_causal = ((q_dom.to(tl.int64) * 0 + CAUSAL) >> qd) & 1
     ok = ok & ((is_causal[None, :] == 0) | (k_idx[:, None] <= q_idx[None, :]))
     if HAS_PAT:
-        ok = ok & _pattern_keep(q_dom, q_idx, q_rank, k_idx, k_rank, PAT, DP, True)
+        ok = ok & _pattern_keep(p_dom, q_idx, q_rank, k_idx, k_rank, PAT, DP, True)
     return ok
 
 
 @triton.jit
 def _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0, row0, k_dom, k_idx, k_rank,
-               readable, qk_scale, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr,
+               readable, q_tile_dom, qk_scale, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr,
                HAS_PAT: tl.constexpr, HEAD_DIM: tl.constexpr, SUB_M: tl.constexpr, MASKED: tl.constexpr,
                PREC: tl.constexpr):
     """Add the contribution of query slots [row0, row0 + SUB_M) to dk, dv [SUB_N, D] of a key block."""
@@ -57,7 +58,8 @@ def _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qsl
             q_rank = tl.load(QRank + qslot0 + rows)
         else:
             q_rank = q_idx
-        allowed = _pair_mask_t(k_dom, k_idx, k_rank, q_dom, q_idx, q_rank, REL, CAUSAL, DP, PAT, HAS_PAT) & readable[:, None]
+        allowed = _pair_mask_t(k_dom, k_idx, k_rank, q_dom, q_idx, q_rank, q_tile_dom, REL, CAUSAL, DP, PAT,
+                               HAS_PAT) & readable[:, None]
         pt = tl.where(allowed, tl.math.exp2(tl.where(allowed, st, float("-inf")) * qk_scale - lse2[None, :]), 0.0)
     else:
         pt = tl.math.exp2(st * qk_scale - lse2[None, :])
@@ -131,7 +133,7 @@ def _dkdv_kernel(
             for t in range(t0, t1):
                 for sub in range(BLOCK_M // SUB_M):
                     dk, dv = _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0,
-                                        t * BLOCK_M + sub * SUB_M, k_dom, k_idx, k_rank, None, qk_scale, REL,
+                                        t * BLOCK_M + sub * SUB_M, k_dom, k_idx, k_rank, None, None, qk_scale, REL,
                                         CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_M, False, PREC)
         for which in tl.static_range(2):
             # Masked path: the PARTIAL runs, and FULL runs that failed the relation check.
@@ -148,11 +150,12 @@ def _dkdv_kernel(
                 t1 = tl.load(End + r)
                 for t in range(t0, t1):
                     # INVARIANT: query tiles are domain-pure; one domain decides readability of each key.
-                    readable = _key_readable(tl.load(QDom + qslot0 + t * BLOCK_M), k_dom, REL, DP)
+                    q_tile_dom = tl.load(QDom + qslot0 + t * BLOCK_M)
+                    readable = _key_readable(q_tile_dom, k_dom, REL, DP)
                     for sub in range(BLOCK_M // SUB_M):
                         dk, dv = _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off,
                                             qslot0, t * BLOCK_M + sub * SUB_M, k_dom, k_idx, k_rank, readable,
-                                            qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_M, True, PREC)
+                                            q_tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_M, True, PREC)
     k_tok = tl.load(KTok + b * Sk + cols)
     ok = k_tok >= 0
     row = tl.where(ok, k_tok, 0).to(tl.int64)
@@ -200,7 +203,8 @@ def _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, 
         readable = _key_readable(tile_dom, k_dom, REL, DP)
         k = tl.where(readable[:, None], k, 0.0)
         v = tl.where(readable[:, None], v, 0.0)
-        allowed = _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, REL, CAUSAL, DP, PAT, HAS_PAT) & readable[None, :]
+        allowed = _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, tile_dom, REL, CAUSAL, DP, PAT,
+                             HAS_PAT) & readable[None, :]
         s = tl.where(allowed, _dot(q, tl.trans(k), None, PREC), float("-inf"))
         p = tl.where(allowed, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
     else:

@@ -86,7 +86,7 @@ def _decode_kernel(
                     k_rank = tl.load(KRank + b * Nk + cols, mask=inb, other=0)
                 else:
                     k_rank = k_idx
-                allowed = _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, REL, CAUSAL, DP, PAT,
+                allowed = _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, tile_dom, REL, CAUSAL, DP, PAT,
                                      HAS_PAT) & readable[None, :]
             acc, l_i, m_i = _online_step(acc, l_i, m_i, q, tl.trans(k), v, allowed, qk_scale, True, PREC)
 

@@ -84,7 +84,8 @@ def _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, q_rank, tile_dom, KDom, K
     readable = _key_readable(tile_dom, k_dom, REL, DP)
     k = tl.where(readable[:, None], k, 0.0)
     v = tl.where(readable[:, None], v, 0.0)
-    allowed = _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, REL, CAUSAL, DP, PAT, HAS_PAT) & readable[None, :]
+    allowed = _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, tile_dom, REL, CAUSAL, DP, PAT,
+                         HAS_PAT) & readable[None, :]
     return _online_step(acc, l_i, m_i, q, tl.trans(k), v, allowed, qk_scale, True, PREC)
 
 

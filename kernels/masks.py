@@ -72,15 +72,15 @@ def _row(x, T: tl.constexpr):
 
 
 @triton.jit
-def _pattern_keep(q_dom, q_idx, q_rank, k_idx, k_rank, PAT: tl.constexpr, DP: tl.constexpr, T: tl.constexpr):
-    """bool [BM, BN] ([BN, BM] when ``T``): the union parts of each query's domain pattern keep
-    the pair (True where the domain has none). Mirrors ``patterns.MaskRule.mask``; ``causal``
-    is applied by the caller. Parameters are selected per query row; the parts no domain uses
-    are left out at compile time (``PAT``'s last constant), and per-pair work stays in int32."""
-    z = q_dom * 0
-    reach, dil, stride, block, hubs, links, seed_term = z, z, z, z, z, z, z
+def _pattern_keep(p_dom, q_idx, q_rank, k_idx, k_rank, PAT: tl.constexpr, DP: tl.constexpr, T: tl.constexpr):
+    """bool [BM, BN] ([BN, BM] when ``T``): the union parts of domain ``p_dom``'s pattern keep
+    the pair (True if it has none). Mirrors ``patterns.MaskRule.mask``; ``causal`` is applied
+    by the caller. ``p_dom`` is a scalar: the kernels pass the query tile's domain (tiles are
+    domain-pure), so the pattern's parameters are scalars; parts no domain uses are compiled
+    out (``PAT``'s last constant) and per-pair work stays in int32."""
+    reach, dil, stride, block, hubs, links, seed_term = 0, 0, 0, 0, 0, 0, 0
     for r in tl.static_range(DP):
-        sel = q_dom == r
+        sel = p_dom == r
         reach = tl.where(sel, PAT[7 * r + 0], reach)
         dil = tl.where(sel, PAT[7 * r + 1], dil)
         stride = tl.where(sel, PAT[7 * r + 2], stride)
@@ -93,36 +93,34 @@ def _pattern_keep(q_dom, q_idx, q_rank, k_idx, k_rank, PAT: tl.constexpr, DP: tl
     ki = k_idx.to(tl.int32)
     delta = _col(qi, T) - _row(ki, T)
     none = (dil == 0) & (stride == 0) & (block == 0) & (hubs == 0) & (links == 0)
-    keep = _col(none, T) & (delta == delta)
+    keep = (delta == delta) & none
     if USED & 3:
         # window: |delta| < reach (0: unbounded); dilation: delta = 0 mod dil
-        win = _col(dil > 0, T)
+        win = (delta == delta) & (dil > 0)
         if USED & 1:
-            reach2 = _col(reach, T)
-            win = win & ((reach2 == 0) | ((delta < reach2) & (-delta < reach2)))
+            win = win & ((reach == 0) | ((delta < reach) & (-delta < reach)))
         if USED & 2:
-            win = win & ((delta % _col(tl.maximum(dil, 1), T)) == 0)
+            win = win & ((delta % tl.maximum(dil, 1)) == 0)
         keep = keep | win
     if USED & 4:
-        keep = keep | (_col(stride > 0, T) & ((delta % _col(tl.maximum(stride, 1), T)) == 0))
+        keep = keep | ((stride > 0) & ((delta % tl.maximum(stride, 1)) == 0))
     if USED & 8:
         bsz = tl.maximum(block, 1)
-        keep = keep | (_col(block > 0, T) & (_col(qi // bsz, T) == (_row(tl.maximum(ki, 0), T) // _col(bsz, T))))
+        keep = keep | ((block > 0) & (_col(qi // bsz, T) == _row(tl.maximum(ki, 0) // bsz, T)))
     if USED & 16:
-        hubs2 = _col(hubs, T)
-        keep = keep | ((hubs2 > 0) & ((_col(q_rank, T) < hubs2) | (_row(k_rank, T) < hubs2)))
+        keep = keep | ((hubs > 0) & ((_col(q_rank, T) < hubs) | (_row(k_rank, T) < hubs)))
     q0 = tl.maximum(qi, 0)
     for j in tl.static_range(tl.constexpr(PAT[7 * DP])):  # the most links any domain has
         target = _link_target(q0, (j * 0x6C8E9CF5) % 2147483648, seed_term)
-        keep = keep | (_col(links > j, T) & (_row(ki, T) == _col(target, T)))
+        keep = keep | ((links > j) & (_row(ki, T) == _col(target, T)))
     return keep
 
 
 @triton.jit
-def _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank,
+def _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, p_dom,
                REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr):
-    """bool [BM, BN]: relation[q_dom, k_dom] AND (causal → k_idx <= q_idx) AND the query domain's
-    pattern (only when ``HAS_PAT``; ranks are read only then)."""
+    """bool [BM, BN]: relation[q_dom, k_dom] AND (causal → k_idx <= q_idx) AND the pattern of
+    ``p_dom`` (the query tile's domain; only when ``HAS_PAT``, and ranks are read only then)."""
     bits = _readable_bits(q_dom, REL, DP)  # [BM]
     kd = tl.minimum(tl.maximum(k_dom, 0), 63).to(tl.int64)
     ok = (((bits[:, None] >> kd[None, :]) & 1) != 0) & (k_dom[None, :] >= 0) & (k_dom[None, :] < DP)
@@ -130,7 +128,7 @@ def _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank,
     is_causal = ((q_dom.to(tl.int64) * 0 + CAUSAL) >> qd) & 1
     ok = ok & ((is_causal[:, None] == 0) | (k_idx[None, :] <= q_idx[:, None]))
     if HAS_PAT:
-        ok = ok & _pattern_keep(q_dom, q_idx, q_rank, k_idx, k_rank, PAT, DP, False)
+        ok = ok & _pattern_keep(p_dom, q_idx, q_rank, k_idx, k_rank, PAT, DP, False)
     return ok
 
 

@@ -81,15 +81,15 @@ def test_tile_runs_rebuild_the_kinds():
 
 
 @triton.jit
-def _mask_probe(QD, QI, QR, KD, KI, KR, Out, OutT, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
+def _mask_probe(QD, QI, QR, KD, KI, KR, Out, OutT, p_dom, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
                 PAT: tl.constexpr, HAS_PAT: tl.constexpr, M: tl.constexpr, N: tl.constexpr):
     rm = tl.arange(0, M)
     rn = tl.arange(0, N)
     qd, qi, qr = tl.load(QD + rm), tl.load(QI + rm), tl.load(QR + rm)
     kd, ki, kr = tl.load(KD + rn), tl.load(KI + rn), tl.load(KR + rn)
-    ok = _pair_mask(qd, qi, qr, kd, ki, kr, REL, CAUSAL, DP, PAT, HAS_PAT)
+    ok = _pair_mask(qd, qi, qr, kd, ki, kr, p_dom, REL, CAUSAL, DP, PAT, HAS_PAT)
     tl.store(Out + rm[:, None] * N + rn[None, :], ok.to(tl.int8))
-    ok_t = _pair_mask_t(kd, ki, kr, qd, qi, qr, REL, CAUSAL, DP, PAT, HAS_PAT)  # the backward's [N, M] form
+    ok_t = _pair_mask_t(kd, ki, kr, qd, qi, qr, p_dom, REL, CAUSAL, DP, PAT, HAS_PAT)  # the backward's [N, M] form
     tl.store(OutT + rn[:, None] * M + rm[None, :], ok_t.to(tl.int8))
 
 
@@ -120,12 +120,15 @@ def test_kernel_mask_equals_the_layout_helpers_ground_truth(name):
     truth = token_mask(TokenAttrs(a.domain[1], a.index[1], a.rank[1]), TokenAttrs(a.domain[1], a.index[1], a.rank[1]),
                        compiled.relation(0), rules_for(compiled, 0))
     qd, qi, qr = (t[1].int().to(DEV) for t in (a.domain, a.index, a.rank))
-    out = torch.empty(m, m, dtype=torch.int8, device=DEV)
-    out_t = torch.empty(m, m, dtype=torch.int8, device=DEV)
-    _mask_probe[(1,)](qd, qi, qr, qd, qi, qr, out, out_t, REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp,
-                      PAT=tables.pattern_constants, HAS_PAT=tables.has_pattern, M=m, N=m)
-    assert torch.equal(out.bool().cpu(), truth)
-    assert torch.equal(out_t.bool().cpu().T, truth)
+    # The kernels take the pattern of the (domain-pure) query tile: probe one query domain at a time.
+    for dom in a.domain[1].unique().tolist():
+        rows = a.domain[1] == dom
+        out = torch.empty(m, m, dtype=torch.int8, device=DEV)
+        out_t = torch.empty(m, m, dtype=torch.int8, device=DEV)
+        _mask_probe[(1,)](qd, qi, qr, qd, qi, qr, out, out_t, dom, REL=tables.rel_bits, CAUSAL=tables.causal_bits,
+                          DP=tables.dp, PAT=tables.pattern_constants, HAS_PAT=tables.has_pattern, M=m, N=m)
+        assert torch.equal(out.bool().cpu()[rows], truth[rows]), dom
+        assert torch.equal(out_t.bool().cpu().T[rows], truth[rows]), dom
     ref = pair_mask_reference(a.domain[1], a.index[1], a.domain[1], a.index[1], tables, a.rank[1], a.rank[1])
     assert torch.equal(ref, truth)
     if name != "causal":  # the pattern removes pairs the relation and causality keep
