@@ -342,16 +342,36 @@ def _runs_problem(what: str, runs, b: int, rows: int, cols: int, device) -> str 
     ])
 
 
-def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hkv: int) -> None:
+def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hkv: int, kinds_of=None) -> None:
     """Refuse (DG319) a plan given to a call that does not describe ``layout``.
 
     The kernels take token labels, slot order and tile lists from the plan and check
     only what they cannot afford to check per tile (a FULL tile's key domain, from its
     first slot); so a plan from outside is re-derived against the layout here: every
     token in exactly one slot with the layout's own domain, index and rank; tiles
-    domain-pure; run tables, launch order and decode tile kinds inside their bounds.
+    domain-pure; run tables, launch order and decode tile kinds inside their bounds; and,
+    when ``kinds_of(q_attrs, k_attrs, block_q, block_k)`` is given (the block map of the
+    plan's own slots under the frozen relation and patterns), tile tables equal to it — so
+    no FULL tile can carry a pair that causality or a pattern excludes (the kernels check a
+    FULL tile's domains, not its positions), and no allowed pair is dropped.
     """
-    from domainguard.kernels.plan import inverse
+    from domainguard.kernels.plan import inverse, runs_kinds
+    from domainguard.layout import TokenAttrs
+
+    def attrs(s):
+        return TokenAttrs(s.dom.long(), s.idx.long(), s.rank.long())
+
+    def kinds_problem(what, have, want):
+        if have.shape != want.shape:
+            return f"{what} tile table has shape {tuple(have.shape)}, the layout's {tuple(want.shape)}"
+        bad = (have != want).nonzero()
+        if not len(bad):
+            return None
+        names = {0: "EMPTY", 1: "PARTIAL", 2: "FULL", 255: "more than one run"}
+        bi, hi, ti, ui = (int(x) for x in bad[0])
+        return (f"{what} tile table differs from the layout's block map in {len(bad)} tile(s), first at "
+                f"batch {bi}, head {hi}, query tile {ti}, key tile {ui}: plan says "
+                f"{names.get(int(have[bi, hi, ti, ui]), '?')}, the layout gives {names[int(want[bi, hi, ti, ui])]}")
 
     qa, ka = layout.attrs(q_slice), layout.attrs()
     b, nq, nk = qa.domain.shape[0], qa.domain.shape[1], ka.domain.shape[1]
@@ -377,6 +397,8 @@ def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hk
         hm = kinds.shape[1] if isinstance(kinds, torch.Tensor) and kinds.dim() == 4 else 0
         refuse(_tensor_problem("decode plan kinds", kinds, (b, max(hm, 1), tq, tk), torch.uint8, device))
         refuse(_plan_problem([(kinds <= 2, "decode plan kinds outside EMPTY/PARTIAL/FULL")]))
+        if kinds_of is not None:
+            refuse(kinds_problem("decode plan", kinds, kinds_of(attrs(plan.qs), ka, qt, DECODE_BLOCK_N).to(device)))
         return
 
     cfg = plan.config
@@ -395,6 +417,10 @@ def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hk
         (isinstance(plan.q_inv, torch.Tensor) and plan.q_inv.shape == (b, nq) and torch.equal(plan.q_inv, inverse(plan.qs, nq)),
          "plan.q_inv is not the inverse of the query slots"),
     ]))
+    if kinds_of is not None:
+        want = kinds_of(attrs(plan.qs), attrs(plan.ks), cfg.block_m, cfg.block_n).to(device)
+        refuse(kinds_problem("plan", runs_kinds(*plan.runs, tk), want))
+        refuse(kinds_problem("plan key-major", runs_kinds(*plan.runs_t, tq), want.transpose(-1, -2)))
 
 
 def _kernels_usable(q: torch.Tensor) -> bool:
@@ -580,20 +606,27 @@ class GuardedAttention:
         elif plan.mask_key != _mask_key(tables) or plan.nq != q.shape[2] or plan.nk != k.shape[2]:
             raise KernelError("decode plan was built for another layer, policy or shape", code="DG318")
         else:
-            self._check_given(plan, layout, qsl, q, k)
+            self._check_given(plan, layout, layer, qsl, q, k)
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         return launch_decode(q, k, v, plan.qs, plan.k_dom, plan.k_idx, plan.k_rank, plan.kinds, tables, scale,
                              block_n=plan.block_n)
 
-    def _check_given(self, plan, layout, qsl: slice, q, k) -> None:
-        """``check_plan`` once per (plan, layout, query slice, heads); like layouts, plans are
-        treated as immutable once used."""
-        key = (qsl.start, qsl.stop, q.shape[1], k.shape[1], q.device)
+    def _check_given(self, plan, layout, layer: int, qsl: slice, q, k) -> None:
+        """``check_plan`` once per (plan, layout, query slice, heads, tables); like layouts, plans
+        are treated as immutable once used."""
+        from domainguard.blockmap import build_blockmap_from_attrs
+
+        key = (qsl.start, qsl.stop, q.shape[1], k.shape[1], q.device, _mask_key(self.tables(layer)))
         seen = self._checked.get(plan)
         if seen is not None and seen[0]() is layout and seen[1] == key:
             return
-        check_plan(plan, layout, qsl, self.compiled.pad_id, q.device, hq=q.shape[1], hkv=k.shape[1])
+        heads = [0] if self._heads_vary else None
+
+        def kinds_of(qa, ka, block_q, block_k):
+            return build_blockmap_from_attrs(qa, ka, self._view, layer, block_q=block_q, block_k=block_k, heads=heads).kinds
+
+        check_plan(plan, layout, qsl, self.compiled.pad_id, q.device, hq=q.shape[1], hkv=k.shape[1], kinds_of=kinds_of)
         self._checked[plan] = (weakref.ref(layout), key)
 
     # --- running -------------------------------------------------------------------
@@ -627,7 +660,7 @@ class GuardedAttention:
         elif plan.mask_key != _mask_key(tables) or plan.nq != nq or plan.nk != nk:
             raise KernelError("plan was built for another layer, policy or shape", code="DG318")
         else:
-            self._check_given(plan, layout, qsl, q, k)
+            self._check_given(plan, layout, layer, qsl, q, k)
         # The kernels read rows of q/k/v in place: each row's D values must be contiguous.
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         out, lse2 = _GuardedAttentionFn.apply(q, k, v, plan, tables, scale)

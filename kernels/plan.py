@@ -139,3 +139,20 @@ def tile_runs(kinds: torch.Tensor, kind: int) -> Runs:
     start = torch.where(valid, s_sorted, zero).to(torch.int32).contiguous()
     end = torch.where(valid, e_sorted, zero).to(torch.int32).contiguous()
     return Runs(num=num.contiguous(), start=start, end=end)
+
+
+def runs_kinds(full: Runs, partial: Runs, cols: int) -> torch.Tensor:
+    """The tile table that run tables describe, uint8 [B, H, T, cols] (inverse of ``tile_runs``);
+    a tile covered by more than one run, or by runs of both kinds, gets 255."""
+
+    def cover(runs: Runs) -> torch.Tensor:
+        num, start, end = runs.num.long(), runs.start.long(), runs.end.long()
+        live = (torch.arange(start.shape[-1], device=num.device) < num[..., None]).long()
+        edges = torch.zeros(*num.shape, cols + 1, dtype=torch.long, device=num.device)
+        edges.scatter_add_(-1, start.clamp(0, cols), live)
+        edges.scatter_add_(-1, end.clamp(0, cols), -live)
+        return edges.cumsum(-1)[..., :cols]
+
+    f, p = cover(full), cover(partial)
+    kinds = torch.where(f == 1, FULL, torch.where(p == 1, PARTIAL, EMPTY))
+    return torch.where((f + p) > 1, 255, kinds).to(torch.uint8)

@@ -163,11 +163,15 @@ def test_q_slice_prefill_chunk_matches_reference(compiled):
     assert _rel_err(out, ref) < 1e-4
 
 
-def test_forged_full_tiles_cannot_widen_the_relation(compiled):
-    """A plan claiming every tile FULL is not trusted at domain level (and would leak without the check)."""
+def test_forged_full_tiles_cannot_widen_the_relation(compiled, monkeypatch):
+    """A plan claiming every tile FULL is not trusted at domain level inside the kernel, even
+    past check_plan (which refuses it first, DG319); without the in-kernel check it would leak."""
     import dataclasses
 
     from domainguard.kernels.plan import Runs
+
+    att = importlib.import_module("domainguard.attention")
+    monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
 
     n = 48
     ids = _ids(1, n, seed=17)
@@ -260,6 +264,69 @@ def test_forged_plan_slots_are_refused(compiled, forgery, monkeypatch):
     assert e.value.code == "DG319" and "layout" in str(e.value)
     monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
     assert not torch.equal(outputs(v)[:, :, ~secret[0]], outputs(v2)[:, :, ~secret[0]])
+
+
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_PTR], ids=["tma", "ptr"])
+def test_forged_full_tiles_cannot_see_the_future(compiled, cfg, monkeypatch):
+    """Honest slots, but run tables that mark every later key tile of a query tile's own domain
+    FULL: the domains are readable, so the kernels' FULL-tile domain check lets them through and
+    queries would read future tokens. check_plan re-derives the tile tables and refuses (DG319);
+    with that check switched off an early token's output does change with a later token's V."""
+    import dataclasses
+
+    from domainguard.kernels.plan import FULL, PARTIAL, runs_kinds, tile_runs
+
+    att = importlib.import_module("domainguard.attention")
+    n = 64
+    ids = _ids(1, n, seed=41)
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    q, k, v = _qkv(1, 1, 1, n, 64, torch.float32, seed=9)
+    guard = GuardedAttention(compiled, cfg)
+    plan = guard.plan(layout, 0, heads=1, dtype=q.dtype, head_dim=64)
+    bm, bn = cfg.block_m, cfg.block_n
+    tq, tk = plan.qs.size // bm, plan.ks.size // bn
+    kinds = runs_kinds(*plan.runs, tk)
+    q_dom = plan.qs.dom.view(1, tq, bm)[..., 0]
+    k_dom = plan.ks.dom.view(1, tk, bn)[..., 0]
+    same = (q_dom[:, :, None] == k_dom[:, None, :])[:, None]  # [B, 1, Tq, Tk]
+    forged_kinds = torch.where(same, torch.full_like(kinds, FULL), kinds)
+    assert not torch.equal(forged_kinds, kinds)  # the forgery adds FULL tiles
+    forged = dataclasses.replace(
+        plan, runs=(tile_runs(forged_kinds, FULL), tile_runs(forged_kinds, PARTIAL)))
+    late = plan.ks.tok[0][plan.ks.tok[0] >= 0].long()
+    v2 = v.detach().clone()
+    v2[:, :, late.max()] += 100.0  # the last token: in every earlier query's future
+
+    with torch.no_grad(), pytest.raises(KernelError) as e:
+        guard(q, k, v, layout, 0, plan=forged)
+    assert e.value.code == "DG319" and "tile table" in str(e.value) and "FULL" in str(e.value)
+    monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
+    with torch.no_grad():
+        a, b = guard(q, k, v, layout, 0, plan=forged), guard(q, k, v2, layout, 0, plan=forged)
+        honest_a, honest_b = guard(q, k, v, layout, 0, plan=plan), guard(q, k, v2, layout, 0, plan=plan)
+    early = slice(0, n - 1)
+    assert torch.equal(honest_a[:, :, early], honest_b[:, :, early])
+    assert not torch.equal(a[:, :, early], b[:, :, early])
+
+
+def test_forged_decode_kinds_are_refused(compiled):
+    """A decode plan whose tile kinds are rewritten (every tile FULL) is refused with the
+    first differing tile named."""
+    import dataclasses
+
+    n, new = 60, 2
+    ids = _ids(1, n, seed=29)
+    ids[0, -new:] = 4
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=3, nq=new)
+    guard = GuardedAttention(compiled)
+    plan = guard.decode_plan(layout, 0, new, heads=2, kv_heads=1)
+    forged = dataclasses.replace(plan, kinds=torch.full_like(plan.kinds, 2))
+    with torch.no_grad(), pytest.raises(KernelError) as e:
+        guard(q, k, v, layout, 0, q_slice=new, plan=forged)
+    assert e.value.code == "DG319" and "decode plan tile table differs" in str(e.value)
+    with torch.no_grad():
+        guard(q, k, v, layout, 0, q_slice=new, plan=plan)  # the honest one runs
 
 
 def test_forged_decode_labels_are_refused(compiled, monkeypatch):

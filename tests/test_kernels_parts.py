@@ -11,7 +11,7 @@ import domainguard as dg
 from domainguard.kernels.backward import _pair_mask_t
 from domainguard.kernels.masks import _pair_mask, pair_mask_reference
 from domainguard.kernels.permute import backward_inputs, backward_inputs_reference, gather_rows, gather_rows_reference
-from domainguard.kernels.plan import FULL, PARTIAL, sort_slots, tile_runs
+from domainguard.kernels.plan import FULL, PARTIAL, Runs, runs_kinds, sort_slots, tile_runs
 from domainguard.kernels.tables import freeze
 from domainguard.layout import TokenAttrs
 from domainguard.patterns import rules_for, token_mask
@@ -78,6 +78,19 @@ def test_tile_runs_rebuild_the_kinds():
                 rebuilt[b, h, t, runs.start[b, h, t, r] : runs.end[b, h, t, r]] = True
         assert torch.equal(rebuilt, kinds == kind)
         assert runs.tiles == int((kinds == kind).sum())
+    assert torch.equal(runs_kinds(tile_runs(kinds, FULL), tile_runs(kinds, PARTIAL), kinds.shape[-1]), kinds)
+
+
+def test_runs_kinds_marks_overlapping_runs():
+    """Run tables that cover a tile twice (or as both kinds) cannot pass as a tile table."""
+    kinds = torch.tensor([[[[2, 2, 1, 0, 1]]]], dtype=torch.uint8)
+    full, part = tile_runs(kinds, FULL), tile_runs(kinds, PARTIAL)
+    overlap = Runs(num=part.num, start=part.start.clone(), end=part.end)
+    overlap.start[..., 0] = 1  # first PARTIAL run now starts on a FULL tile
+    got = runs_kinds(full, overlap, 5)
+    assert got[0, 0, 0].tolist() == [2, 255, 1, 0, 1]
+    twice = Runs(num=full.num + 1, start=torch.cat([full.start, full.start], -1), end=torch.cat([full.end, full.end], -1))
+    assert runs_kinds(twice, part, 5)[0, 0, 0].tolist() == [255, 255, 1, 0, 1]
 
 
 @triton.jit
