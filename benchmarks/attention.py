@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--mask-limit-gb", type=float, default=8.0, help="skip SDPA+bool mask above this N*N size")
     ap.add_argument("--configs", action="store_true", help="per-kernel times of the SWEEP configs instead")
+    ap.add_argument("--sweep", default=None, help="with --configs: only these SWEEP names (comma-separated)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tune", action="store_true", help="pick the faster forward config on a 32K layout first")
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU time of one forward+backward instead")
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
                     print(json.dumps(row), flush=True)
                     continue
                 if args.configs:
-                    row["configs"] = time_configs(guard, layout, q, k, v, pairs)
+                    names = args.sweep.split(",") if args.sweep else list(SWEEP)
+                    row["configs"] = time_configs(guard, layout, q, k, v, pairs, names)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     continue
@@ -292,6 +294,8 @@ SWEEP = {  # name: KernelConfig overrides (the measured outcomes are in BENCHMAR
     "fwd_tma_bn128_s2": dict(block_n=128, num_stages=2),
     "fwd_tma_s4": dict(num_stages=4),
     "fwd_bm64_w4": dict(block_m=64, num_warps=4),
+    "fwd_nocheck": dict(check_full=False),  # cost of the in-kernel FULL-tile relation check (not a candidate)
+    "fwd_tma_s2": dict(num_stages=2),
     "bwd_a": _bwd((64, 64, 8, 2), (64, 32, 4, 3)),
     "bwd_b": _bwd((32, 64, 4, 3), (128, 64, 8, 2)),
     "bwd_c": _bwd((64, 32, 8, 3), (128, 32, 8, 3)),
@@ -299,15 +303,19 @@ SWEEP = {  # name: KernelConfig overrides (the measured outcomes are in BENCHMAR
 }
 
 
-def time_configs(guard, layout, q, k, v, pairs):
-    """Per-kernel GPU ms of one forward+backward for each configuration in SWEEP (torch profiler)."""
+def time_configs(guard, layout, q, k, v, pairs, names=tuple(SWEEP)):
+    """Per-kernel GPU ms of one forward+backward for each named configuration of SWEEP (torch profiler)."""
     import dataclasses
 
     out = {}
     do = torch.randn_like(q)
     base = default_config(q.dtype, q.shape[-1])
     ref_out = None
-    for name, over in SWEEP.items():
+    unknown = sorted(set(names) - set(SWEEP))
+    if unknown:
+        raise SystemExit(f"--sweep: unknown configuration(s) {', '.join(unknown)}; known: {', '.join(SWEEP)}")
+    for name in names:
+        over = SWEEP[name]
         try:
             g = GuardedAttention(guard.compiled, dataclasses.replace(base, **over))
             plan = g.plan(layout, 0, heads=q.shape[1], dtype=q.dtype, head_dim=q.shape[-1])
