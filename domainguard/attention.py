@@ -23,7 +23,8 @@ DG312 query heads not a multiple of key/value heads; DG313 more than 63 domains;
 DG314 dtype (bf16, fp16, fp32 only, all three alike); DG315 patterns that differ between
 heads (the kernels enforce one mask for all heads: use ``backend="reference"``); DG316 head dim other than 64 or 128; DG317 layer out of range;
 DG318 a plan built for another mask or shape; DG319 a plan that does not describe the
-layout it is given with (labels, slot order, tile purity or table bounds).
+layout it is given with (labels, slot order, tile purity, table bounds, or tile tables other than
+the block map of its own slots).
 """
 
 from __future__ import annotations
