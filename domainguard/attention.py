@@ -24,7 +24,8 @@ DG314 dtype (bf16, fp16, fp32 only, all three alike); DG315 patterns that differ
 heads (the kernels enforce one mask for all heads: use ``backend="reference"``); DG316 head dim other than 64 or 128; DG317 layer out of range;
 DG318 a plan built for another mask or shape; DG319 a plan that does not describe the
 layout it is given with (labels, slot order, tile purity, table bounds, or tile tables other than
-the block map of its own slots).
+the block map of its own slots); DG320 a pattern value (window × dilation, stride, block size,
+global tokens) of 2**31 or more.
 """
 
 from __future__ import annotations

@@ -169,6 +169,9 @@ THREAT_MODEL = {
         "the length of forbidden segments when positions are global (reported as a finding)",
         "information present in the weights themselves (training data memorisation)",
         "operations outside the guarded model (tokeniser, sampling code, retrieval)",
+        "non-finite values (NaN, ±Inf) in tokens of domains a protected token may read, but that causality or a "
+        "pattern excludes (later tokens, tokens outside a window): where they share a tile with allowed keys "
+        "they can turn the row NaN, as in dense attention; only domains it may not read are excluded bitwise",
     ],
 }
 

@@ -91,7 +91,7 @@ class Pattern(_Model):
     dilation: int | None = Field(None, gt=0)
     stride: int | None = Field(None, gt=0)
     block_local: int | None = Field(None, gt=0)
-    global_tokens: int | None = Field(None, ge=0)
+    global_tokens: int | None = Field(None, gt=0)  # 0 hubs would make a part that keeps nothing
     random: RandomLinks | None = None
     layers: LayerRange | None = None
     heads: LayerRange | None = None

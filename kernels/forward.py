@@ -10,7 +10,10 @@ FULL key tiles (no element mask: every pair allowed) and then its PARTIAL key ti
 may not read are never issued: a forbidden value is never multiplied, so ``0 * NaN``
 cannot reach a protected row). EMPTY tiles are never touched.
 
-Masked scores are ``-inf``; a row with no allowed key yields 0 and log-sum-exp 0.
+Masked scores are ``-inf``; a row with no allowed key yields 0 and log-sum-exp 0. Only keys of
+domains the tile may not read are replaced before the products; a readable key that causality
+or a pattern excludes for some rows is masked on scores only, so a NaN/Inf there can still reach
+rows of its tile as in dense attention (the certificate's threat model lists this as not covered).
 """
 
 from __future__ import annotations

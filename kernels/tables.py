@@ -92,6 +92,8 @@ def pattern_fields(rule) -> tuple[int, ...]:
     from domainguard.patterns import BlockLocal, GlobalTokens, RandomLinks, Strided, Window
 
     reach = dil = stride = block = hubs = links = seed_term = 0
+    if any(isinstance(part, Window) and part.width is None and part.dilation == 1 for part in rule.union):
+        return (0,) * PATTERN_FIELDS  # that part keeps every pair, so the union does: no pattern
     if not rule.dense:
         for part in rule.union:
             if isinstance(part, Window):
@@ -108,7 +110,17 @@ def pattern_fields(rule) -> tuple[int, ...]:
                 seed_term = ((part.seed & _M31) * 0x297A2D39) % (1 << 31)
             else:  # a new part must be taught to the kernels before they run it
                 raise KernelError(f"pattern part {type(part).__name__} has no kernel form", code="DG315")
-    return (reach, dil, stride, block, hubs, links, seed_term)
+    fields = (reach, dil, stride, block, hubs, links, seed_term)
+    if rule.union and not rule.dense and not any(fields):
+        # All zeros means "no pattern" to the kernels; this union keeps nothing instead.
+        raise KernelError("a pattern whose parts keep no pair has no kernel form", code="DG315",
+                          hint="drop the pattern, or run attention(..., backend='reference')")
+    big = [v for v in fields[:6] if v >= 1 << 31]
+    if big:
+        raise KernelError(f"pattern value {big[0]} does not fit the kernels' 32-bit integers (at most {(1 << 31) - 1})",
+                          code="DG320", hint="use a smaller window/dilation/stride/block_local/global_tokens/links, "
+                          "or run attention(..., backend='reference')")
+    return fields
 
 
 def freeze(compiled, layer: int) -> FrozenTables:

@@ -150,6 +150,57 @@ def test_kernel_mask_equals_the_layout_helpers_ground_truth(name):
                                 plain.relation(0), rules_for(plain, 0)) & ~truth).any())
 
 
+@pytest.mark.parametrize("name", ["dilated", "strided", "block_local", "global", "random", "mixed"])
+def test_kernel_mask_at_large_positions_and_decode_shapes(name):
+    """The same comparison with positions near 128K and queries that are only the last rows of
+    the keys (a decode step), so window edges, residues, block numbers, hub ranks and link
+    hashes are exercised far from 0 and with query and key sets that differ."""
+    compiled = dg.compile(dg.loads_policy(POLICY.replace("{default: {causal: true}, c: {}}", PATTERNS[name])), layers=1)
+    tables = freeze(compiled, 0)
+    n, m, shift = 128, 32, 131072 - 128 - 3
+    lay = _layout(compiled, n=n, seed=7)
+    a = lay.attrs()
+    real = a.index[0] >= 0
+    k_att = TokenAttrs(a.domain[0], torch.where(real, a.index[0] + shift, a.index[0]),
+                       torch.where(a.rank[0] >= 0, a.rank[0] + shift // 2, a.rank[0]))
+    q_att = TokenAttrs(k_att.domain[-m:], k_att.index[-m:], k_att.rank[-m:])
+    truth = token_mask(q_att, k_att, compiled.relation(0), rules_for(compiled, 0))
+    assert truth.any() and not truth.all()
+    qd, qi, qr = (t.int().to(DEV).contiguous() for t in q_att)
+    kd, ki, kr = (t.int().to(DEV).contiguous() for t in k_att)
+    for dom in q_att.domain.unique().tolist():
+        rows = q_att.domain == dom
+        out = torch.empty(m, n, dtype=torch.int8, device=DEV)
+        out_t = torch.empty(n, m, dtype=torch.int8, device=DEV)
+        _mask_probe[(1,)](qd, qi, qr, kd, ki, kr, out, out_t, dom, REL=tables.rel_bits, CAUSAL=tables.causal_bits,
+                          DP=tables.dp, PAT=tables.pattern_constants, HAS_PAT=tables.has_pattern, M=m, N=n)
+        assert torch.equal(out.bool().cpu()[rows], truth[rows]), dom
+        assert torch.equal(out_t.bool().cpu().T[rows], truth[rows]), dom
+    assert torch.equal(pair_mask_reference(*q_att[:2], *k_att[:2], tables, q_att.rank, k_att.rank), truth)
+
+
+def test_pattern_constants_at_their_edges():
+    """An unbounded window of dilation 1 keeps every pair (so the union does: no pattern), a union
+    that keeps nothing cannot be encoded, and values past 32 bits are refused (DG320)."""
+    from domainguard.errors import KernelError
+    from domainguard.kernels.tables import PATTERN_FIELDS, pattern_fields
+    from domainguard.patterns import GlobalTokens, MaskRule, Strided, Window
+
+    assert pattern_fields(MaskRule(union=(Window(None, 1), Strided(3)))) == (0,) * PATTERN_FIELDS
+    assert pattern_fields(MaskRule(union=(Window(None, 4),)))[:2] == (0, 4)
+    with pytest.raises(KernelError) as e:
+        pattern_fields(MaskRule(union=(GlobalTokens(0),)))
+    assert e.value.code == "DG315"
+    with pytest.raises(KernelError) as e:
+        pattern_fields(MaskRule(union=(Window(70000, 65537),)))
+    assert e.value.code == "DG320" and str(70000 * 65537) in str(e.value)
+    big = dg.compile(dg.loads_policy(POLICY.replace("{default: {causal: true}, c: {}}",
+                                                    "{default: {causal: true}, c: {window: 2147483648}}")), layers=1)
+    with pytest.raises(KernelError) as e:
+        freeze(big, 0)
+    assert e.value.code == "DG320"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_row_moves_are_bitwise_copies(dtype):
     g = torch.Generator().manual_seed(1)

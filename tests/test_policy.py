@@ -77,6 +77,7 @@ BASE = "domainguard: 1\nname: t\ndomains:\n  a: {}\n  b: {}\n"
         ("domainguard: 1\nname: t\ndomains: &d\n  a: {children: *d}\n", "DG108", 3),  # alias cycle, at the anchor
         ("", "DG114", 1),
         (BASE + "patterns:\n  a: {window: 0}\n", "DG102", 7),
+        (BASE + "patterns:\n  a: {window: 4, global_tokens: 0}\n", "DG102", 7),  # 0 hubs keep nothing
         (BASE + "generation: {domain: z}\n", "DG105", 6),
     ],
 )
