@@ -106,6 +106,22 @@ def _mask_probe(QD, QI, QR, KD, KI, KR, Out, OutT, p_dom, REL: tl.constexpr, CAU
     tl.store(OutT + rn[:, None] * M + rm[None, :], ok_t.to(tl.int8))
 
 
+def _probe_each_query_domain(tables, q_att, k_att, truth):
+    """``_mask_probe`` (forward and transposed form) == ``truth`` on the rows of each query domain:
+    the kernels take the pattern of the (domain-pure) query tile, so one domain at a time."""
+    m, n = q_att.domain.shape[0], k_att.domain.shape[0]
+    qd, qi, qr = (t.int().to(DEV).contiguous() for t in q_att)
+    kd, ki, kr = (t.int().to(DEV).contiguous() for t in k_att)
+    for dom in q_att.domain.unique().tolist():
+        rows = q_att.domain == dom
+        out = torch.empty(m, n, dtype=torch.int8, device=DEV)
+        out_t = torch.empty(n, m, dtype=torch.int8, device=DEV)
+        _mask_probe[(1,)](qd, qi, qr, kd, ki, kr, out, out_t, dom, REL=tables.rel_bits, CAUSAL=tables.causal_bits,
+                          DP=tables.dp, PAT=tables.pattern_constants, HAS_PAT=tables.has_pattern, M=m, N=n)
+        assert torch.equal(out.bool().cpu()[rows], truth[rows]), dom
+        assert torch.equal(out_t.bool().cpu().T[rows], truth[rows]), dom
+
+
 # Every pattern part the kernels apply, alone and combined; per domain, so one probe mixes them.
 PATTERNS = {
     "causal": "{default: {causal: true}, c: {}}",
@@ -132,16 +148,8 @@ def test_kernel_mask_equals_the_layout_helpers_ground_truth(name):
     a = lay.attrs()
     truth = token_mask(TokenAttrs(a.domain[1], a.index[1], a.rank[1]), TokenAttrs(a.domain[1], a.index[1], a.rank[1]),
                        compiled.relation(0), rules_for(compiled, 0))
-    qd, qi, qr = (t[1].int().to(DEV) for t in (a.domain, a.index, a.rank))
-    # The kernels take the pattern of the (domain-pure) query tile: probe one query domain at a time.
-    for dom in a.domain[1].unique().tolist():
-        rows = a.domain[1] == dom
-        out = torch.empty(m, m, dtype=torch.int8, device=DEV)
-        out_t = torch.empty(m, m, dtype=torch.int8, device=DEV)
-        _mask_probe[(1,)](qd, qi, qr, qd, qi, qr, out, out_t, dom, REL=tables.rel_bits, CAUSAL=tables.causal_bits,
-                          DP=tables.dp, PAT=tables.pattern_constants, HAS_PAT=tables.has_pattern, M=m, N=m)
-        assert torch.equal(out.bool().cpu()[rows], truth[rows]), dom
-        assert torch.equal(out_t.bool().cpu().T[rows], truth[rows]), dom
+    att = TokenAttrs(a.domain[1], a.index[1], a.rank[1])
+    _probe_each_query_domain(tables, att, att, truth)
     ref = pair_mask_reference(a.domain[1], a.index[1], a.domain[1], a.index[1], tables, a.rank[1], a.rank[1])
     assert torch.equal(ref, truth)
     if name != "causal":  # the pattern removes pairs the relation and causality keep
@@ -166,16 +174,7 @@ def test_kernel_mask_at_large_positions_and_decode_shapes(name):
     q_att = TokenAttrs(k_att.domain[-m:], k_att.index[-m:], k_att.rank[-m:])
     truth = token_mask(q_att, k_att, compiled.relation(0), rules_for(compiled, 0))
     assert truth.any() and not truth.all()
-    qd, qi, qr = (t.int().to(DEV).contiguous() for t in q_att)
-    kd, ki, kr = (t.int().to(DEV).contiguous() for t in k_att)
-    for dom in q_att.domain.unique().tolist():
-        rows = q_att.domain == dom
-        out = torch.empty(m, n, dtype=torch.int8, device=DEV)
-        out_t = torch.empty(n, m, dtype=torch.int8, device=DEV)
-        _mask_probe[(1,)](qd, qi, qr, kd, ki, kr, out, out_t, dom, REL=tables.rel_bits, CAUSAL=tables.causal_bits,
-                          DP=tables.dp, PAT=tables.pattern_constants, HAS_PAT=tables.has_pattern, M=m, N=n)
-        assert torch.equal(out.bool().cpu()[rows], truth[rows]), dom
-        assert torch.equal(out_t.bool().cpu().T[rows], truth[rows]), dom
+    _probe_each_query_domain(tables, q_att, k_att, truth)
     assert torch.equal(pair_mask_reference(*q_att[:2], *k_att[:2], tables, q_att.rank, k_att.rank), truth)
 
 
