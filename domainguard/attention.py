@@ -30,6 +30,7 @@ global tokens) of 2**31 or more.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import weakref
@@ -344,6 +345,13 @@ def _runs_problem(what: str, runs, b: int, rows: int, cols: int, device) -> str 
     ])
 
 
+def _slot_attrs(s):
+    """A ``Slots``' labels as the ``TokenAttrs`` the block-map builder takes."""
+    from domainguard.layout import TokenAttrs
+
+    return TokenAttrs(s.dom.long(), s.idx.long(), s.rank.long())
+
+
 def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hkv: int, kinds_of=None) -> None:
     """Refuse (DG319) a plan given to a call that does not describe ``layout``.
 
@@ -358,10 +366,6 @@ def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hk
     FULL tile's domains, not its positions), and no allowed pair is dropped.
     """
     from domainguard.kernels.plan import inverse, runs_kinds
-    from domainguard.layout import TokenAttrs
-
-    def attrs(s):
-        return TokenAttrs(s.dom.long(), s.idx.long(), s.rank.long())
 
     def kinds_problem(what, have, want):
         if have.shape != want.shape:
@@ -400,7 +404,7 @@ def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hk
         refuse(_tensor_problem("decode plan kinds", kinds, (b, max(hm, 1), tq, tk), torch.uint8, device))
         refuse(_plan_problem([(kinds <= 2, "decode plan kinds outside EMPTY/PARTIAL/FULL")]))
         if kinds_of is not None:
-            refuse(kinds_problem("decode plan", kinds, kinds_of(attrs(plan.qs), ka, qt, DECODE_BLOCK_N).to(device)))
+            refuse(kinds_problem("decode plan", kinds, kinds_of(_slot_attrs(plan.qs), ka, qt, DECODE_BLOCK_N).to(device)))
         return
 
     cfg = plan.config
@@ -420,7 +424,7 @@ def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hk
          "plan.q_inv is not the inverse of the query slots"),
     ]))
     if kinds_of is not None:
-        want = kinds_of(attrs(plan.qs), attrs(plan.ks), cfg.block_m, cfg.block_n).to(device)
+        want = kinds_of(_slot_attrs(plan.qs), _slot_attrs(plan.ks), cfg.block_m, cfg.block_n).to(device)
         refuse(kinds_problem("plan", runs_kinds(*plan.runs, tk), want))
         refuse(kinds_problem("plan key-major", runs_kinds(*plan.runs_t, tq), want.transpose(-1, -2)))
 
@@ -539,11 +543,17 @@ class GuardedAttention:
         self._plans[(id(layout), key)] = (weakref.ref(layout), plan)
         return plan
 
+    def _tile_kinds(self, layer: int, qa, ka, block_q: int, block_k: int) -> torch.Tensor:
+        """uint8 [B, Hm, Tq, Tk] tile kinds of query/key ``TokenAttrs`` at ``layer``."""
+        from domainguard.blockmap import build_blockmap_from_attrs
+
+        # freeze() refused head-dependent masks, so head 0's table serves every head.
+        heads = [0] if self._heads_vary else None
+        return build_blockmap_from_attrs(qa, ka, self._view, layer, block_q=block_q, block_k=block_k, heads=heads).kinds
+
     def plan(self, layout, layer: int = 0, *, q_slice=None, heads: int = 1, dtype=torch.bfloat16, head_dim: int = 128) -> AttentionPlan:
         """Slot order and tile lists for ``layout`` at ``layer`` (reusable across calls and layers with equal tables)."""
-        from domainguard.blockmap import build_blockmap_from_attrs
         from domainguard.kernels.plan import FULL, PARTIAL, inverse, sort_slots, tile_runs
-        from domainguard.layout import TokenAttrs
 
         tables = self.tables(layer)
         cfg = self.config or default_config(dtype, head_dim)
@@ -554,31 +564,24 @@ class GuardedAttention:
         qa, ka = layout.attrs(qsl), layout.attrs()
         qs = sort_slots(qa.domain, qa.index, qa.rank, pad_id, pad_to, query=True)
         ks = sort_slots(ka.domain, ka.index, ka.rank, pad_id, pad_to, query=False)
-        attrs = lambda s: TokenAttrs(s.dom.long(), s.idx.long(), s.rank.long())  # noqa: E731
-        # freeze() refused head-dependent masks, so head 0's table serves every head.
-        head_list = [0] if self._heads_vary else None
-        bm = build_blockmap_from_attrs(
-            attrs(qs), attrs(ks), self._view, layer, block_q=cfg.block_m, block_k=cfg.block_n, heads=head_list
-        )
-        kinds_t = bm.kinds.transpose(-1, -2).contiguous()
-        runs = (tile_runs(bm.kinds, FULL), tile_runs(bm.kinds, PARTIAL))
+        kinds = self._tile_kinds(layer, _slot_attrs(qs), _slot_attrs(ks), cfg.block_m, cfg.block_n)
+        kinds_t = kinds.transpose(-1, -2).contiguous()
+        runs = (tile_runs(kinds, FULL), tile_runs(kinds, PARTIAL))
         runs_t = (tile_runs(kinds_t, FULL), tile_runs(kinds_t, PARTIAL))
         # Launch order of query tiles: descending slot order, so the tiles of one domain run
         # together (they read the same key runs: L2 reuse) with the heaviest (latest) first.
-        tq = bm.kinds.shape[2]
+        tq = kinds.shape[2]
         order = torch.arange(tq - 1, -1, -1, dtype=torch.int32, device=qs.tok.device).expand(qs.tok.shape[0], tq).contiguous()
         return AttentionPlan(
             qs=qs, ks=ks, runs=runs, runs_t=runs_t, order=order, q_inv=inverse(qs, qsl.stop - qsl.start),
             mask_key=_mask_key(tables), config=cfg, nq=qsl.stop - qsl.start, nk=n,
-            heads=bm.kinds.shape[1],
+            heads=kinds.shape[1],
         )
 
     def decode_plan(self, layout, layer: int, q_slice, *, heads: int, kv_heads: int) -> DecodePlan:
         """Tile table of a decode step: queries sorted by domain into tiles of QT slots."""
-        from domainguard.blockmap import build_blockmap_from_attrs
         from domainguard.kernels.decode import decode_rows
         from domainguard.kernels.plan import sort_slots
-        from domainguard.layout import TokenAttrs
 
         tables = self.tables(layer)
         n = layout.domain_ids.shape[1]
@@ -587,14 +590,11 @@ class GuardedAttention:
         qt, _ = decode_rows(group)
         qa, ka = layout.attrs(qsl), layout.attrs()
         qs = sort_slots(qa.domain, qa.index, qa.rank, self.compiled.pad_id, qt, query=True)
-        bm = build_blockmap_from_attrs(
-            TokenAttrs(qs.dom.long(), qs.idx.long(), qs.rank.long()), ka, self._view, layer,
-            block_q=qt, block_k=DECODE_BLOCK_N, heads=[0] if self._heads_vary else None,
-        )
+        kinds = self._tile_kinds(layer, _slot_attrs(qs), ka, qt, DECODE_BLOCK_N)
         return DecodePlan(
             qs=qs, k_dom=ka.domain.to(torch.int32).contiguous(), k_idx=ka.index.to(torch.int32).contiguous(),
             k_rank=ka.rank.to(torch.int32).contiguous(),
-            kinds=bm.kinds.contiguous(), block_n=DECODE_BLOCK_N, mask_key=_mask_key(tables),
+            kinds=kinds.contiguous(), block_n=DECODE_BLOCK_N, mask_key=_mask_key(tables),
             nq=qsl.stop - qsl.start, nk=n, group=group,
         )
 
@@ -617,18 +617,12 @@ class GuardedAttention:
     def _check_given(self, plan, layout, layer: int, qsl: slice, q, k) -> None:
         """``check_plan`` once per (plan, layout, query slice, heads, tables); like layouts, plans
         are treated as immutable once used."""
-        from domainguard.blockmap import build_blockmap_from_attrs
-
-        key = (qsl.start, qsl.stop, q.shape[1], k.shape[1], q.device, _mask_key(self.tables(layer)))
+        key = (qsl.start, qsl.stop, q.shape[1], k.shape[1], q.device, plan.mask_key)  # mask_key: checked by the caller
         seen = self._checked.get(plan)
         if seen is not None and seen[0]() is layout and seen[1] == key:
             return
-        heads = [0] if self._heads_vary else None
-
-        def kinds_of(qa, ka, block_q, block_k):
-            return build_blockmap_from_attrs(qa, ka, self._view, layer, block_q=block_q, block_k=block_k, heads=heads).kinds
-
-        check_plan(plan, layout, qsl, self.compiled.pad_id, q.device, hq=q.shape[1], hkv=k.shape[1], kinds_of=kinds_of)
+        check_plan(plan, layout, qsl, self.compiled.pad_id, q.device, hq=q.shape[1], hkv=k.shape[1],
+                   kinds_of=functools.partial(self._tile_kinds, layer))
         self._checked[plan] = (weakref.ref(layout), key)
 
     # --- running -------------------------------------------------------------------

@@ -102,10 +102,15 @@ TORCH = TorchOps()
 _M31 = (1 << 31) - 1
 
 
+def link_seed_term(seed: int) -> int:
+    """The seed's term of ``link_hash`` (the kernels take it precomputed, as a constant)."""
+    return ((seed & _M31) * 0x297A2D39) % (1 << 31)
+
+
 def link_hash(seed: int, qi: torch.Tensor, j: int) -> torch.Tensor:
     """A 31-bit integer hash of (seed, query index, link number); no int64 overflow on any backend."""
     x = (qi.clamp_min(0) & _M31) * 0x2C1B3C6D % (1 << 31)
-    x = (x + ((seed & _M31) * 0x297A2D39) % (1 << 31) + j * 0x6C8E9CF5 % (1 << 31)) & _M31
+    x = (x + link_seed_term(seed) + j * 0x6C8E9CF5 % (1 << 31)) & _M31
     for mult in (0x7FEB352D, 0x4695AF5B):
         x = ((x ^ (x >> 15)) * mult) & _M31
     return x ^ (x >> 16)

@@ -27,7 +27,6 @@ MAX_DOMAINS = 63
 #   (global_tokens, 0: none); links (random links per query, 0: none); seed_term (the
 #   seed's term of ``patterns.link_hash``, precomputed).
 PATTERN_FIELDS = 7
-_M31 = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ class FrozenTables:
 
 def pattern_fields(rule) -> tuple[int, ...]:
     """The PATTERN_FIELDS constants of a ``patterns.MaskRule``'s union parts."""
-    from domainguard.patterns import BlockLocal, GlobalTokens, RandomLinks, Strided, Window
+    from domainguard.patterns import BlockLocal, GlobalTokens, RandomLinks, Strided, Window, link_seed_term
 
     reach = dil = stride = block = hubs = links = seed_term = 0
     if any(isinstance(part, Window) and part.width is None and part.dilation == 1 for part in rule.union):
@@ -107,7 +106,7 @@ def pattern_fields(rule) -> tuple[int, ...]:
                 hubs = part.count
             elif isinstance(part, RandomLinks):
                 links = part.links
-                seed_term = ((part.seed & _M31) * 0x297A2D39) % (1 << 31)
+                seed_term = link_seed_term(part.seed)
             else:  # a new part must be taught to the kernels before they run it
                 raise KernelError(f"pattern part {type(part).__name__} has no kernel form", code="DG315")
     fields = (reach, dil, stride, block, hubs, links, seed_term)

@@ -168,8 +168,6 @@ def test_forged_full_tiles_cannot_widen_the_relation(compiled, monkeypatch):
     past check_plan (which refuses it first, DG319); without the in-kernel check it would leak."""
     import dataclasses
 
-    from domainguard.kernels.plan import Runs
-
     att = importlib.import_module("domainguard.attention")
     monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
 
@@ -182,12 +180,7 @@ def test_forged_full_tiles_cannot_widen_the_relation(compiled, monkeypatch):
     def leaks(check_full: bool) -> bool:
         guard = GuardedAttention(compiled, dataclasses.replace(SMALL, check_full=check_full))
         plan = guard.plan(layout, 0, heads=1, dtype=q.dtype, head_dim=64)
-        full, part = plan.runs
-        tk = plan.runs_t[0].num.shape[2]
-        one = torch.ones_like(full.num)
-        every_tile = Runs(num=one, start=torch.zeros_like(one)[..., None], end=(one * tk)[..., None])
-        nothing = Runs(num=torch.zeros_like(one), start=part.start, end=part.end)
-        forged = dataclasses.replace(plan, runs=(every_tile, nothing))
+        forged = dataclasses.replace(plan, runs=_every_tile_full(plan))
         with torch.no_grad():
             a = guard(q, k, v, layout, 0, plan=forged)
             v2 = v.detach().clone()
