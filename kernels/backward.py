@@ -7,9 +7,13 @@ lists). Inputs Q, dO, log-sum-exp (log2 units) and Delta = rowsum(O * dO) arrive
 slot order; gradients are scattered straight back to the caller's token order.
 
 Exactness mirrors the forward: probabilities and dS of masked pairs are selected to
-exactly 0, K/V rows a query tile may not read are never loaded in the dq kernel, and
-in the dk/dv kernel the update of a key its query tile may not read is discarded by a
-select (never by multiplying with 0).
+exactly 0 (a NaN in an unreadable key's V reaches only its own column of dP, which the
+select drops); in the dq kernel K rows the query tile may not read are replaced by zeros
+before dS @ K unless the kernel has read the key domain of every tile the run tables list
+and found it readable (then every key is readable or a zero padding row), and a query
+sub-tile whose rows are not all of its tile's domain runs masked with the foreign rows
+reading nothing; in the dk/dv kernel the update of a key its query tile may not read is
+discarded by a select (never by multiplying with 0).
 """
 
 from __future__ import annotations
@@ -19,23 +23,7 @@ import triton
 import triton.language as tl
 
 from .forward import LOG2E, _dot, _runs_readable, dot_precision
-from .masks import _key_readable, _pair_mask, _pattern_keep, _readable_bits
-
-
-@triton.jit
-def _pair_mask_t(k_dom, k_idx, k_rank, q_dom, q_idx, q_rank, p_dom, REL: tl.constexpr, CAUSAL: tl.constexpr,
-                 DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr):
-    """bool [BN, BM]: query q (column) may attend key k (row); the transpose of masks._pair_mask
-    (``p_dom``: the query tile's domain, whose pattern applies)."""
-    bits = _readable_bits(q_dom, REL, DP)  # [BM]
-    kd = tl.minimum(tl.maximum(k_dom, 0), 63).to(tl.int64)
-    ok = (((bits[None, :] >> kd[:, None]) & 1) != 0) & (k_dom[:, None] >= 0) & (k_dom[:, None] < DP)
-    qd = tl.minimum(tl.maximum(q_dom, 0), 63).to(tl.int64)
-    is_causal = ((q_dom.to(tl.int64) * 0 + CAUSAL) >> qd) & 1
-    ok = ok & ((is_causal[None, :] == 0) | (k_idx[:, None] <= q_idx[None, :]))
-    if HAS_PAT:
-        ok = ok & _pattern_keep(p_dom, q_idx, q_rank, k_idx, k_rank, PAT, DP, True)
-    return ok
+from .masks import _key_readable, _readable_bits, _tile_mask
 
 
 @triton.jit
@@ -58,8 +46,10 @@ def _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qsl
             q_rank = tl.load(QRank + qslot0 + rows)
         else:
             q_rank = q_idx
-        allowed = _pair_mask_t(k_dom, k_idx, k_rank, q_dom, q_idx, q_rank, q_tile_dom, REL, CAUSAL, DP, PAT,
-                               HAS_PAT) & readable[:, None]
+        # Relation of the query tile's domain (``readable``); rows of another domain (never in a
+        # checked plan) read nothing.
+        allowed = _tile_mask(readable, q_dom == q_tile_dom, q_idx, q_rank, k_idx, k_rank, q_tile_dom, CAUSAL, DP,
+                             PAT, HAS_PAT, True)
         pt = tl.where(allowed, tl.math.exp2(tl.where(allowed, st, float("-inf")) * qk_scale - lse2[None, :]), 0.0)
     else:
         pt = tl.math.exp2(st * qk_scale - lse2[None, :])
@@ -149,7 +139,9 @@ def _dkdv_kernel(
                 t0 = tl.load(Start + r)
                 t1 = tl.load(End + r)
                 for t in range(t0, t1):
-                    # INVARIANT: query tiles are domain-pure; one domain decides readability of each key.
+                    # Query tiles are domain-pure (checked by check_plan): the first slot's domain
+                    # decides which keys are readable, and the mask gives rows of another domain
+                    # nothing (their dO/Q still enter the products: this kernel trusts purity).
                     q_tile_dom = tl.load(QDom + qslot0 + t * BLOCK_M)
                     readable = _key_readable(q_tile_dom, k_dom, REL, DP)
                     for sub in range(BLOCK_M // SUB_M):
@@ -184,11 +176,13 @@ def _runs_readers_bad(Start, End, n_runs, QDom, qslot0, k_dom,
 
 
 @triton.jit
-def _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, q_dom, q_idx, q_rank,
+def _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, row_ok, q_idx, q_rank,
              tile_dom, qk_scale, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr,
              HAS_PAT: tl.constexpr, HEAD_DIM: tl.constexpr, SUB_N: tl.constexpr, MASKED: tl.constexpr,
-             PREC: tl.constexpr):
-    """Add the contribution of key slots [col0, col0 + SUB_N) to dq [SUB_M, D]."""
+             SELECT_K: tl.constexpr, PREC: tl.constexpr):
+    """Add the contribution of key slots [col0, col0 + SUB_N) to dq [SUB_M, D]. ``MASKED``: pairs
+    allowed by ``tile_dom``'s relation, causality and pattern only; ``SELECT_K``: K rows of keys
+    ``tile_dom`` may not read are replaced by zeros before dS @ K."""
     d = tl.arange(0, HEAD_DIM)
     cols = col0 + tl.arange(0, SUB_N)
     k = tl.load(Kp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
@@ -201,10 +195,9 @@ def _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, 
         else:
             k_rank = k_idx
         readable = _key_readable(tile_dom, k_dom, REL, DP)
-        k = tl.where(readable[:, None], k, 0.0)
-        v = tl.where(readable[:, None], v, 0.0)
-        allowed = _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, tile_dom, REL, CAUSAL, DP, PAT,
-                             HAS_PAT) & readable[None, :]
+        if SELECT_K:
+            k = tl.where(readable[:, None], k, 0.0)
+        allowed = _tile_mask(readable, row_ok, q_idx, q_rank, k_idx, k_rank, tile_dom, CAUSAL, DP, PAT, HAS_PAT, False)
         s = tl.where(allowed, _dot(q, tl.trans(k), None, PREC), float("-inf"))
         p = tl.where(allowed, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
     else:
@@ -252,40 +245,55 @@ def _dq_kernel(
         q_rank = tl.load(QRank + b * Sq + rows)
     else:
         q_rank = q_idx
-    # INVARIANT: query tiles are domain-pure (plan.sort_slots).
+    # Query tiles are domain-pure (plan.sort_slots, check_plan); rows of another domain (a plan
+    # altered after its check) make this sub-tile run masked, and they read nothing.
     tile_dom = tl.load(QDom + b * Sq + t * BLOCK_M)
+    row_ok = q_dom == tile_dom
+    pure = tl.sum((row_ok == 0).to(tl.int32)) == 0
     kv_off = (b * Hkv + hk).to(tl.int64) * Sk * HEAD_DIM
     kslot0 = b * Sk
     dq = tl.zeros([SUB_M, HEAD_DIM], dtype=tl.float32)
     lrow = ((b * Hm + hm) * Tq + t).to(tl.int64)
+    FS = FullStart + lrow * RF
+    FE = FullEnd + lrow * RF
+    PS = PartStart + lrow * RP
+    PE = PartEnd + lrow * RP
     n_full = tl.load(FullRuns + lrow)
-    n_fast = n_full
+    n_part = tl.load(PartRuns + lrow)
+    trusted = pure
     if CHECK_FULL:
-        bad = _runs_readable(FullStart + lrow * RF, FullEnd + lrow * RF, n_full, KDom, kslot0, tile_dom,
-                             REL, DP, BLOCK_N, 64)
-        n_fast = tl.where(bad == 0, n_full, 0)
+        # As in the forward: the run tables are followed only if every tile they list has a key
+        # domain this tile may read.
+        bad = _runs_readable(FS, FE, n_full, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
+        bad += _runs_readable(PS, PE, n_part, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
+        trusted = trusted & (bad == 0)
+        n_part_fast = tl.where(trusted, n_part, 0)
+    else:
+        n_part_fast = n_part * 0
+    n_fast = tl.where(trusted, n_full, 0)
     for r in range(n_fast):
-        u0 = tl.load(FullStart + lrow * RF + r)
-        u1 = tl.load(FullEnd + lrow * RF + r)
+        u0 = tl.load(FS + r)
+        u1 = tl.load(FE + r)
         for col0 in range(u0 * BLOCK_N, u1 * BLOCK_N, SUB_N):
-            dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, q_dom, q_idx,
-                          q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_N, False, PREC)
-    for which in tl.static_range(2):
-        if which == 0:
-            n_runs = n_full - n_fast
-            Start = FullStart + lrow * RF
-            End = FullEnd + lrow * RF
-        else:
-            n_runs = tl.load(PartRuns + lrow)
-            Start = PartStart + lrow * RP
-            End = PartEnd + lrow * RP
-        for r in range(n_runs):
-            u0 = tl.load(Start + r)
-            u1 = tl.load(End + r)
-            for col0 in range(u0 * BLOCK_N, u1 * BLOCK_N, SUB_N):
-                dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, q_dom,
-                              q_idx, q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_N,
-                              True, PREC)
+            dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, row_ok, q_idx,
+                          q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_N, False, False,
+                          PREC)
+    for r in range(n_part_fast):
+        u0 = tl.load(PS + r)
+        u1 = tl.load(PE + r)
+        for col0 in range(u0 * BLOCK_N, u1 * BLOCK_N, SUB_N):
+            dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, row_ok, q_idx,
+                          q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_N, True, False,
+                          PREC)
+    n_slow_full = n_full - n_fast
+    for r in range(n_slow_full + n_part - n_part_fast):
+        in_full = r < n_slow_full
+        u0 = tl.load(tl.where(in_full, FS + r, PS + (r - n_slow_full)))
+        u1 = tl.load(tl.where(in_full, FE + r, PE + (r - n_slow_full)))
+        for col0 in range(u0 * BLOCK_N, u1 * BLOCK_N, SUB_N):
+            dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, row_ok, q_idx,
+                          q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_N, True, True,
+                          PREC)
     q_tok = tl.load(QTok + b * Sq + rows)
     ok = q_tok >= 0
     row = tl.where(ok, q_tok, 0).to(tl.int64)

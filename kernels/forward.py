@@ -4,16 +4,23 @@ Works in slot order (``plan.py``): ``launch_forward`` copies K/V into slot order
 (``[B, Hkv, Sk, D]`` contiguous, zero rows at padding slots; gathering them inside the
 kernel instead was measured 1.5x slower on an H100, and Hopper's tensor copies cannot
 gather rows); Q is gathered and O scattered in the kernel, so the caller's tensors keep
-their order. For each query tile the kernel walks its
-FULL key tiles (no element mask: every pair allowed) and then its PARTIAL key tiles
-(relation, causal and pattern mask from the frozen constants, and K/V loads the tile's domain
-may not read are never issued: a forbidden value is never multiplied, so ``0 * NaN``
-cannot reach a protected row). EMPTY tiles are never touched.
+their order. For each query tile the kernel walks its FULL key tiles (no element mask:
+every pair allowed) and then its PARTIAL key tiles (relation, causal and pattern mask from
+the frozen constants). EMPTY tiles are never touched.
 
-Masked scores are ``-inf``; a row with no allowed key yields 0 and log-sum-exp 0. Only keys of
-domains the tile may not read are replaced before the products; a readable key that causality
-or a pattern excludes for some rows is masked on scores only, so a NaN/Inf there can still reach
-rows of its tile as in dense attention (the certificate's threat model lists this as not covered).
+What the kernel checks itself, whatever the plan says: a query tile whose rows are not all
+of its first row's domain runs every tile masked, and rows of another domain read nothing;
+before trusting the tables it reads the key domain of every FULL and PARTIAL tile listed
+(a tile's first slot, as tiles are domain-pure) and if any is one the frozen relation does
+not let the query tile read, every tile of that query tile takes the masked path with V rows
+of unreadable keys replaced by zeros before the product (a select, never a multiplication by
+0, so ``0 * NaN`` cannot reach a protected row). K needs no such select: an unreadable key's
+score is replaced by ``-inf`` before it is used, and each score depends on its key alone.
+
+Masked scores are ``-inf``; a row with no allowed key yields 0 and log-sum-exp 0. A readable
+key that causality or a pattern excludes for some rows is masked on scores only, so a NaN/Inf
+in its V can still reach rows of its tile as in dense attention (the certificate's threat
+model lists this as not covered).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .masks import _key_readable, _pair_mask, pair_mask_reference
+from .masks import _key_readable, _tile_mask, pair_mask_reference
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -71,12 +78,13 @@ def _load_kv(K, V, Kd, Vd, row0, d, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexp
 
 
 @triton.jit
-def _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, q_rank, tile_dom, KDom, KIdx, KRank, slot0, qk_scale,
-                 REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr,
-                 HAS_PAT: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """A PARTIAL key tile: element mask (relation, causal, pattern) from the frozen constants;
-    unreadable K/V rows are replaced by zeros before any product (a select, never a
-    multiplication by 0)."""
+def _masked_step(acc, l_i, m_i, q, k, v, row_ok, q_idx, q_rank, tile_dom, KDom, KIdx, KRank, slot0, qk_scale,
+                 REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, PREC: tl.constexpr, SELECT_V: tl.constexpr):
+    """A PARTIAL key tile (or any tile, when the tables were not trusted): pairs allowed by the
+    relation of the query tile's domain ``tile_dom`` (rows of another domain: none; see
+    ``row_ok``), its causality and its pattern, from the frozen constants (``masks._tile_mask``).
+    ``SELECT_V``: V rows of keys ``tile_dom`` may not read are replaced by zeros first."""
     cols = slot0 + tl.arange(0, BLOCK_N)
     k_dom = tl.load(KDom + cols)
     k_idx = tl.load(KIdx + cols)
@@ -85,10 +93,9 @@ def _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, q_rank, tile_dom, KDom, K
     else:
         k_rank = k_idx
     readable = _key_readable(tile_dom, k_dom, REL, DP)
-    k = tl.where(readable[:, None], k, 0.0)
-    v = tl.where(readable[:, None], v, 0.0)
-    allowed = _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, tile_dom, REL, CAUSAL, DP, PAT,
-                         HAS_PAT) & readable[None, :]
+    if SELECT_V:
+        v = tl.where(readable[:, None], v, 0.0)
+    allowed = _tile_mask(readable, row_ok, q_idx, q_rank, k_idx, k_rank, tile_dom, CAUSAL, DP, PAT, HAS_PAT, False)
     return _online_step(acc, l_i, m_i, q, tl.trans(k), v, allowed, qk_scale, True, PREC)
 
 
@@ -146,9 +153,12 @@ def _fwd_kernel(
     q_row = tl.where(q_ok, q_tok, 0).to(tl.int64)
     q_base = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     q = tl.load(q_base + q_row[:, None] * sqn + d[None, :], mask=q_ok[:, None], other=0.0)
-    # INVARIANT: query tiles are domain-pure (plan.sort_slots), so one domain decides
-    # which keys of a tile may be read at all.
+    # Query tiles are domain-pure (plan.sort_slots, check_plan), so one domain decides which
+    # keys a tile may read; a tile that is not (a plan altered after its check) runs masked,
+    # and its rows of another domain read nothing.
     tile_dom = tl.load(QDom + b * Sq + t * BLOCK_M)
+    row_ok = q_dom == tile_dom
+    pure = tl.sum((row_ok == 0).to(tl.int32)) == 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -159,13 +169,22 @@ def _fwd_kernel(
     lrow = ((b * Hm + hm) * Tq + t).to(tl.int64)
     FS = FullStart + lrow * RF
     FE = FullEnd + lrow * RF
+    PS = PartStart + lrow * RP
+    PE = PartEnd + lrow * RP
     n_full = tl.load(FullRuns + lrow)
-    n_fast = n_full
+    n_part = tl.load(PartRuns + lrow)
+    trusted = pure
     if CHECK_FULL:
-        # Whatever the run tables say, a FULL tile is taken unmasked only if the frozen
-        # relation allows its key domain; otherwise this row's FULL runs take the masked path.
+        # Whatever the run tables say, they are followed only if the frozen relation lets this
+        # tile read the key domain of every tile they list; otherwise every tile runs masked
+        # with unreadable V rows replaced.
         bad = _runs_readable(FS, FE, n_full, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
-        n_fast = tl.where(bad == 0, n_full, 0)
+        bad += _runs_readable(PS, PE, n_part, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
+        trusted = trusted & (bad == 0)
+        n_part_fast = tl.where(trusted, n_part, 0)
+    else:
+        n_part_fast = n_part * 0  # unchecked tables: PARTIAL tiles keep the V select
+    n_fast = tl.where(trusted, n_full, 0)
     for r in range(n_fast):
         kt0 = tl.load(FS + r)
         kt1 = tl.load(FE + r)
@@ -173,23 +192,26 @@ def _fwd_kernel(
             # FULL: every pair allowed and no padding slot inside; no mask of any kind.
             k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
             acc, l_i, m_i = _online_step(acc, l_i, m_i, q, tl.trans(k), v, None, qk_scale, False, PREC)
-    for r in range(n_full - n_fast):
-        kt0 = tl.load(FS + r)
-        kt1 = tl.load(FE + r)
+    for r in range(n_part_fast):
+        kt0 = tl.load(PS + r)
+        kt1 = tl.load(PE + r)
+        for kt in range(kt0, kt1):
+            # PARTIAL, domain checked above: every key is readable or a padding slot (zero V).
+            k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
+            acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, row_ok, q_idx, q_rank, tile_dom, KDom, KIdx, KRank,
+                                         kslot0 + kt * BLOCK_N, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, BLOCK_N,
+                                         PREC, False)
+    # Untrusted: the FULL runs not taken above, then the PARTIAL runs, all masked, V selected.
+    n_slow_full = n_full - n_fast
+    for r in range(n_slow_full + n_part - n_part_fast):
+        in_full = r < n_slow_full
+        kt0 = tl.load(tl.where(in_full, FS + r, PS + (r - n_slow_full)))
+        kt1 = tl.load(tl.where(in_full, FE + r, PE + (r - n_slow_full)))
         for kt in range(kt0, kt1):
             k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
-            acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, q_rank, tile_dom, KDom, KIdx, KRank,
-                                         kslot0 + kt * BLOCK_N, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT,
-                                         BLOCK_N, PREC)
-    n_part = tl.load(PartRuns + lrow)
-    for r in range(n_part):
-        kt0 = tl.load(PartStart + lrow * RP + r)
-        kt1 = tl.load(PartEnd + lrow * RP + r)
-        for kt in range(kt0, kt1):
-            k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
-            acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, q_dom, q_idx, q_rank, tile_dom, KDom, KIdx, KRank,
-                                         kslot0 + kt * BLOCK_N, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT,
-                                         BLOCK_N, PREC)
+            acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, row_ok, q_idx, q_rank, tile_dom, KDom, KIdx, KRank,
+                                         kslot0 + kt * BLOCK_N, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, BLOCK_N,
+                                         PREC, True)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)

@@ -132,6 +132,22 @@ def _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, p_dom,
     return ok
 
 
+
+@triton.jit
+def _tile_mask(readable, row_ok, q_idx, q_rank, k_idx, k_rank, tile_dom, CAUSAL: tl.constexpr, DP: tl.constexpr,
+               PAT: tl.constexpr, HAS_PAT: tl.constexpr, T: tl.constexpr):
+    """bool [BM, BN] ([BN, BM] when ``T``): what the kernels apply inside a query tile of domain
+    ``tile_dom`` (scalar; query tiles are domain-pure): keys the relation lets that domain read
+    (``readable`` [BN], from ``_key_readable``), rows of that domain only (``row_ok`` [BM]: a row
+    of another domain reads nothing), causality if the domain is causal, and its pattern. For rows
+    of ``tile_dom`` this equals ``_pair_mask``."""
+    causal = (CAUSAL >> tl.minimum(tl.maximum(tile_dom, 0), 63).to(tl.int64)) & 1
+    ok = (_row(readable, T) & _col(row_ok, T)) & ((_row(k_idx, T) <= _col(q_idx, T)) | (causal == 0))
+    if HAS_PAT:
+        ok = ok & _pattern_keep(tile_dom, q_idx, q_rank, k_idx, k_rank, PAT, DP, T)
+    return ok
+
+
 def _link_target_reference(qi: torch.Tensor, j: int, seed_term: torch.Tensor) -> torch.Tensor:
     m31 = (1 << 31) - 1
     x = (qi & m31) * 0x2C1B3C6D % (1 << 31)

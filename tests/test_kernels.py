@@ -349,11 +349,15 @@ def test_forged_decode_labels_are_refused(compiled, monkeypatch):
         assert not torch.equal(run(v), run(v2))
 
 
+@pytest.mark.parametrize("check_full", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("forgery", ["all_partial", "honest_full_plus_partial"])
 @pytest.mark.parametrize("cfg", [SMALL, SMALL_PTR], ids=["tma", "ptr"])
-def test_forged_partial_tiles_stay_exact_inside_the_kernel(compiled, cfg, monkeypatch):
-    """Even a plan that got past check_plan and lists every key tile PARTIAL cannot make a
-    forbidden NaN reach a protected row: on PARTIAL tiles the kernel itself replaces unreadable
-    K/V rows by zeros before any product (defence in depth behind DG319)."""
+def test_forged_partial_tiles_stay_exact_inside_the_kernel(compiled, cfg, forgery, check_full, monkeypatch):
+    """Even a plan that got past check_plan and lists forbidden key tiles PARTIAL cannot make a
+    forbidden NaN reach a protected row: the kernel reads the key domain of every listed tile and,
+    finding one the query tile may not read (or when the tables are not checked at all), runs
+    every tile masked with unreadable V rows replaced by zeros before the product, and unreadable
+    keys' scores replaced by -inf (defence in depth behind DG319)."""
     import dataclasses
 
     from domainguard.kernels.plan import Runs
@@ -365,11 +369,14 @@ def test_forged_partial_tiles_stay_exact_inside_the_kernel(compiled, cfg, monkey
     layout = dg.Layout.from_ids(compiled, ids).to(DEV)
     secret = (ids[0] == SECRET).to(DEV)
     q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=8)
-    guard = GuardedAttention(compiled, cfg)
+    guard = GuardedAttention(compiled, dataclasses.replace(cfg, check_full=check_full))
     plan = guard.plan(layout, 0, heads=2, dtype=q.dtype, head_dim=64)
     every, _ = _every_tile_full(plan)
-    nothing = Runs(num=torch.zeros_like(every.num), start=every.start, end=every.end)
-    forged = dataclasses.replace(plan, runs=(nothing, every))
+    if forgery == "all_partial":
+        runs = (Runs(num=torch.zeros_like(every.num), start=every.start, end=every.end), every)
+    else:  # the honest FULL runs stay; every key tile is listed PARTIAL as well
+        runs = (plan.runs[0], every)
+    forged = dataclasses.replace(plan, runs=runs)
     k2, v2 = k.detach().clone(), v.detach().clone()
     k2[:, :, secret] = float("nan")
     v2[:, :, secret] = float("inf")
@@ -377,8 +384,61 @@ def test_forged_partial_tiles_stay_exact_inside_the_kernel(compiled, cfg, monkey
         a = guard(q, k, v, layout, 0, plan=forged)
         b = guard(q, k2, v2, layout, 0, plan=forged)
         honest = guard(q, k, v, layout, 0)
+    assert torch.isfinite(b[:, :, ~secret]).all()
     assert torch.equal(a[:, :, ~secret], b[:, :, ~secret])
-    assert _rel_err(a[:, :, ~secret], honest[:, :, ~secret]) < 1e-5  # the forged tables change no allowed pair
+    if forgery == "all_partial":
+        assert _rel_err(a[:, :, ~secret], honest[:, :, ~secret]) < 1e-5  # the forged tables change no allowed pair
+
+
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_PTR], ids=["tma", "ptr"])
+def test_forged_mixed_query_tile_reads_nothing_foreign(compiled, cfg, monkeypatch):
+    """Honest labels, forged query order: a `sys` token swapped into a `secret` query tile (past
+    check_plan, which refuses it with DG319). The kernel sees the tile is not domain-pure, runs it
+    masked, and gives the foreign row nothing — it never reads the secret keys the tile's FULL
+    runs list, so neither its output nor its dq moves when every secret K/V is poisoned."""
+    import dataclasses
+
+    att = importlib.import_module("domainguard.attention")
+    n = 96
+    ids = _ids(1, n, seed=43)
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    secret = (ids[0] == SECRET).to(DEV)
+    q, k, v = _qkv(1, 1, 1, n, 64, torch.float32, seed=4)
+    guard = GuardedAttention(compiled, cfg)
+    plan = guard.plan(layout, 0, heads=1, dtype=q.dtype, head_dim=64)
+    qs, bm = plan.qs, cfg.block_m
+    tok, dom = qs.tok[0], qs.dom[0]
+    s_tiles = [t for t in range(0, qs.size, bm) if int(dom[t]) == SECRET and int(tok[t + 1]) >= 0]
+    sys_slot = int(((tok >= 0) & (dom == 0)).nonzero()[-1])  # the latest sys token: it sees the most keys
+    moved = int(tok[sys_slot])
+    perm = torch.arange(qs.size, device=tok.device)
+    perm[sys_slot], perm[s_tiles[-1] + 1] = s_tiles[-1] + 1, sys_slot
+    forged = dataclasses.replace(plan, qs=dataclasses.replace(
+        qs, **{f: getattr(qs, f)[:, perm].contiguous() for f in ("tok", "dom", "idx", "rank")}))
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[:, :, secret] = 1e4
+    v2[:, :, secret] = float("nan")
+    with torch.no_grad(), pytest.raises(KernelError) as e:
+        guard(q, k, v, layout, 0, plan=forged)
+    assert e.value.code == "DG319" and "not domain-pure" in str(e.value)
+    monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
+    do = torch.randn_like(q)
+
+    def run(k_, v_, plan_):
+        qq = q.detach().clone().requires_grad_(True)
+        out = guard(qq, k_.detach(), v_.detach(), layout, 0, plan=plan_)
+        out.backward(do)
+        return out.detach(), qq.grad
+
+    (a, dq_a), (b, dq_b), (honest, dq_h) = run(k, v, forged), run(k2, v2, forged), run(k, v, plan)
+    keep = ~secret
+    keep[moved] = False
+    assert torch.equal(a[:, :, ~secret], b[:, :, ~secret])  # no non-secret row moves under poisoning
+    assert torch.equal(dq_a[:, :, ~secret], dq_b[:, :, ~secret])  # nor its gradient
+    assert torch.equal(a[:, :, moved], torch.zeros_like(a[:, :, moved]))  # the foreign row reads nothing
+    assert torch.equal(dq_a[:, :, moved], torch.zeros_like(dq_a[:, :, moved]))
+    assert _rel_err(a[:, :, keep], honest[:, :, keep]) < 1e-5  # the other rows are as honest
+    assert _rel_err(dq_a[:, :, keep], dq_h[:, :, keep]) < 1e-4
 
 
 @pytest.mark.parametrize("field", ["order", "run_end", "q_inv", "dtype"])

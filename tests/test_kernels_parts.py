@@ -8,8 +8,7 @@ import triton
 import triton.language as tl
 
 import domainguard as dg
-from domainguard.kernels.backward import _pair_mask_t
-from domainguard.kernels.masks import _pair_mask, pair_mask_reference
+from domainguard.kernels.masks import _key_readable, _pair_mask, _tile_mask, pair_mask_reference
 from domainguard.kernels.permute import backward_inputs, backward_inputs_reference, gather_rows, gather_rows_reference
 from domainguard.kernels.plan import FULL, PARTIAL, Runs, runs_kinds, sort_slots, tile_runs
 from domainguard.kernels.tables import freeze
@@ -94,32 +93,42 @@ def test_runs_kinds_marks_overlapping_runs():
 
 
 @triton.jit
-def _mask_probe(QD, QI, QR, KD, KI, KR, Out, OutT, p_dom, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
+def _mask_probe(QD, QI, QR, KD, KI, KR, Out, OutTile, OutT, PDom, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr,
                 PAT: tl.constexpr, HAS_PAT: tl.constexpr, M: tl.constexpr, N: tl.constexpr):
     rm = tl.arange(0, M)
     rn = tl.arange(0, N)
     qd, qi, qr = tl.load(QD + rm), tl.load(QI + rm), tl.load(QR + rm)
     kd, ki, kr = tl.load(KD + rn), tl.load(KI + rn), tl.load(KR + rn)
+    p_dom = tl.load(PDom)  # a loaded scalar, as in the kernels (an int argument of 1 would be specialised)
     ok = _pair_mask(qd, qi, qr, kd, ki, kr, p_dom, REL, CAUSAL, DP, PAT, HAS_PAT)
     tl.store(Out + rm[:, None] * N + rn[None, :], ok.to(tl.int8))
-    ok_t = _pair_mask_t(kd, ki, kr, qd, qi, qr, p_dom, REL, CAUSAL, DP, PAT, HAS_PAT)  # the backward's [N, M] form
+    # What the forward and dq (``T`` False) and dk/dv (``T`` True) kernels apply inside a pure tile.
+    readable = _key_readable(p_dom, kd, REL, DP)
+    ok_tile = _tile_mask(readable, qd == p_dom, qi, qr, ki, kr, p_dom, CAUSAL, DP, PAT, HAS_PAT, False)
+    tl.store(OutTile + rm[:, None] * N + rn[None, :], ok_tile.to(tl.int8))
+    ok_t = _tile_mask(readable, qd == p_dom, qi, qr, ki, kr, p_dom, CAUSAL, DP, PAT, HAS_PAT, True)
     tl.store(OutT + rn[:, None] * M + rm[None, :], ok_t.to(tl.int8))
 
 
 def _probe_each_query_domain(tables, q_att, k_att, truth):
-    """``_mask_probe`` (forward and transposed form) == ``truth`` on the rows of each query domain:
-    the kernels take the pattern of the (domain-pure) query tile, so one domain at a time."""
+    """``_mask_probe`` (``_pair_mask``, and ``_tile_mask`` in both orientations) == ``truth`` on the
+    rows of each query domain: the kernels take the pattern of the (domain-pure) query tile, so
+    one domain at a time; ``_tile_mask`` gives the other rows nothing."""
     m, n = q_att.domain.shape[0], k_att.domain.shape[0]
     qd, qi, qr = (t.int().to(DEV).contiguous() for t in q_att)
     kd, ki, kr = (t.int().to(DEV).contiguous() for t in k_att)
     for dom in q_att.domain.unique().tolist():
         rows = q_att.domain == dom
         out = torch.empty(m, n, dtype=torch.int8, device=DEV)
+        out_tile = torch.empty(m, n, dtype=torch.int8, device=DEV)
         out_t = torch.empty(n, m, dtype=torch.int8, device=DEV)
-        _mask_probe[(1,)](qd, qi, qr, kd, ki, kr, out, out_t, dom, REL=tables.rel_bits, CAUSAL=tables.causal_bits,
+        p_dom = torch.tensor([dom], dtype=torch.int32, device=DEV)
+        _mask_probe[(1,)](qd, qi, qr, kd, ki, kr, out, out_tile, out_t, p_dom, REL=tables.rel_bits, CAUSAL=tables.causal_bits,
                           DP=tables.dp, PAT=tables.pattern_constants, HAS_PAT=tables.has_pattern, M=m, N=n)
         assert torch.equal(out.bool().cpu()[rows], truth[rows]), dom
-        assert torch.equal(out_t.bool().cpu().T[rows], truth[rows]), dom
+        assert torch.equal(out_tile.bool().cpu()[rows], truth[rows]), dom
+        assert torch.equal(out_t.bool().cpu().T, out_tile.bool().cpu()), dom
+        assert not out_tile.bool().cpu()[~rows].any(), dom
 
 
 # Every pattern part the kernels apply, alone and combined; per domain, so one probe mixes them.
