@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import LOG2E, _dot, _runs_readable, dot_precision
+from .forward import LOG2E, _dot, _masked_run, _trusted_counts, dot_precision
 from .masks import _key_readable, _readable_bits, _tile_mask
 
 
@@ -249,7 +249,6 @@ def _dq_kernel(
     # altered after its check) make this sub-tile run masked, and they read nothing.
     tile_dom = tl.load(QDom + b * Sq + t * BLOCK_M)
     row_ok = q_dom == tile_dom
-    pure = tl.sum((row_ok == 0).to(tl.int32)) == 0
     kv_off = (b * Hkv + hk).to(tl.int64) * Sk * HEAD_DIM
     kslot0 = b * Sk
     dq = tl.zeros([SUB_M, HEAD_DIM], dtype=tl.float32)
@@ -260,17 +259,10 @@ def _dq_kernel(
     PE = PartEnd + lrow * RP
     n_full = tl.load(FullRuns + lrow)
     n_part = tl.load(PartRuns + lrow)
-    trusted = pure
-    if CHECK_FULL:
-        # As in the forward: the run tables are followed only if every tile they list has a key
-        # domain this tile may read.
-        bad = _runs_readable(FS, FE, n_full, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
-        bad += _runs_readable(PS, PE, n_part, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
-        trusted = trusted & (bad == 0)
-        n_part_fast = tl.where(trusted, n_part, 0)
-    else:
-        n_part_fast = n_part * 0
-    n_fast = tl.where(trusted, n_full, 0)
+    # As in the forward: the run tables are followed only for a pure sub-tile whose listed key
+    # domains the frozen relation lets it read.
+    n_fast, n_part_fast = _trusted_counts(row_ok, FS, FE, n_full, PS, PE, n_part, KDom, kslot0, tile_dom, REL, DP,
+                                          BLOCK_N, CHECK_FULL)
     for r in range(n_fast):
         u0 = tl.load(FS + r)
         u1 = tl.load(FE + r)
@@ -287,9 +279,7 @@ def _dq_kernel(
                           PREC)
     n_slow_full = n_full - n_fast
     for r in range(n_slow_full + n_part - n_part_fast):
-        in_full = r < n_slow_full
-        u0 = tl.load(tl.where(in_full, FS + r, PS + (r - n_slow_full)))
-        u1 = tl.load(tl.where(in_full, FE + r, PE + (r - n_slow_full)))
+        u0, u1 = _masked_run(r, n_slow_full, FS, FE, PS, PE)
         for col0 in range(u0 * BLOCK_N, u1 * BLOCK_N, SUB_N):
             dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, row_ok, q_idx,
                           q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_N, True, True,

@@ -117,6 +117,33 @@ def _runs_readable(Start, End, n_runs, KDom, kslot0, tile_dom,
 
 
 @triton.jit
+def _trusted_counts(row_ok, FS, FE, n_full, PS, PE, n_part, KDom, kslot0, tile_dom,
+                    REL: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_FULL: tl.constexpr):
+    """(FULL runs, PARTIAL runs) a query (sub-)tile may take as its run tables say: all, when its
+    rows are all of ``tile_dom`` (``row_ok``) and — with ``CHECK_FULL`` — the frozen relation lets
+    ``tile_dom`` read the key domain of every tile the runs list; otherwise none, and every tile runs
+    masked with unreadable rows replaced. Unchecked tables: no PARTIAL run skips its select."""
+    trusted = tl.sum((row_ok == 0).to(tl.int32)) == 0
+    if CHECK_FULL:
+        bad = _runs_readable(FS, FE, n_full, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
+        bad += _runs_readable(PS, PE, n_part, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
+        trusted = trusted & (bad == 0)
+        n_part_fast = tl.where(trusted, n_part, 0)
+    else:
+        n_part_fast = n_part * 0
+    return tl.where(trusted, n_full, 0), n_part_fast
+
+
+@triton.jit
+def _masked_run(r, n_slow_full, FS, FE, PS, PE):
+    """Bounds of run ``r`` of the masked pass: the ``n_slow_full`` FULL runs not taken as FULL, then
+    every PARTIAL run."""
+    in_full = r < n_slow_full
+    return (tl.load(tl.where(in_full, FS + r, PS + (r - n_slow_full))),
+            tl.load(tl.where(in_full, FE + r, PE + (r - n_slow_full))))
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, Kd, Vd, O, Lse2,
     sqb, sqh, sqn,
@@ -158,7 +185,6 @@ def _fwd_kernel(
     # and its rows of another domain read nothing.
     tile_dom = tl.load(QDom + b * Sq + t * BLOCK_M)
     row_ok = q_dom == tile_dom
-    pure = tl.sum((row_ok == 0).to(tl.int32)) == 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -173,18 +199,10 @@ def _fwd_kernel(
     PE = PartEnd + lrow * RP
     n_full = tl.load(FullRuns + lrow)
     n_part = tl.load(PartRuns + lrow)
-    trusted = pure
-    if CHECK_FULL:
-        # Whatever the run tables say, they are followed only if the frozen relation lets this
-        # tile read the key domain of every tile they list; otherwise every tile runs masked
-        # with unreadable V rows replaced.
-        bad = _runs_readable(FS, FE, n_full, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
-        bad += _runs_readable(PS, PE, n_part, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
-        trusted = trusted & (bad == 0)
-        n_part_fast = tl.where(trusted, n_part, 0)
-    else:
-        n_part_fast = n_part * 0  # unchecked tables: PARTIAL tiles keep the V select
-    n_fast = tl.where(trusted, n_full, 0)
+    # Whatever the run tables say, they are followed only for a pure tile whose listed key
+    # domains the frozen relation lets it read; otherwise every tile runs masked, V selected.
+    n_fast, n_part_fast = _trusted_counts(row_ok, FS, FE, n_full, PS, PE, n_part, KDom, kslot0, tile_dom, REL, DP,
+                                          BLOCK_N, CHECK_FULL)
     for r in range(n_fast):
         kt0 = tl.load(FS + r)
         kt1 = tl.load(FE + r)
@@ -204,9 +222,7 @@ def _fwd_kernel(
     # Untrusted: the FULL runs not taken above, then the PARTIAL runs, all masked, V selected.
     n_slow_full = n_full - n_fast
     for r in range(n_slow_full + n_part - n_part_fast):
-        in_full = r < n_slow_full
-        kt0 = tl.load(tl.where(in_full, FS + r, PS + (r - n_slow_full)))
-        kt1 = tl.load(tl.where(in_full, FE + r, PE + (r - n_slow_full)))
+        kt0, kt1 = _masked_run(r, n_slow_full, FS, FE, PS, PE)
         for kt in range(kt0, kt1):
             k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
             acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, row_ok, q_idx, q_rank, tile_dom, KDom, KIdx, KRank,

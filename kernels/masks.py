@@ -132,7 +132,6 @@ def _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, p_dom,
     return ok
 
 
-
 @triton.jit
 def _tile_mask(readable, row_ok, q_idx, q_rank, k_idx, k_rank, tile_dom, CAUSAL: tl.constexpr, DP: tl.constexpr,
                PAT: tl.constexpr, HAS_PAT: tl.constexpr, T: tl.constexpr):
