@@ -10,15 +10,22 @@ Exactness mirrors the forward: probabilities and dS of masked pairs are selected
 exactly 0 (a NaN in an unreadable key's V reaches only its own column of dP, which the
 select drops); in the dq kernel K rows the query tile may not read are replaced by zeros
 before dS @ K unless the kernel has read the key domain of every tile the run tables list
-and found it readable (then every key is readable or a zero padding row), and a query
+and found it readable (then, key tiles being domain-pure — which only check_plan checks —
+every key is readable or a zero padding row), and a query
 sub-tile whose rows are not all of its tile's domain runs masked with the foreign rows
-reading nothing; in the dk/dv kernel the update of a key its query tile may not read is
-discarded by a select (never by multiplying with 0).
+reading nothing. The dk/dv kernel mirrors this from the key side: its key block runs a FULL
+query tile unmasked only if the block's keys are all of one domain and (with the table check
+on, ``check_full``) the kernel has read every row's domain of every query tile the key-major
+tables list, found each tile domain-pure and, for FULL tiles, its domain allowed to read the
+block; a PARTIAL run skips the row select only if that check found its query tiles all pure
+(readability is masked per key there). Otherwise the tiles run masked, with Q and dO rows of
+another domain than their tile's replaced by zeros before the products (they sum over query
+rows), and the update of a key its query tile may not read is discarded by a select (never
+by multiplying with 0).
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -30,8 +37,13 @@ from .masks import _key_readable, _readable_bits, _tile_mask
 def _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0, row0, k_dom, k_idx, k_rank,
                readable, q_tile_dom, qk_scale, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr,
                HAS_PAT: tl.constexpr, HEAD_DIM: tl.constexpr, SUB_M: tl.constexpr, MASKED: tl.constexpr,
-               PREC: tl.constexpr):
-    """Add the contribution of query slots [row0, row0 + SUB_M) to dk, dv [SUB_N, D] of a key block."""
+               SELECT_Q: tl.constexpr, PREC: tl.constexpr):
+    """Add the contribution of query slots [row0, row0 + SUB_M) to dk, dv [SUB_N, D] of a key block.
+
+    ``MASKED``: pairs allowed by the relation of ``q_tile_dom`` (the query tile's domain),
+    causality and pattern only; ``SELECT_Q``: Q and dO rows of another domain than
+    ``q_tile_dom`` are replaced by zeros first (the products sum over query rows, so a
+    masked-out row's NaN would otherwise reach every key of the block as ``0 * NaN``)."""
     d = tl.arange(0, HEAD_DIM)
     rows = row0 + tl.arange(0, SUB_M)
     q = tl.load(Qp + (q_off + rows[:, None]) * HEAD_DIM + d[None, :])
@@ -48,8 +60,11 @@ def _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qsl
             q_rank = q_idx
         # Relation of the query tile's domain (``readable``); rows of another domain (never in a
         # checked plan) read nothing.
-        allowed = _tile_mask(readable, q_dom == q_tile_dom, q_idx, q_rank, k_idx, k_rank, q_tile_dom, CAUSAL, DP,
-                             PAT, HAS_PAT, True)
+        row_ok = q_dom == q_tile_dom
+        if SELECT_Q:
+            q = tl.where(row_ok[:, None], q, 0.0)
+            do = tl.where(row_ok[:, None], do, 0.0)
+        allowed = _tile_mask(readable, row_ok, q_idx, q_rank, k_idx, k_rank, q_tile_dom, CAUSAL, DP, PAT, HAS_PAT, True)
         pt = tl.where(allowed, tl.math.exp2(tl.where(allowed, st, float("-inf")) * qk_scale - lse2[None, :]), 0.0)
     else:
         pt = tl.math.exp2(st * qk_scale - lse2[None, :])
@@ -102,52 +117,57 @@ def _dkdv_kernel(
     else:
         k_rank = k_idx
     k_tile_dom = tl.load(KDom + b * Sk + u * BLOCK_N)
+    # Key tiles are domain-pure, and a FULL one holds no padding slot: a block of keys that are
+    # not all of its tile's first domain (a plan altered after its check) never runs unmasked.
+    key_pure = tl.sum((k_dom != k_tile_dom).to(tl.int32)) == 0
     qslot0 = b * Sq
     dk = tl.zeros([SUB_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([SUB_N, HEAD_DIM], dtype=tl.float32)
+    # What the run tables may be trusted with, from the first head's tables: when every head
+    # shares one mask (Hm == 1) it holds for the whole GQA group; otherwise each head re-checks.
+    lrow = ((b * Hm + (hk * GROUP) % Hm) * Tk + u).to(tl.int64)
+    full_ok, part_ok = _trusted_readers(key_pure, FullStart + lrow * RF, FullEnd + lrow * RF,
+                                        tl.load(FullRuns + lrow), PartStart + lrow * RP, PartEnd + lrow * RP,
+                                        tl.load(PartRuns + lrow), QDom, qslot0, k_tile_dom, REL, DP, BLOCK_M,
+                                        CHECK_FULL)
     for g in range(GROUP):
         h = hk * GROUP + g
         hm = h % Hm
         q_off = (b * Hq + h).to(tl.int64) * Sq
         lrow = ((b * Hm + hm) * Tk + u).to(tl.int64)
+        FS = FullStart + lrow * RF
+        FE = FullEnd + lrow * RF
+        PS = PartStart + lrow * RP
+        PE = PartEnd + lrow * RP
         n_full = tl.load(FullRuns + lrow)
-        n_fast = n_full
-        if CHECK_FULL:
-            bad = _runs_readers_bad(FullStart + lrow * RF, FullEnd + lrow * RF, n_full, QDom, qslot0, k_tile_dom,
-                                    REL, DP, BLOCK_M, 64)
-            n_fast = tl.where(bad == 0, n_full, 0)
+        n_part = tl.load(PartRuns + lrow)
+        if (g > 0) & (Hm > 1):
+            full_ok, part_ok = _trusted_readers(key_pure, FS, FE, n_full, PS, PE, n_part, QDom, qslot0, k_tile_dom,
+                                                REL, DP, BLOCK_M, CHECK_FULL)
+        n_fast = tl.where(full_ok, n_full, 0)
+        n_part_fast = tl.where(part_ok, n_part, 0)
         for r in range(n_fast):
-            t0 = tl.load(FullStart + lrow * RF + r)
-            t1 = tl.load(FullEnd + lrow * RF + r)
+            t0 = tl.load(FS + r)
+            t1 = tl.load(FE + r)
             # Nested loops (tile, then SUB_M rows), as tuned; see BENCHMARKS.md for the flat variant.
             for t in range(t0, t1):
                 for sub in range(BLOCK_M // SUB_M):
                     dk, dv = _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0,
                                         t * BLOCK_M + sub * SUB_M, k_dom, k_idx, k_rank, None, None, qk_scale, REL,
-                                        CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_M, False, PREC)
-        for which in tl.static_range(2):
-            # Masked path: the PARTIAL runs, and FULL runs that failed the relation check.
-            if which == 0:
-                n_runs = n_full - n_fast
-                Start = FullStart + lrow * RF
-                End = FullEnd + lrow * RF
-            else:
-                n_runs = tl.load(PartRuns + lrow)
-                Start = PartStart + lrow * RP
-                End = PartEnd + lrow * RP
-            for r in range(n_runs):
-                t0 = tl.load(Start + r)
-                t1 = tl.load(End + r)
-                for t in range(t0, t1):
-                    # Query tiles are domain-pure (checked by check_plan): the first slot's domain
-                    # decides which keys are readable, and the mask gives rows of another domain
-                    # nothing (their dO/Q still enter the products: this kernel trusts purity).
-                    q_tile_dom = tl.load(QDom + qslot0 + t * BLOCK_M)
-                    readable = _key_readable(q_tile_dom, k_dom, REL, DP)
-                    for sub in range(BLOCK_M // SUB_M):
-                        dk, dv = _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off,
-                                            qslot0, t * BLOCK_M + sub * SUB_M, k_dom, k_idx, k_rank, readable,
-                                            q_tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_M, True, PREC)
+                                        CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_M, False, False, PREC)
+        for r in range(n_part_fast):
+            # PARTIAL runs whose query tiles were all found domain-pure: no row select needed.
+            dk, dv = _dkdv_masked_run(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0,
+                                      tl.load(PS + r), tl.load(PE + r), k_dom, k_idx, k_rank, qk_scale, REL, CAUSAL,
+                                      DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_M, SUB_M, False, PREC)
+        # Untrusted: the FULL runs not taken above, then the PARTIAL runs not taken above, all
+        # masked, rows selected.
+        n_slow_full = n_full - n_fast
+        for r in range(n_slow_full + n_part - n_part_fast):
+            t0, t1 = _masked_run(r, n_slow_full, FS, FE, PS, PE)
+            dk, dv = _dkdv_masked_run(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0, t0, t1,
+                                      k_dom, k_idx, k_rank, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_M,
+                                      SUB_M, True, PREC)
     k_tok = tl.load(KTok + b * Sk + cols)
     ok = k_tok >= 0
     row = tl.where(ok, k_tok, 0).to(tl.int64)
@@ -157,10 +177,30 @@ def _dkdv_kernel(
 
 
 @triton.jit
-def _runs_readers_bad(Start, End, n_runs, QDom, qslot0, k_dom,
+def _dkdv_masked_run(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0, t0, t1, k_dom, k_idx,
+                     k_rank, qk_scale, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr,
+                     HAS_PAT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr,
+                     SELECT_Q: tl.constexpr, PREC: tl.constexpr):
+    """Query tiles [t0, t1) on the masked path: each tile's first slot names its domain, whose
+    relation decides which keys are readable; rows of another domain read nothing."""
+    for t in range(t0, t1):
+        q_tile_dom = tl.load(QDom + qslot0 + t * BLOCK_M)
+        readable = _key_readable(q_tile_dom, k_dom, REL, DP)
+        for sub in range(BLOCK_M // SUB_M):
+            dk, dv = _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0,
+                                t * BLOCK_M + sub * SUB_M, k_dom, k_idx, k_rank, readable, q_tile_dom, qk_scale, REL,
+                                CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_M, True, SELECT_Q, PREC)
+    return dk, dv
+
+
+@triton.jit
+def _runs_readers_bad(Start, End, n_runs, QDom, qslot0, k_dom, READ: tl.constexpr,
                       REL: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
-    """Number of query tiles in the runs whose (pure) domain the frozen relation forbids to read ``k_dom``."""
+    """Number of query tiles in the runs whose rows are not all of their first row's domain or
+    (``READ``) whose domain the frozen relation forbids to read ``k_dom``. Reads every row's domain
+    of every listed tile, ``CHUNK`` tiles at a time."""
     bad = 0
+    m = tl.arange(0, BLOCK_M)
     for r in range(n_runs):
         t0 = tl.load(Start + r)
         t1 = tl.load(End + r)
@@ -168,11 +208,32 @@ def _runs_readers_bad(Start, End, n_runs, QDom, qslot0, k_dom,
             ts = c0 + tl.arange(0, CHUNK)
             inside = ts < t1
             qd = tl.load(QDom + qslot0 + ts * BLOCK_M, mask=inside, other=0)
-            bits = _readable_bits(qd, REL, DP)
-            kd = tl.minimum(tl.maximum(k_dom, 0), 63).to(tl.int64)
-            ok = (((bits >> kd) & 1) != 0) & (k_dom >= 0) & (k_dom < DP)
-            bad += tl.sum(((ok == 0) & inside).to(tl.int32))
+            rows = tl.load(QDom + qslot0 + ts[:, None] * BLOCK_M + m[None, :], mask=inside[:, None], other=0)
+            bad += tl.sum((rows != qd[:, None]).to(tl.int32))
+            if READ:
+                bits = _readable_bits(qd, REL, DP)
+                kd = tl.minimum(tl.maximum(k_dom, 0), 63).to(tl.int64)
+                ok = (((bits >> kd) & 1) != 0) & (k_dom >= 0) & (k_dom < DP)
+                bad += tl.sum(((ok == 0) & inside).to(tl.int32))
     return bad
+
+
+@triton.jit
+def _trusted_readers(key_pure, FS, FE, n_full, PS, PE, n_part, QDom, qslot0, k_tile_dom,
+                     REL: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, CHECK_FULL: tl.constexpr):
+    """(FULL runs taken unmasked, PARTIAL runs taken without the row select), both bools for a
+    key block and its key-major run tables. FULL: when the block's keys are all of
+    ``k_tile_dom`` (``key_pure``) and — with ``CHECK_FULL`` — every listed query tile is
+    domain-pure and its domain may read ``k_tile_dom``. PARTIAL: when ``CHECK_FULL`` found every
+    listed query tile domain-pure (readability is masked per key on that path); unchecked tables:
+    never. Runs not taken run masked with rows of another domain replaced by zeros."""
+    if CHECK_FULL:
+        full_ok = key_pure & (_runs_readers_bad(FS, FE, n_full, QDom, qslot0, k_tile_dom, True, REL, DP, BLOCK_M, 16) == 0)
+        part_ok = _runs_readers_bad(PS, PE, n_part, QDom, qslot0, k_tile_dom, False, REL, DP, BLOCK_M, 16) == 0
+    else:
+        full_ok = key_pure
+        part_ok = key_pure & False
+    return full_ok, part_ok
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import LN2, LOG2E, _dot, _online_step, dot_precision
+from .forward import LN2, LOG2E, _online_step, dot_precision
 from .masks import _key_readable, _pair_mask
 
 

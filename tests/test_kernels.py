@@ -14,6 +14,7 @@ import torch
 import domainguard as dg
 from domainguard.attention import GuardedAttention, KernelConfig, attention, attention_reference
 from domainguard.errors import KernelError
+from domainguard.kernels.plan import FULL, PARTIAL, Runs, runs_kinds, tile_runs
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -194,8 +195,6 @@ def test_forged_full_tiles_cannot_widen_the_relation(compiled, monkeypatch):
 
 def _every_tile_full(plan):
     """Run tables claiming every key tile FULL for every query tile (the strongest forgery)."""
-    from domainguard.kernels.plan import Runs
-
     full, part = plan.runs
     one = torch.ones_like(full.num)
     tk = plan.ks.size // plan.config.block_n
@@ -211,18 +210,23 @@ def _relabelled(slots, tokens_from, dom):
     return dataclasses.replace(slots, dom=d)
 
 
+def _swapped(slots, a: int, b: int):
+    """``slots`` (batch row 0) with the tokens of slots ``a`` and ``b`` exchanged, labels travelling
+    with their tokens: honest labels in a forged order."""
+    import dataclasses
+
+    perm = torch.arange(slots.size, device=slots.tok.device)
+    perm[a], perm[b] = b, a
+    return dataclasses.replace(slots, **{f: getattr(slots, f)[:, perm].contiguous() for f in ("tok", "dom", "idx", "rank")})
+
+
 def _mixed(slots, secret_tok, block):
     """Honest labels, forged order: a secret token's slot swapped into the second slot of a
     `sys` tile (the tile's first slot, the one the kernel's FULL check reads, stays `sys`)."""
-    import dataclasses
-
     tok, dom = slots.tok[0], slots.dom[0]
     s_slot = int(((tok >= 0) & secret_tok[0][tok.clamp(min=0).long()]).nonzero()[0])
     starts = [t for t in range(0, slots.size, block) if int(dom[t]) == 0 and int(tok[t + 1]) >= 0 and int(dom[t + 1]) == 0]
-    o_slot = starts[0] + 1
-    perm = torch.arange(slots.size, device=tok.device)
-    perm[s_slot], perm[o_slot] = o_slot, s_slot
-    return dataclasses.replace(slots, **{f: getattr(slots, f)[:, perm].contiguous() for f in ("tok", "dom", "idx", "rank")})
+    return _swapped(slots, s_slot, starts[0] + 1)
 
 
 @pytest.mark.parametrize("forgery", ["relabel", "mixed_tile"])
@@ -266,8 +270,6 @@ def test_forged_full_tiles_cannot_see_the_future(compiled, cfg, monkeypatch):
     queries would read future tokens. check_plan re-derives the tile tables and refuses (DG319);
     with that check switched off an early token's output does change with a later token's V."""
     import dataclasses
-
-    from domainguard.kernels.plan import FULL, PARTIAL, runs_kinds, tile_runs
 
     att = importlib.import_module("domainguard.attention")
     n = 64
@@ -360,8 +362,6 @@ def test_forged_partial_tiles_stay_exact_inside_the_kernel(compiled, cfg, forger
     keys' scores replaced by -inf (defence in depth behind DG319)."""
     import dataclasses
 
-    from domainguard.kernels.plan import Runs
-
     att = importlib.import_module("domainguard.attention")
     monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
     n = 64
@@ -390,6 +390,18 @@ def test_forged_partial_tiles_stay_exact_inside_the_kernel(compiled, cfg, forger
         assert _rel_err(a[:, :, ~secret], honest[:, :, ~secret]) < 1e-5  # the forged tables change no allowed pair
 
 
+def _forgery_case(compiled, cfg, n: int, seed: int, qkv_seed: int, heads: int = 1):
+    """One row of ``n`` tokens in short random segments, fp32 q/k/v (one kv head), a guard with
+    ``cfg`` and its honest plan: (ids, layout, secret mask [n], (q, k, v), guard, plan)."""
+    ids = _ids(1, n, seed=seed)
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    secret = (ids[0] == SECRET).to(DEV)
+    q, k, v = _qkv(1, heads, 1, n, 64, torch.float32, seed=qkv_seed)
+    guard = GuardedAttention(compiled, cfg)
+    plan = guard.plan(layout, 0, heads=heads, dtype=q.dtype, head_dim=64)
+    return ids, layout, secret, (q, k, v), guard, plan
+
+
 @pytest.mark.parametrize("cfg", [SMALL, SMALL_PTR], ids=["tma", "ptr"])
 def test_forged_mixed_query_tile_reads_nothing_foreign(compiled, cfg, monkeypatch):
     """Honest labels, forged query order: a `sys` token swapped into a `secret` query tile (past
@@ -399,22 +411,13 @@ def test_forged_mixed_query_tile_reads_nothing_foreign(compiled, cfg, monkeypatc
     import dataclasses
 
     att = importlib.import_module("domainguard.attention")
-    n = 96
-    ids = _ids(1, n, seed=43)
-    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
-    secret = (ids[0] == SECRET).to(DEV)
-    q, k, v = _qkv(1, 1, 1, n, 64, torch.float32, seed=4)
-    guard = GuardedAttention(compiled, cfg)
-    plan = guard.plan(layout, 0, heads=1, dtype=q.dtype, head_dim=64)
+    ids, layout, secret, (q, k, v), guard, plan = _forgery_case(compiled, cfg, 96, seed=43, qkv_seed=4)
     qs, bm = plan.qs, cfg.block_m
     tok, dom = qs.tok[0], qs.dom[0]
     s_tiles = [t for t in range(0, qs.size, bm) if int(dom[t]) == SECRET and int(tok[t + 1]) >= 0]
     sys_slot = int(((tok >= 0) & (dom == 0)).nonzero()[-1])  # the latest sys token: it sees the most keys
     moved = int(tok[sys_slot])
-    perm = torch.arange(qs.size, device=tok.device)
-    perm[sys_slot], perm[s_tiles[-1] + 1] = s_tiles[-1] + 1, sys_slot
-    forged = dataclasses.replace(plan, qs=dataclasses.replace(
-        qs, **{f: getattr(qs, f)[:, perm].contiguous() for f in ("tok", "dom", "idx", "rank")}))
+    forged = dataclasses.replace(plan, qs=_swapped(qs, sys_slot, s_tiles[-1] + 1))
     k2, v2 = k.detach().clone(), v.detach().clone()
     k2[:, :, secret] = 1e4
     v2[:, :, secret] = float("nan")
@@ -441,11 +444,92 @@ def test_forged_mixed_query_tile_reads_nothing_foreign(compiled, cfg, monkeypatc
     assert _rel_err(dq_a[:, :, keep], dq_h[:, :, keep]) < 1e-4
 
 
+def _grads(guard, layout, plan, q, k, v, do):
+    """(out, dq, dk, dv) of one call through ``plan`` (check_plan as the caller has it)."""
+    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    out = guard(q, k, v, layout, 0, plan=plan)
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), do))
+
+
+ANSWER = 4
+
+
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_PTR], ids=["tma", "ptr"])
+def test_forged_mixed_query_tile_leaves_key_gradients_alone(compiled, cfg, monkeypatch):
+    """Honest labels, forged query order: a `secret` token swapped into an `answer` query tile
+    (past check_plan, which refuses it with DG319). The key-major tables list that tile, FULL or
+    PARTIAL, for keys secret may not read (user, tool, answer). The dk/dv kernel reads the row
+    domains of every query tile its tables list, finds this one impure and runs it masked with the
+    foreign row's Q and dO replaced by zeros: poisoning every secret Q/K/V and dO moves no gradient
+    of a key secret does not read (kernels trusting query-tile purity turned them NaN)."""
+    import dataclasses
+
+    att = importlib.import_module("domainguard.attention")
+    ids, layout, secret, (q, k, v), guard, plan = _forgery_case(compiled, cfg, 96, seed=43, qkv_seed=4)
+    do = torch.randn_like(q)
+    qs, bm = plan.qs, cfg.block_m
+    tok, dom = qs.tok[0], qs.dom[0]
+    a_tiles = [t for t in range(0, qs.size, bm)
+               if int(dom[t]) == ANSWER and int(tok[t + 1]) >= 0 and int(dom[t + 1]) == ANSWER]
+    s_slot = int(((tok >= 0) & (dom == SECRET)).nonzero()[0])
+    forged = dataclasses.replace(plan, qs=_swapped(qs, s_slot, a_tiles[-1] + 1))
+    # Both of the kernel's paths meet the forged tile: FULL for some key tile, PARTIAL for another.
+    by_key = runs_kinds(*plan.runs_t, qs.size // bm)[0, 0, :, a_tiles[-1] // bm]
+    k_dom = plan.ks.dom[0, ::cfg.block_n]
+    assert {FULL, PARTIAL} <= {int(x) for x in by_key[(k_dom != 0) & (k_dom != SECRET)]}
+    with torch.no_grad(), pytest.raises(KernelError) as e:
+        guard(q, k, v, layout, 0, plan=forged)
+    assert e.value.code == "DG319" and "not domain-pure" in str(e.value)
+
+    monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
+    pq, pk, pv, pdo = (t.detach().clone() for t in (q, k, v, do))
+    pq[:, :, secret] = float("nan")
+    pk[:, :, secret] = float("inf")
+    pv[:, :, secret] = 1e30
+    pdo[:, :, secret] = float("-inf")
+    clean = _grads(guard, layout, forged, q, k, v, do)
+    dirty = _grads(guard, layout, forged, pq, pk, pv, pdo)
+    not_read_by_secret = ~(secret | (ids[0] == 0).to(DEV))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), clean, dirty):
+        keep = not_read_by_secret if name in ("dk", "dv") else ~secret
+        assert torch.isfinite(b[:, :, keep]).all(), name
+        assert torch.equal(a[:, :, keep], b[:, :, keep]), name
+
+
+@pytest.mark.parametrize("check_full", [True, False], ids=["checked", "unchecked"])
+def test_forged_mixed_key_block_takes_nothing_from_non_readers(compiled, check_full, monkeypatch):
+    """Honest labels, forged key order: a `secret` key swapped into a `sys` key tile (`_mixed`,
+    past check_plan). The key-major tables list that tile FULL for later query tiles of domains
+    that read sys but not secret; the dk/dv kernel sees its key block is not all of one domain
+    (with or without the table check) and runs it masked, so the secret key's gradients take
+    nothing from queries that may not read it: poisoning the Q and dO of every other domain
+    leaves every secret key's dk/dv bitwise unchanged."""
+    import dataclasses
+
+    att = importlib.import_module("domainguard.attention")
+    monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
+    cfg = dataclasses.replace(SMALL, check_full=check_full)
+    # 160 tokens: long enough that later user/answer query tiles list the first sys key tile FULL.
+    ids, layout, secret, (q, k, v), guard, plan = _forgery_case(compiled, cfg, 160, seed=17, qkv_seed=6, heads=2)
+    do = torch.randn_like(q)
+    forged = dataclasses.replace(plan, ks=_mixed(plan.ks, secret[None], cfg.block_n))
+    sys_tile = int((plan.ks.dom[0, ::cfg.block_n] == 0).nonzero()[0])  # the tile _mixed writes into
+    q_dom = plan.qs.dom[0, ::cfg.block_m]
+    readers = runs_kinds(*plan.runs_t, plan.qs.size // cfg.block_m)[0, 0, sys_tile]
+    assert bool(((readers == FULL) & (q_dom != 0) & (q_dom != SECRET)).any())
+    pq, pdo = q.detach().clone(), do.clone()
+    pq[:, :, ~secret] = float("nan")
+    pdo[:, :, ~secret] = float("inf")
+    clean = _grads(guard, layout, forged, q, k, v, do)
+    dirty = _grads(guard, layout, forged, pq, k, v, pdo)
+    for name, a, b in zip(("dk", "dv"), clean[2:], dirty[2:]):
+        assert torch.isfinite(b[:, :, secret]).all(), name
+        assert torch.equal(a[:, :, secret], b[:, :, secret]), name
+
+
 @pytest.mark.parametrize("field", ["order", "run_end", "q_inv", "dtype"])
 def test_plan_tables_out_of_bounds_are_refused(compiled, field):
     import dataclasses
-
-    from domainguard.kernels.plan import Runs
 
     n = 40
     layout = dg.Layout.from_ids(compiled, _ids(1, n, seed=5)).to(DEV)
