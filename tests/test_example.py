@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,11 @@ def test_example_prints_a_summary(example, tmp_path, capsys):
     for needle in ("graph audit", "(a) leak test", "(b) next-token loss", "(c) guarded", "certified:", "== summary =="):
         assert needle in text, needle
     assert "'planner' logits with the attack: guarded identical (bitwise); dense changed" in text
+    # (b): leaving the forbidden segment out moves the guarded loss by rounding only, the dense one by far more.
+    m = re.search(r"\(b\) .*: guarded \S+ vs \S+ \(\|Δ\| (\S+)\); dense \S+ vs \S+ \(\|Δ\| (\S+)\)", text)
+    assert m, text
+    guarded, dense = float(m.group(1)), float(m.group(2))
+    assert guarded < 1e-5 and dense > 100 * max(guarded, 1e-9), (guarded, dense)
 
 
 def test_attack_text_keeps_the_layout(example):
