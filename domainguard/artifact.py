@@ -107,7 +107,11 @@ def write_compiled(compiled, verdict, target: str | Path, *, key: str | None = N
         from .signing import load_private_key
 
         load_private_key(key)  # a bad key fails before anything is written
-    tmp = temp_dir_beside(target)
+    try:
+        tmp = temp_dir_beside(target)
+    except OSError as exc:
+        raise BundleError(f"{target}: cannot write ({exc.strerror or exc})", code="DG440",
+                          hint="Choose an output folder in a writable place.") from None
     try:
         write_tables(compiled, tmp)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
@@ -122,6 +126,10 @@ def write_compiled(compiled, verdict, target: str | Path, *, key: str | None = N
             sign_certificate(tmp, key)
         replace_dir(tmp, target)
         return files, cert
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BundleError(f"{target}: cannot write ({exc.strerror or exc}); nothing was changed", code="DG440",
+                          hint="Check the free space and permissions of the output folder.") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -165,7 +173,7 @@ def load_dir(path: Path):
     if rel_file.is_file():
         try:
             stored = np.load(rel_file, allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError) as exc:
             stored = None
             problems.append(f"{rel_file}: unreadable ({exc})")
         if stored is not None and (stored.shape != compiled.relations.shape or not (stored == compiled.relations).all()):

@@ -381,7 +381,7 @@ def check_bundle(path) -> tuple[object, object]:
     rpath = root / "relations.npy"
     try:
         stored = np.load(rpath, allow_pickle=False)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError) as exc:
         raise _bad(rpath, f"unreadable ({exc})", "DG448") from None
     if stored.shape != compiled.relations.shape or not np.array_equal(stored, compiled.relations):
         raise _bad(rpath, "tables differ from what the policy compiles to", "DG448")

@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import BundleError
 
@@ -69,6 +69,18 @@ class Certificate(BaseModel):
     audit: dict[str, Any] | None = None
     leak_test: dict[str, Any] | None = None
     signature: dict[str, Any] | None = None
+
+    @field_validator("subject")
+    @classmethod
+    def _subject_shape(cls, subject: dict[str, Any]) -> dict[str, Any]:
+        """The parts of ``subject`` that loading re-checks have the shapes it reads."""
+        files = subject.get("files", {})
+        if not (isinstance(files, dict) and all(isinstance(k, str) and isinstance(d, str) for k, d in files.items())):
+            raise ValueError("subject.files must map file names to sha256 digests")
+        for key in ("policy", "tables", "kernels"):
+            if not isinstance(subject.get(key, {}), dict):
+                raise ValueError(f"subject.{key} must be an object")
+        return subject
 
     def add_claim(self, claim: Claim | dict) -> Claim:
         c = claim if isinstance(claim, Claim) else Claim.model_validate(claim)

@@ -113,13 +113,20 @@ def _policy_error(policy: Policy, msg: str, path: tuple, code: str, hint: str, k
     return PolicyError(msg, code=code, location=locate(policy, path, key=key), hint=hint)
 
 
+# Deeper than any transformer shipped; the verifier's work grows with depth, so a typo must not hang it.
+MAX_LAYERS = 4096
+
+
 def _depth(policy: Policy, num_layers: int | None) -> tuple[int, bool]:
     if num_layers is not None:
-        if num_layers < 1:
-            raise PolicyError(f"--layers must be at least 1, got {num_layers}", code="DG107",
+        if not 1 <= num_layers <= MAX_LAYERS:
+            raise PolicyError(f"--layers must be between 1 and {MAX_LAYERS}, got {num_layers}", code="DG107",
                               hint="Give the model's number of transformer layers.")
         return num_layers, True
     if policy.num_layers is not None:
+        if policy.num_layers > MAX_LAYERS:
+            raise _policy_error(policy, f"num_layers must be at most {MAX_LAYERS}, got {policy.num_layers}",
+                                ("num_layers",), "DG107", "Give the model's number of transformer layers.")
         return policy.num_layers, True
     # No depth named: tables cover every layer the policy mentions; verdicts are for any depth.
     top = 0
@@ -129,6 +136,9 @@ def _depth(policy: Policy, num_layers: int | None) -> tuple[int, bool]:
         except ValueError:
             raise _policy_error(policy, f"open layer range {ov.layers!r} needs the model's depth",
                                 ("layers", i, "layers"), "DG107", "Pass --layers N or set `num_layers:`.") from None
+        if top > MAX_LAYERS:
+            raise _policy_error(policy, f"layer range {ov.layers!r} goes past layer {MAX_LAYERS - 1}",
+                                ("layers", i, "layers"), "DG107", f"Use layers within 0-{MAX_LAYERS - 1}.")
     return max(top, 1), False
 
 

@@ -57,6 +57,10 @@ def _mark(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
+# A policy has a few hundred values; aliases nested in aliases could expand a small file into billions.
+MAX_VALUES = 100_000
+
+
 def _to_python(node: yaml.Node, loader: yaml.SafeLoader, smap: SourceMap, path: Path_, active: set[int]) -> Any:
     if id(node) in active:
         raise PolicyError(
@@ -66,6 +70,13 @@ def _to_python(node: yaml.Node, loader: yaml.SafeLoader, smap: SourceMap, path: 
             hint="Replace the recursive alias with an explicit value.",
         )
     smap.values[path] = _mark(node)
+    if len(smap.values) > MAX_VALUES:
+        raise PolicyError(
+            f"the document expands to more than {MAX_VALUES} values (YAML aliases repeated inside aliases?)",
+            code="DG108",
+            location=Location(smap.file, *_mark(node)),
+            hint="Write the values out, or reuse fewer aliases.",
+        )
     if isinstance(node, yaml.ScalarNode):
         return loader.construct_object(node)
     active.add(id(node))
@@ -122,6 +133,9 @@ def _compose(text: str, file: str) -> tuple[Any, SourceMap]:
         ) from None
     except yaml.YAMLError as exc:
         raise PolicyError(f"YAML error: {exc}", code="DG101", location=Location(file, 1, 1)) from None
+    except RecursionError:
+        raise PolicyError("the document nests too deeply to read", code="DG101", location=Location(file, 1, 1),
+                          hint="Flatten the structure (a domain tree a few levels deep is plenty).") from None
     finally:
         loader.dispose()
 
@@ -290,6 +304,9 @@ def loads_policy(text: str, file: str = "<string>") -> Policy:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
         raise _schema_error(exc, data, smap) from None
+    except RecursionError:
+        raise PolicyError("the policy nests too deeply to check", code="DG101", location=Location(file, 1, 1),
+                          hint="Flatten the structure (a domain tree a few levels deep is plenty).") from None
     _check_references(policy, smap)
     policy._source = smap
     return policy

@@ -243,11 +243,26 @@ def generate_keypair(private_key_path: str | Path, public_key_path: str | Path |
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if os.path.abspath(priv_path) == os.path.abspath(pub_path):
+        raise BundleError("the private and public key paths are the same file", code="DG419",
+                          location=Location(str(priv_path)), hint="Give the public key another name (default: PRIVATE.pub).")
     for p in (priv_path, pub_path):
         if p.exists():
             raise BundleError("refusing to overwrite an existing key file", code="DG419", location=Location(str(p)))
-    _write_new(priv_path, pem, 0o600)
-    _write_new(pub_path, pub, 0o644)
+    written = []
+    try:
+        for p, data, mode in ((priv_path, pem, 0o600), (pub_path, pub, 0o644)):
+            _write_new(p, data, mode)
+            written.append(p)
+    except OSError as exc:
+        for p in written:  # no half of a key pair is left behind
+            p.unlink(missing_ok=True)
+        raise BundleError(f"cannot write the key file ({exc.strerror or exc}); nothing was written", code="DG419",
+                          location=Location(str(exc.filename or p)), hint="Choose paths in a writable folder.") from None
+    except BaseException:
+        for p in written:
+            p.unlink(missing_ok=True)
+        raise
     return priv_path, pub_path
 
 
@@ -376,7 +391,9 @@ def _read_signature(path: Path) -> tuple[dict, Ed25519PublicKey, bytes]:
                          "Sign it with `domainguard.signing.sign_certificate(bundle, key)`.") from None
     expected = {"format", "algorithm", "canonicalization", "public_key", "key_id", "payload", "signature"}
     if set(doc) != expected:
-        raise _sig_error(path, f"unexpected fields {sorted(set(doc) ^ expected)}")
+        missing, extra = sorted(expected - set(doc)), sorted(set(doc) - expected)
+        raise _sig_error(path, "; ".join(([f"missing fields {missing}"] if missing else [])
+                                         + ([f"unexpected fields {extra}"] if extra else [])))
     if doc["format"] != SIGNATURE_FORMAT or doc["algorithm"] != "Ed25519" or doc["canonicalization"] != "RFC 8785":
         raise _sig_error(path, f"unsupported signature format {doc['format']!r}/{doc['algorithm']!r}/{doc['canonicalization']!r}")
     pk, sig = doc["public_key"], doc["signature"]

@@ -68,6 +68,36 @@ def test_bad_input_exit_2_and_nothing_written(tmp_path, capsys):
     assert not out_dir.exists() and list(tmp_path.iterdir()) == [bad]
 
 
+def test_unwritable_output_is_exit_2_with_a_json_error(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, out, err = run(capsys, "compile", str(ROOT / "policies/clinical.yaml"), "--layers", "4",
+                         "-o", str(tmp_path / "afile" / "sub"), "--json")
+    assert code == 2 and "Traceback" not in err
+    e = json.loads(out)
+    assert e["code"] == "DG440" and "afile" in e["message"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_empty_table_file_is_named_not_a_silent_exit(tmp_path, capsys):
+    out_dir = tmp_path / "c"
+    assert run(capsys, "compile", str(ROOT / "policies/clinical.yaml"), "--layers", "4", "-o", str(out_dir))[0] == 0
+    (out_dir / "relations.npy").write_bytes(b"")
+    code, out, err = run(capsys, "verify", str(out_dir))
+    text = " ".join((out + err).split())  # the console wraps long lines
+    assert code == 1 and "relations.npy: unreadable" in text and "verdict: REFUTED" in text
+
+
+def test_malformed_certificate_subject_is_dg402_not_a_traceback(tmp_path, capsys):
+    out_dir = tmp_path / "c"
+    assert run(capsys, "compile", str(ROOT / "policies/clinical.yaml"), "--layers", "4", "-o", str(out_dir))[0] == 0
+    cert = json.loads((out_dir / "certificate.json").read_text())
+    cert["subject"]["files"] = [1, 2]
+    (out_dir / "certificate.json").write_text(json.dumps(cert))
+    for cmd in (("verify", str(out_dir), "--json"), ("report", str(out_dir), "--format", "json")):
+        code, out, err = run(capsys, *cmd)
+        assert code == 2 and "DG402" in out + err and "subject.files" in out + err, cmd
+
+
 def test_widening_profile_is_refused_by_compile(tmp_path, capsys):
     out_dir = tmp_path / "out"
     code, _, err = run(capsys, "compile", str(ROOT / "policies/violating/widening_profile.yaml"),

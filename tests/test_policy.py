@@ -79,6 +79,10 @@ BASE = "domainguard: 1\nname: t\ndomains:\n  a: {}\n  b: {}\n"
         (BASE + "patterns:\n  a: {window: 0}\n", "DG102", 7),
         (BASE + "patterns:\n  a: {window: 4, global_tokens: 0}\n", "DG102", 7),  # 0 hubs keep nothing
         (BASE + "generation: {domain: z}\n", "DG105", 6),
+        (BASE + "x: " + "[" * 2000 + "]" * 2000 + "\n", "DG101", 1),  # nesting past Python's recursion limit
+        # aliases inside aliases: 10**8 values from a few hundred bytes; refused, at the anchor that repeats
+        (BASE + "l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n"
+         + "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 8)), "DG108", 6),
     ],
 )
 def test_bad_policies_name_file_line_and_code(text, code, line):
@@ -88,6 +92,21 @@ def test_bad_policies_name_file_line_and_code(text, code, line):
     assert e.location.line == line, str(e)
     assert e.hint, "every error says how to fix it"
     assert str(e).startswith(f"p.yaml:{line}:")
+
+
+def test_layers_flag_is_bounded():
+    policy = dg.loads_policy(BASE, "p.yaml")
+    for bad in (0, 100_000_000):
+        with pytest.raises(PolicyError) as info:
+            dg.compile(policy, layers=bad)
+        assert info.value.code == "DG107" and "4096" in str(info.value)
+    assert dg.compile(policy, layers=4096).num_layers == 4096
+    # a depth no model has, from the policy itself: refused where it is written, not a hang
+    for text, line in ((BASE + "num_layers: 99999999999999999999\n", 6),
+                       (BASE + "layers:\n  - layers: '99999999999999'\n    reads: {a: [b]}\n", 7)):
+        with pytest.raises(PolicyError) as info:
+            dg.compile(dg.loads_policy(text, "p.yaml"))
+        assert info.value.code == "DG107" and info.value.location.line == line, str(info.value)
 
 
 def test_depth_dependent_errors():

@@ -80,6 +80,17 @@ def test_generate_keypair_writes_private_key_0600_and_never_overwrites(tmp_path)
     assert e.code == "DG419" and e.location.file.endswith("k.pem")
 
 
+def test_generate_keypair_leaves_nothing_when_it_fails(tmp_path):
+    e = _raises(signing.generate_keypair, tmp_path / "same.pem", tmp_path / "same.pem")
+    assert e.code == "DG419" and "same file" in str(e)
+    e = _raises(signing.generate_keypair, tmp_path / "k.pem", tmp_path / "missing" / "k.pub")
+    assert e.code == "DG419" and "k.pub" in str(e) and "nothing was written" in str(e)
+    (tmp_path / "file").write_text("x")
+    e = _raises(signing.generate_keypair, tmp_path / "file" / "k.pem")
+    assert e.code == "DG419"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no half of a key pair left behind
+
+
 def test_public_key_formats(tmp_path):
     key = Ed25519PrivateKey.generate()
     pub = key.public_key()
@@ -119,6 +130,17 @@ def test_non_ed25519_or_garbage_key_names_the_key_file(tmp_path, bundle):
     for name in ("ec.pem", "junk.pem", "missing.pem"):
         e = _raises(signing.verify_bundle_signature, bundle, tmp_path / name)
         assert e.code == "DG412" and e.location.file.endswith(name)
+
+
+def test_signature_file_fields_are_named_missing_or_unexpected(bundle, keys):
+    sig = bundle / "signature.json"
+    doc = json.loads(sig.read_text())
+    sig.write_text("{}")
+    e = _raises(signing.verify_bundle_signature, bundle, keys[1])
+    assert "missing fields" in str(e) and "'signature'" in str(e) and "unexpected" not in str(e)
+    sig.write_text(json.dumps({**doc, "extra": 1}))
+    e = _raises(signing.verify_bundle_signature, bundle, keys[1])
+    assert "unexpected fields ['extra']" in str(e) and "missing" not in str(e)
 
 
 # --- sign and verify -------------------------------------------------------------------------------
