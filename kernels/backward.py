@@ -271,6 +271,19 @@ def _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, 
 
 
 @triton.jit
+def _dq_run(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, u0, u1, row_ok, q_idx, q_rank,
+            tile_dom, qk_scale, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr,
+            HAS_PAT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
+            MASKED: tl.constexpr, SELECT_K: tl.constexpr, PREC: tl.constexpr):
+    """Key tiles [u0, u1) of one run, SUB_N slots at a time (one flat loop, as tuned); see ``_dq_step``."""
+    for col0 in range(u0 * BLOCK_N, u1 * BLOCK_N, SUB_N):
+        dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, row_ok, q_idx,
+                      q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_N, MASKED, SELECT_K,
+                      PREC)
+    return dq
+
+
+@triton.jit
 def _dq_kernel(
     Qp, DOp, Lse2, Delta, Kp, Vp, DQ,
     sdqb, sdqh, sdqn,
@@ -325,26 +338,19 @@ def _dq_kernel(
     n_fast, n_part_fast = _trusted_counts(row_ok, FS, FE, n_full, PS, PE, n_part, KDom, kslot0, tile_dom, REL, DP,
                                           BLOCK_N, CHECK_FULL)
     for r in range(n_fast):
-        u0 = tl.load(FS + r)
-        u1 = tl.load(FE + r)
-        for col0 in range(u0 * BLOCK_N, u1 * BLOCK_N, SUB_N):
-            dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, row_ok, q_idx,
-                          q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_N, False, False,
-                          PREC)
+        dq = _dq_run(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, tl.load(FS + r),
+                     tl.load(FE + r), row_ok, q_idx, q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT,
+                     HEAD_DIM, BLOCK_N, SUB_N, False, False, PREC)
     for r in range(n_part_fast):
-        u0 = tl.load(PS + r)
-        u1 = tl.load(PE + r)
-        for col0 in range(u0 * BLOCK_N, u1 * BLOCK_N, SUB_N):
-            dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, row_ok, q_idx,
-                          q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_N, True, False,
-                          PREC)
+        dq = _dq_run(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, tl.load(PS + r),
+                     tl.load(PE + r), row_ok, q_idx, q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT,
+                     HEAD_DIM, BLOCK_N, SUB_N, True, False, PREC)
     n_slow_full = n_full - n_fast
     for r in range(n_slow_full + n_part - n_part_fast):
         u0, u1 = _masked_run(r, n_slow_full, FS, FE, PS, PE)
-        for col0 in range(u0 * BLOCK_N, u1 * BLOCK_N, SUB_N):
-            dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, row_ok, q_idx,
-                          q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_N, True, True,
-                          PREC)
+        dq = _dq_run(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, u0, u1, row_ok, q_idx,
+                     q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_N, SUB_N, True, True,
+                     PREC)
     q_tok = tl.load(QTok + b * Sq + rows)
     ok = q_tok >= 0
     row = tl.where(ok, q_tok, 0).to(tl.int64)
