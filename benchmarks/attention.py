@@ -6,7 +6,8 @@
 
 Layouts: 8 domains in random segments (geometric lengths, mean 1000 or 64 tokens),
 each segment's domain drawn uniformly; policies where each domain reads 1 or 3 other
-domains (and itself); causal everywhere. bf16, batch 1, 16 heads, head dim 128.
+domains (and itself); causal everywhere. bf16, batch 1, 16 heads, head dim 128 (``--dtype`` and
+``--head-dim`` change the last two; SWEEP has float32 candidates for ``--configs``).
 Effective TFLOP/s count allowed (query, key) pairs only: 4·D·H per pair forward,
 3.5× that forward+backward; dense causal SDPA is credited its N(N+1)/2 causal pairs.
 """
@@ -115,6 +116,7 @@ def run_sdpa(q, k, v, do, *, causal: bool, mask=None):
 
 
 def main(argv=None) -> int:
+    global HEAD_DIM  # the workload's head dim (--head-dim; tflops() counts with it)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="8192,32768,65536,131072")
     ap.add_argument("--segments", default="1000,64")
@@ -125,10 +127,14 @@ def main(argv=None) -> int:
     ap.add_argument("--mask-limit-gb", type=float, default=8.0, help="skip SDPA+bool mask above this N*N size")
     ap.add_argument("--configs", action="store_true", help="per-kernel times of the SWEEP configs instead")
     ap.add_argument("--sweep", default=None, help="with --configs: only these SWEEP names (comma-separated)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--head-dim", type=int, default=HEAD_DIM, choices=[64, 128])
     ap.add_argument("--json", default=None)
     ap.add_argument("--tune", action="store_true", help="pick the faster forward config on a 32K layout first")
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU time of one forward+backward instead")
     args = ap.parse_args(argv)
+    HEAD_DIM = args.head_dim
+    dtype = getattr(torch, args.dtype)
     dev = torch.device("cuda")
     torch.manual_seed(0)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -146,6 +152,8 @@ def main(argv=None) -> int:
         "triton": __import__("triton").__version__,
         "python": platform.python_version(),
         "command": "python " + " ".join(sys.argv),
+        "dtype": args.dtype,
+        "head_dim": HEAD_DIM,
     }
     print(json.dumps(info), flush=True)
     policies = {r: dg.compile(dg.loads_policy(policy_yaml(r, window=args.window)), layers=1) for r in reads}
@@ -156,7 +164,7 @@ def main(argv=None) -> int:
         print(json.dumps({"tuned": repr(config)}), flush=True)
     guards = {r: GuardedAttention(c, config) for r, c in policies.items()}
     for n in sizes:
-        q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, device=dev, dtype=dtype) for _ in range(3))
         for t in (q, k, v):
             t.requires_grad_(True)
         do = torch.randn_like(q)
@@ -300,6 +308,17 @@ SWEEP = {  # name: KernelConfig overrides (the measured outcomes are in BENCHMAR
     "bwd_b": _bwd((32, 64, 4, 3), (128, 64, 8, 2)),
     "bwd_c": _bwd((64, 32, 8, 3), (128, 32, 8, 3)),
     "bwd_d": _bwd((64, 32, 4, 2), (64, 64, 8, 3)),
+    # float32 (--dtype float32): forward tile shapes (block_m, block_n, warps) and stages, over default_config(float32, d)
+    "fp32_bm64_w4": dict(block_m=64, num_warps=4),
+    "fp32_bm64_w8": dict(block_m=64, num_warps=8),
+    "fp32_bm32_w4": dict(block_m=32, num_warps=4),
+    "fp32_bm32_w8": dict(block_m=32, num_warps=8),
+    "fp32_bm32_bn32_w8": dict(block_m=32, block_n=32, num_warps=8),
+    "fp32_s1": dict(num_stages=1),
+    "fp32_s3": dict(num_stages=3),
+    "fp32_bwd_w8": _bwd((32, 32, 8, 1), (32, 32, 8, 1)),
+    "fp32_bwd_s2": _bwd((32, 32, 4, 2), (32, 32, 4, 2)),
+    "fp32_bwd_16": _bwd((32, 16, 4, 1), (16, 32, 4, 1)),
 }
 
 
@@ -316,6 +335,7 @@ def time_configs(guard, layout, q, k, v, pairs, names=tuple(SWEEP)):
         raise SystemExit(f"--sweep: unknown configuration(s) {', '.join(unknown)}; known: {', '.join(SWEEP)}")
     for name in names:
         over = SWEEP[name]
+        seen = set(kernel_resources())
         try:
             g = GuardedAttention(guard.compiled, dataclasses.replace(base, **over))
             plan = g.plan(layout, 0, heads=q.shape[1], dtype=q.dtype, head_dim=q.shape[-1])
@@ -325,6 +345,7 @@ def time_configs(guard, layout, q, k, v, pairs, names=tuple(SWEEP)):
             res = profile_kernels(g, plan, q, k, v, layout, do, iters=5, totals=False)
             res = {kk: round(vv, 4) for kk, vv in res.items() if kk.startswith("_")}
             res["max_diff_vs_default"] = (got.float() - ref_out.float()).abs().max().item()
+            res["compiled"] = {kk: vv for kk, vv in kernel_resources().items() if kk not in seen}
             out[name] = res
         except Exception as err:  # report and go on: this is a sweep
             out[name] = {"error": f"{type(err).__name__}: {err}"[:300]}

@@ -129,6 +129,7 @@ def _calls():
         ("bf16 d128 MHA", train(plain, torch.bfloat16, 128, 2, 2)),
         ("fp16 d64 GQA 4:1, patterns", train(patterned, torch.float16, 64, 4, 1)),
         ("fp32 d64 GQA 2:1", train(plain, torch.float32, 64, 2, 1)),
+        ("fp32 d128 MHA", train(plain, torch.float32, 128, 2, 2)),
         ("decode bf16 d128 GQA 3:1, patterns", decode(patterned, torch.bfloat16, 128, 3, 1)),
     ]
 

@@ -81,9 +81,10 @@ CASES = [  # (dtype, head dim, Hq, Hkv)
     (torch.float32, 64, 4, 2),
     (torch.bfloat16, 128, 2, 2),
     (torch.float16, 64, 2, 1),
+    (torch.float32, 128, 2, 2),  # its default config has its own tile shape (32 x 64, 8 warps)
 ]
 if CUDA:
-    CASES += [(torch.bfloat16, 64, 4, 1), (torch.float16, 128, 8, 2), (torch.float32, 128, 2, 2)]
+    CASES += [(torch.bfloat16, 64, 4, 1), (torch.float16, 128, 8, 2)]
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: {id(SMALL): "small-tma", id(SMALL_PTR): "small-ptr"}.get(id(c), "default"))
@@ -104,6 +105,22 @@ def test_forward_backward_match_reference(compiled, cfg, dtype, hd, hq, hkv):
     ref_grads = torch.autograd.grad(ref, (q, k, v), do)
     for name, g, r in zip("qkv", grads, ref_grads):
         assert _rel_err(g, r) < TOL[dtype] * 2, name
+
+
+def test_float32_default_config_at_head_dim_128_matches_reference(compiled):
+    """fp32 at head dim 128 has a tile shape of its own (32 x 64 tiles, 8 warps: see
+    default_config); the CPU runs it too, with more query tiles than one and a ragged end."""
+    n = 75
+    ids = _ids(1, n, seed=11)
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    q, k, v = _qkv(1, 2, 1, n, 128, torch.float32, seed=4)
+    guard = GuardedAttention(compiled)
+    out = guard(q, k, v, layout, 1)
+    ref = attention_reference(q, k, v, layout, compiled, 1)
+    assert _rel_err(out, ref) < TOL[torch.float32]
+    do = torch.randn_like(out)
+    for name, g, r in zip("qkv", torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(ref, (q, k, v), do)):
+        assert _rel_err(g, r) < TOL[torch.float32] * 2, name
 
 
 @pytest.mark.parametrize("poison", ["random", "nan", "inf", "-inf", "1e30"])
