@@ -308,6 +308,9 @@ SWEEP = {  # name: KernelConfig overrides (the measured outcomes are in BENCHMAR
     "bwd_b": _bwd((32, 64, 4, 3), (128, 64, 8, 2)),
     "bwd_c": _bwd((64, 32, 8, 3), (128, 32, 8, 3)),
     "bwd_d": _bwd((64, 32, 4, 2), (64, 64, 8, 3)),
+    "bwd_e": _bwd((64, 16, 4, 3), (64, 64, 4, 2)),
+    "bwd_f": _bwd((64, 32, 4, 4), (64, 64, 4, 2)),
+    "bwd_g": _bwd((64, 32, 4, 3), (64, 32, 4, 3)),
     # float32 (--dtype float32): forward tile shapes (block_m, block_n, warps) and stages, over default_config(float32, d)
     "fp32_bm64_w4": dict(block_m=64, num_warps=4),
     "fp32_bm64_w8": dict(block_m=64, num_warps=8),
