@@ -51,8 +51,10 @@ class DomainGuardError(Exception):
 
     def __str__(self) -> str:
         where = f"{self.location}: " if self.location else ""
+        # The message is a sentence of its own even where it quotes a library's text without a stop.
+        stop = "" if not self.hint or self.message.rstrip().endswith((".", "!", "?", ":")) else "."
         hint = f" {self.hint}" if self.hint else ""
-        return f"{where}error {self.code}: {self.message}{hint}"
+        return f"{where}error {self.code}: {self.message}{stop}{hint}"
 
     def to_dict(self) -> dict:
         loc = self.location

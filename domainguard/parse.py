@@ -140,26 +140,72 @@ def _compose(text: str, file: str) -> tuple[Any, SourceMap]:
         loader.dispose()
 
 
-def _doc_path(loc: tuple, data: Any) -> Path_:
-    """Map a pydantic error location onto the document, skipping union-member tags."""
-    out: list = []
+def _walk_loc(loc: tuple, data: Any) -> tuple[Path_, list[tuple[Path_, str]]]:
+    """A pydantic error location mapped onto the document: (its path there, and for each union
+    it passes through, outermost first, the union's node and the member tag taken there)."""
+    path: list = []
+    tags: list[tuple[Path_, str]] = []
     node = data
     for part in loc:
         if isinstance(node, dict) and part in node:
-            out.append(part)
+            path.append(part)
             node = node[part]
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
-            out.append(part)
+            path.append(part)
             node = node[part]
-        elif isinstance(node, dict) and isinstance(part, str) and part not in node and part in ("from", "self"):
-            out.append(part)
+        elif isinstance(node, dict) and isinstance(part, str) and part in ("from", "self"):
+            path.append(part)
             node = None
-        # else: a union tag such as 'list[...]' or 'Reads' — not part of the document
-    return tuple(out)
+        elif node is not None and not (isinstance(node, dict) and isinstance(part, str) and part.isidentifier()
+                                       and part[:1].islower()):
+            # a union tag such as 'list[...]' or 'Reads', not part of the document (a lower-case
+            # name under a mapping is a key it lacks or should not have)
+            tags.append((tuple(path), str(part)))
+    return tuple(path), tags
+
+
+def _doc_path(loc: tuple, data: Any) -> Path_:
+    """Map a pydantic error location onto the document, skipping union-member tags."""
+    return _walk_loc(loc, data)[0]
+
+
+def _fitting_members(errors: list[dict], data: Any) -> list[dict]:
+    """Where a value matched no member of a union, keep the errors of the member it fits best.
+
+    Pydantic reports every member's complaints: ``{combine: [a]}`` under ``forbid`` gets
+    "missing 'flow'" from the flow rule as well as "at least 2 items" from the combine rule.
+    A member that wants another kind of value (a list where the value is a mapping) fits
+    least; then one that complains of keys the value has or lacks; the one left fits best.
+    """
+    level = 0
+    while True:
+        groups: dict[tuple, dict[str, list[dict]]] = {}
+        for err in errors:
+            tags = _walk_loc(tuple(err["loc"]), data)[1]
+            if len(tags) > level:
+                node, tag = tags[level]
+                groups.setdefault(node, {}).setdefault(tag, []).append(err)
+        if not groups:
+            return errors
+        drop: set[int] = set()
+        for node, members in groups.items():
+            if len(members) < 2:
+                continue
+
+            def misfit(errs: list[dict], node=node) -> tuple[int, int, int]:
+                kind = sum(e["type"].endswith("_type") and _doc_path(tuple(e["loc"]), data) == node for e in errs)
+                keys = sum(e["type"] in ("extra_forbidden", "missing") for e in errs)
+                deepest = max(len(_doc_path(tuple(e["loc"]), data)) for e in errs)
+                return kind, keys, -deepest
+
+            best = min(members, key=lambda tag: misfit(members[tag]))
+            drop.update(id(e) for tag, errs in members.items() if tag != best for e in errs)
+        errors = [e for e in errors if id(e) not in drop]
+        level += 1
 
 
 def _schema_error(exc: ValidationError, data: Any, smap: SourceMap) -> PolicyError:
-    errors = exc.errors(include_url=False)
+    errors = _fitting_members(exc.errors(include_url=False), data)
 
     def where(err: dict) -> tuple[Location, tuple]:
         path = _doc_path(tuple(err["loc"]), data)
