@@ -112,7 +112,10 @@ class Certificate(BaseModel):
         try:
             data = json.loads(p.read_text())
         except FileNotFoundError:
-            raise BundleError(f"{p}: no certificate.json", code="DG401") from None
+            raise BundleError(
+                f"{p}: no certificate.json", code="DG401",
+                hint="Give a directory written by `domainguard compile -o DIR`, a certified bundle, or a certificate.json.",
+            ) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"{p}: not a readable certificate ({exc})", code="DG402") from None
         try:

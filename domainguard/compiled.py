@@ -7,6 +7,7 @@ marks padding: nobody reads it and it reads nothing.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -73,9 +74,11 @@ class CompiledPolicy:
         try:
             return self.flow.tree.index[name]
         except KeyError:
+            close = difflib.get_close_matches(name, list(self.domains), n=1)
             raise LayoutError(
                 f"unknown domain {name!r}; declared domains: {', '.join(self.domains)}",
                 code="DG301",
+                hint=f"Did you mean {close[0]!r}?" if close else "Use one of the declared domains.",
             ) from None
 
     # --- relations -----------------------------------------------------------------

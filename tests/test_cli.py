@@ -68,6 +68,14 @@ def test_bad_input_exit_2_and_nothing_written(tmp_path, capsys):
     assert not out_dir.exists() and list(tmp_path.iterdir()) == [bad]
 
 
+def test_a_directory_without_a_certificate_says_what_to_give(tmp_path, capsys):
+    code, out, err = run(capsys, "verify", str(tmp_path), "--json")
+    assert code == 2 and "Traceback" not in err
+    e = json.loads(out)
+    assert e["code"] == "DG401" and "certificate.json" in e["message"]
+    assert "domainguard compile -o" in e["hint"]
+
+
 def test_unwritable_output_is_exit_2_with_a_json_error(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     code, out, err = run(capsys, "compile", str(ROOT / "policies/clinical.yaml"), "--layers", "4",

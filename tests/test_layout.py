@@ -146,6 +146,10 @@ def test_from_segments_ids_and_errors():
     with pytest.raises(LayoutError) as e:
         dg.Layout.from_segments(c, [("nope", [1])])
     assert e.value.code == "DG301"
+    assert e.value.hint == "Use one of the declared domains."
+    with pytest.raises(LayoutError) as e:
+        dg.Layout.from_segments(c, [("sytsem", [1])])  # a typo gets the nearest declared name
+    assert e.value.code == "DG301" and e.value.hint == "Did you mean 'system'?"
     with pytest.raises(LayoutError) as e:
         dg.Layout.from_segments(c, [("system", "text")])
     assert e.value.code == "DG307"
