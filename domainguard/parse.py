@@ -156,10 +156,10 @@ def _walk_loc(loc: tuple, data: Any) -> tuple[Path_, list[tuple[Path_, str]]]:
         elif isinstance(node, dict) and isinstance(part, str) and part in ("from", "self"):
             path.append(part)
             node = None
-        elif node is not None and not (isinstance(node, dict) and isinstance(part, str) and part.isidentifier()
-                                       and part[:1].islower()):
+        elif node is not None and part != "[key]" and not (
+                isinstance(node, dict) and isinstance(part, str) and part.isidentifier() and part[:1].islower()):
             # a union tag such as 'list[...]' or 'Reads', not part of the document (a lower-case
-            # name under a mapping is a key it lacks or should not have)
+            # name under a mapping is a key it lacks or should not have; '[key]' marks a bad key)
             tags.append((tuple(path), str(part)))
     return tuple(path), tags
 
@@ -209,8 +209,8 @@ def _schema_error(exc: ValidationError, data: Any, smap: SourceMap) -> PolicyErr
 
     def where(err: dict) -> tuple[Location, tuple]:
         path = _doc_path(tuple(err["loc"]), data)
-        unknown_key = err["type"] == "extra_forbidden"
-        return smap.locate(path, key=unknown_key), path
+        on_key = err["type"] == "extra_forbidden" or tuple(err["loc"])[-1:] == ("[key]",)
+        return smap.locate(path, key=on_key), path
 
     located = sorted((where(e) + (e,) for e in errors), key=lambda t: (t[0].line or 0, t[0].column or 0))
     location, path, err = located[0]
