@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", action="store_true", help="per-kernel times of the SWEEP configs instead")
     ap.add_argument("--sweep", default=None, help="with --configs: only these SWEEP names (comma-separated)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--head-dim", type=int, default=HEAD_DIM, choices=[64, 128])
+    ap.add_argument("--head-dim", type=int, default=128, choices=[64, 128])
     ap.add_argument("--json", default=None)
     ap.add_argument("--tune", action="store_true", help="pick the faster forward config on a 32K layout first")
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU time of one forward+backward instead")
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     policies = {r: dg.compile(dg.loads_policy(policy_yaml(r, window=args.window)), layers=1) for r in reads}
     config = None
     if args.tune:
-        config = tune(policies[max(reads)], dev)
+        config = tune(policies[max(reads)], dev, dtype)
         info["config"] = repr(config)
         print(json.dumps({"tuned": repr(config)}), flush=True)
     guards = {r: GuardedAttention(c, config) for r, c in policies.items()}
@@ -236,9 +236,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def tune(compiled, dev, n: int = 32768) -> KernelConfig:
+def tune(compiled, dev, dtype=torch.bfloat16, n: int = 32768) -> KernelConfig:
     """The faster of the candidate forward configs on a fragmented 32K layout (forward time)."""
-    q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, device=dev, dtype=dtype) for _ in range(3))
     layout = dg.Layout.from_ids(compiled, segment_ids(n, 64, seed=1).to(dev))
     import dataclasses
 
@@ -361,7 +361,8 @@ def _fmt(x, nd=2):
 
 
 def print_table(info, rows):
-    print(f"\n{info['device']}, torch {info['torch']}, triton {info['triton']}")
+    print(f"\n{info['device']}, torch {info['torch']}, triton {info['triton']}; "
+          f"{info.get('dtype', 'bfloat16')}, head dim {info.get('head_dim', HEAD_DIM)}")
     hdr = ("| N | seg | reads | density | ours fwd ms | TF/s | flex fwd ms | TF/s | vs flex | SDPA causal ms | TF/s | "
            "ours/SDPA TF | SDPA mask ms | ours f+b ms | TF/s | flex f+b ms | vs flex | SDPA causal f+b ms |")
     print(hdr)

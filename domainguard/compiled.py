@@ -74,7 +74,7 @@ class CompiledPolicy:
         try:
             return self.flow.tree.index[name]
         except KeyError:
-            close = difflib.get_close_matches(name, list(self.domains), n=1)
+            close = difflib.get_close_matches(name, list(self.domains), n=1) if isinstance(name, str) else []
             raise LayoutError(
                 f"unknown domain {name!r}; declared domains: {', '.join(self.domains)}",
                 code="DG301",

@@ -147,6 +147,9 @@ def _walk_loc(loc: tuple, data: Any) -> tuple[Path_, list[tuple[Path_, str]]]:
     tags: list[tuple[Path_, str]] = []
     node = data
     for part in loc:
+        if isinstance(node, dict) and part not in node and isinstance(part, str):
+            # pydantic names a key YAML did not read as a string (null, 3.14, a date) by its text
+            part = next((k for k in node if not isinstance(k, str) and part in (str(k), repr(k))), part)
         if isinstance(node, dict) and part in node:
             path.append(part)
             node = node[part]
@@ -175,7 +178,8 @@ def _fitting_members(errors: list[dict], data: Any) -> list[dict]:
     Pydantic reports every member's complaints: ``{combine: [a]}`` under ``forbid`` gets
     "missing 'flow'" from the flow rule as well as "at least 2 items" from the combine rule.
     A member that wants another kind of value (a list where the value is a mapping) fits
-    least; then one that complains of keys the value has or lacks; the one left fits best.
+    least; then one that complains of keys the value itself has or lacks (not of keys
+    deeper inside); the one left fits best.
     """
     level = 0
     while True:
@@ -194,7 +198,8 @@ def _fitting_members(errors: list[dict], data: Any) -> list[dict]:
 
             def misfit(errs: list[dict], node=node) -> tuple[int, int, int]:
                 kind = sum(e["type"].endswith("_type") and _doc_path(tuple(e["loc"]), data) == node for e in errs)
-                keys = sum(e["type"] in ("extra_forbidden", "missing") for e in errs)
+                keys = sum(e["type"] in ("extra_forbidden", "missing") and _doc_path(tuple(e["loc"]), data)[:len(node)]
+                           == node and len(_doc_path(tuple(e["loc"]), data)) <= len(node) + 1 for e in errs)
                 deepest = max(len(_doc_path(tuple(e["loc"]), data)) for e in errs)
                 return kind, keys, -deepest
 
@@ -220,11 +225,16 @@ def _schema_error(exc: ValidationError, data: Any, smap: SourceMap) -> PolicyErr
         hint = "Remove it or check its spelling against `domainguard schema`."
     elif err["type"] == "missing":
         missing = err["loc"][-1]
+        if path and path[-1] == missing:  # 'from' / 'self' are walked into even when absent
+            dotted = ".".join(str(p) for p in path[:-1]) or "(top level)"
         message = f"missing required key {missing!r} in {dotted}"
         hint = f"Add `{missing}:`."
     elif err["type"] == "literal_error" and path == ("domainguard",):
         message = f"unsupported schema version {err.get('input')!r}; this domainguard reads version 1"
         hint = "Write `domainguard: 1`."
+    elif tuple(err["loc"])[-1:] == ("[key]",):
+        message = f"{dotted}: not a valid name ({err['msg'][0].lower()}{err['msg'][1:]})"
+        hint = "Names are text that starts with a letter or '_'; quote a key YAML reads as a number, date or null."
     else:
         message = f"{dotted}: {err['msg']}"
         hint = "See `domainguard schema` for the expected shape."

@@ -151,6 +151,9 @@ def test_from_segments_ids_and_errors():
         dg.Layout.from_segments(c, [("sytsem", [1])])  # a typo gets the nearest declared name
     assert e.value.code == "DG301" and e.value.hint == "Did you mean 'system'?"
     with pytest.raises(LayoutError) as e:
+        c.id_of(None)  # not a name at all: the same error, not a TypeError from the suggestion
+    assert e.value.code == "DG301"
+    with pytest.raises(LayoutError) as e:
         dg.Layout.from_segments(c, [("system", "text")])
     assert e.value.code == "DG307"
     with pytest.raises(LayoutError) as e:

@@ -110,6 +110,12 @@ def test_bad_policies_name_file_line_and_code(text, code, line):
         # a reader name that is not a name: pointed at the name (the long form's own complaint waits its turn)
         ("reads:\n  Bad Name: {sources: [a], sefl: true}\n", ("reads.Bad Name", "should match pattern"), 3,
          ("list",), 1),
+        # a flow rule with misspelt keys inside: the flow rule's complaint, not "missing 'combine'"
+        ("forbid:\n  - flow: {source: a, target: b}\n", ("missing required key 'from' in forbid.0.flow",), 11,
+         ("combine", "isolate"), 1),
+        # keys YAML reads as a number or a date: pointed at the key
+        ("reads:\n  3.14: [a]\n", ("reads.3.14", "not a valid name"), 3, ("list",), 0),
+        ("reads:\n  2024-01-01: [a]\n", ("not a valid name",), 3, ("list",), 0),
         # reads as a mapping with a misspelt key: that key, not "should be a valid list"
         ("reads:\n  a: {sources: [b], sefl: false}\n", ("unknown key 'sefl'",), 21, ("list",), 0),
     ],
