@@ -362,7 +362,7 @@ def _fmt(x, nd=2):
 
 def print_table(info, rows):
     print(f"\n{info['device']}, torch {info['torch']}, triton {info['triton']}; "
-          f"{info.get('dtype', 'bfloat16')}, head dim {info.get('head_dim', HEAD_DIM)}")
+          f"{info['dtype']}, head dim {info['head_dim']}")
     hdr = ("| N | seg | reads | density | ours fwd ms | TF/s | flex fwd ms | TF/s | vs flex | SDPA causal ms | TF/s | "
            "ours/SDPA TF | SDPA mask ms | ours f+b ms | TF/s | flex f+b ms | vs flex | SDPA causal f+b ms |")
     print(hdr)

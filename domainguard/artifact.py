@@ -126,12 +126,11 @@ def write_compiled(compiled, verdict, target: str | Path, *, key: str | None = N
             sign_certificate(tmp, key)
         replace_dir(tmp, target)
         return files, cert
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BundleError(f"{target}: cannot write ({exc.strerror or exc}); nothing was changed", code="DG440",
-                          hint="Check the free space and permissions of the output folder.") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise BundleError(f"{target}: cannot write ({exc.strerror or exc}); nothing was changed", code="DG440",
+                              hint="Check the free space and permissions of the output folder.") from None
         raise
 
 

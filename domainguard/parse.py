@@ -167,14 +167,10 @@ def _walk_loc(loc: tuple, data: Any) -> tuple[Path_, list[tuple[Path_, str]]]:
     return tuple(path), tags
 
 
-def _doc_path(loc: tuple, data: Any) -> Path_:
-    """Map a pydantic error location onto the document, skipping union-member tags."""
-    return _walk_loc(loc, data)[0]
-
-
-def _fitting_members(errors: list[dict], data: Any) -> list[dict]:
+def _fitting_members(errors: list[tuple[dict, Path_, list]]) -> list[tuple[dict, Path_, list]]:
     """Where a value matched no member of a union, keep the errors of the member it fits best.
 
+    ``errors``: (pydantic error, its document path, its union tags) as ``_walk_loc`` gives them.
     Pydantic reports every member's complaints: ``{combine: [a]}`` under ``forbid`` gets
     "missing 'flow'" from the flow rule as well as "at least 2 items" from the combine rule.
     A member that wants another kind of value (a list where the value is a mapping) fits
@@ -183,12 +179,11 @@ def _fitting_members(errors: list[dict], data: Any) -> list[dict]:
     """
     level = 0
     while True:
-        groups: dict[tuple, dict[str, list[dict]]] = {}
-        for err in errors:
-            tags = _walk_loc(tuple(err["loc"]), data)[1]
-            if len(tags) > level:
-                node, tag = tags[level]
-                groups.setdefault(node, {}).setdefault(tag, []).append(err)
+        groups: dict[tuple, dict[str, list]] = {}
+        for item in errors:
+            if len(item[2]) > level:
+                node, tag = item[2][level]
+                groups.setdefault(node, {}).setdefault(tag, []).append(item)
         if not groups:
             return errors
         drop: set[int] = set()
@@ -196,28 +191,28 @@ def _fitting_members(errors: list[dict], data: Any) -> list[dict]:
             if len(members) < 2:
                 continue
 
-            def misfit(errs: list[dict], node=node) -> tuple[int, int, int]:
-                kind = sum(e["type"].endswith("_type") and _doc_path(tuple(e["loc"]), data) == node for e in errs)
-                keys = sum(e["type"] in ("extra_forbidden", "missing") and _doc_path(tuple(e["loc"]), data)[:len(node)]
-                           == node and len(_doc_path(tuple(e["loc"]), data)) <= len(node) + 1 for e in errs)
-                deepest = max(len(_doc_path(tuple(e["loc"]), data)) for e in errs)
-                return kind, keys, -deepest
+            # every path here runs through ``node``: the member's tag was met there
+            def misfit(items: list, node=node) -> tuple[int, int, int]:
+                kind = sum(e["type"].endswith("_type") and path == node for e, path, _ in items)
+                keys = sum(e["type"] in ("extra_forbidden", "missing") and len(path) <= len(node) + 1
+                           for e, path, _ in items)
+                return kind, keys, -max(len(path) for _, path, _ in items)
 
             best = min(members, key=lambda tag: misfit(members[tag]))
-            drop.update(id(e) for tag, errs in members.items() if tag != best for e in errs)
-        errors = [e for e in errors if id(e) not in drop]
+            drop.update(id(item) for tag, items in members.items() if tag != best for item in items)
+        errors = [item for item in errors if id(item) not in drop]
         level += 1
 
 
 def _schema_error(exc: ValidationError, data: Any, smap: SourceMap) -> PolicyError:
-    errors = _fitting_members(exc.errors(include_url=False), data)
+    walked = [(e, *_walk_loc(tuple(e["loc"]), data)) for e in exc.errors(include_url=False)]
 
-    def where(err: dict) -> tuple[Location, tuple]:
-        path = _doc_path(tuple(err["loc"]), data)
+    def where(err: dict, path: Path_) -> Location:
         on_key = err["type"] == "extra_forbidden" or tuple(err["loc"])[-1:] == ("[key]",)
-        return smap.locate(path, key=on_key), path
+        return smap.locate(path, key=on_key)
 
-    located = sorted((where(e) + (e,) for e in errors), key=lambda t: (t[0].line or 0, t[0].column or 0))
+    errors = [(where(e, path), path, e) for e, path, _ in _fitting_members(walked)]
+    located = sorted(errors, key=lambda t: (t[0].line or 0, t[0].column or 0))
     location, path, err = located[0]
     dotted = ".".join(str(p) for p in path) or "(top level)"
     if err["type"] == "extra_forbidden":

@@ -254,14 +254,12 @@ def generate_keypair(private_key_path: str | Path, public_key_path: str | Path |
         for p, data, mode in ((priv_path, pem, 0o600), (pub_path, pub, 0o644)):
             _write_new(p, data, mode)
             written.append(p)
-    except OSError as exc:
-        for p in written:  # no half of a key pair is left behind
-            p.unlink(missing_ok=True)
-        raise BundleError(f"cannot write the key file ({exc.strerror or exc}); nothing was written", code="DG419",
-                          location=Location(str(exc.filename or p)), hint="Choose paths in a writable folder.") from None
-    except BaseException:
-        for p in written:
-            p.unlink(missing_ok=True)
+    except BaseException as exc:
+        for done in written:  # no half of a key pair is left behind
+            done.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise BundleError(f"cannot write the key file ({exc.strerror or exc}); nothing was written", code="DG419",
+                              location=Location(str(exc.filename or p)), hint="Choose paths in a writable folder.") from None
         raise
     return priv_path, pub_path
 
