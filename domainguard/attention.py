@@ -25,7 +25,8 @@ heads (the kernels enforce one mask for all heads: use ``backend="reference"``);
 DG318 a plan built for another mask or shape; DG319 a plan that does not describe the
 layout it is given with (labels, slot order, tile purity, table bounds, or tile tables other than
 the block map of its own slots); DG320 a pattern value (window × dilation, stride, block size,
-global tokens) of 2**31 or more.
+global tokens) of 2**31 or more; DG321 a KernelConfig whose key tile sizes do not nest (block_n and the dk/dv
+SUB_N: the larger must be a multiple of the smaller).
 """
 
 from __future__ import annotations
@@ -199,6 +200,12 @@ class KernelConfig:
     use_tma: bool = True
     warp_specialize: bool = False
 
+    @property
+    def block_kt(self) -> int:
+        """Keys per tile of the key-major tables: one dk/dv program's keys (``dkdv`` SUB_N), or
+        ``block_n`` when that is larger. Key slots are padded to it, so its tiles are domain-pure."""
+        return max(self.block_n, dict(self.dkdv)["SUB_N"])
+
 
 def default_config(dtype: torch.dtype, head_dim: int) -> KernelConfig:
     """The tuned configuration for a dtype and head dim (see BENCHMARKS.md)."""
@@ -371,7 +378,7 @@ def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hk
     no FULL tile can carry a pair that causality or a pattern excludes (the kernels check a
     FULL tile's domains, not its positions), and no allowed pair is dropped.
     """
-    from domainguard.kernels.plan import inverse, runs_kinds
+    from domainguard.kernels.plan import inverse, merge_key_tiles, runs_kinds
 
     def kinds_problem(what, have, want):
         if have.shape != want.shape:
@@ -416,12 +423,12 @@ def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hk
     cfg = plan.config
     refuse(_plan_problem([(isinstance(cfg, KernelConfig), "plan.config is not a KernelConfig")]))
     refuse(_slots_problem("query", plan.qs, qa, nq, cfg.block_m, pad_id, device, query=True))
-    refuse(_slots_problem("key", plan.ks, ka, nk, cfg.block_n, pad_id, device, query=False))
-    tq, tk = plan.qs.size // cfg.block_m, plan.ks.size // cfg.block_n
+    refuse(_slots_problem("key", plan.ks, ka, nk, cfg.block_kt, pad_id, device, query=False))
+    tq, tk, tkt = plan.qs.size // cfg.block_m, plan.ks.size // cfg.block_n, plan.ks.size // cfg.block_kt
     heads = {getattr(getattr(r, "num", None), "shape", (0, 0))[1:2] for r in (*plan.runs, *plan.runs_t)}
     refuse(_plan_problem([(len(heads) == 1, "plan run tables disagree on their head axis")]))
     for what, runs, rows, cols in (("FULL", plan.runs[0], tq, tk), ("PARTIAL", plan.runs[1], tq, tk),
-                                   ("key-major FULL", plan.runs_t[0], tk, tq), ("key-major PARTIAL", plan.runs_t[1], tk, tq)):
+                                   ("key-major FULL", plan.runs_t[0], tkt, tq), ("key-major PARTIAL", plan.runs_t[1], tkt, tq)):
         refuse(_runs_problem(what, runs, b, rows, cols, device))
     refuse(_tensor_problem("plan.order", plan.order, (b, tq), torch.int32, device))
     refuse(_plan_problem([
@@ -432,7 +439,8 @@ def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hk
     if kinds_of is not None:
         want = kinds_of(_slot_attrs(plan.qs), _slot_attrs(plan.ks), cfg.block_m, cfg.block_n).to(device)
         refuse(kinds_problem("plan", runs_kinds(*plan.runs, tk), want))
-        refuse(kinds_problem("plan key-major", runs_kinds(*plan.runs_t, tq), want.transpose(-1, -2)))
+        want_t = merge_key_tiles(want, cfg.block_kt // cfg.block_n).transpose(-1, -2)
+        refuse(kinds_problem("plan key-major", runs_kinds(*plan.runs_t, tq), want_t))
 
 
 def _kernels_usable(q: torch.Tensor) -> bool:
@@ -447,14 +455,19 @@ class _GuardedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: AttentionPlan, tables, scale: float):
         from domainguard.kernels.forward import launch_forward
+        from domainguard.kernels.permute import gather_rows
 
         cfg = plan.config
+        # K/V in slot order: copied once, read by the forward and kept for the backward (in place
+        # of k and v, so no more memory is held than before and the backward does not copy again).
+        kp, vp = gather_rows(k, plan.ks.tok), gather_rows(v, plan.ks.tok)
         out, lse2 = launch_forward(
             q, k, v, plan.qs, plan.ks, plan.runs, plan.order, tables, scale,
             block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            check_full=cfg.check_full, use_tma=cfg.use_tma, warp_specialize=cfg.warp_specialize,
+            check_full=cfg.check_full, use_tma=cfg.use_tma, warp_specialize=cfg.warp_specialize, kv_slots=(kp, vp),
         )
-        ctx.save_for_backward(q, k, v, out, lse2)
+        ctx.save_for_backward(q, kp, vp, out, lse2)
+        ctx.kv_like = (torch.empty_like(k, device="meta"), torch.empty_like(v, device="meta"))
         ctx.plan, ctx.tables, ctx.scale = plan, tables, scale
         ctx.mark_non_differentiable(lse2)
         return out, lse2
@@ -462,22 +475,19 @@ class _GuardedAttentionFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse2):
         from domainguard.kernels.backward import launch_backward
-        from domainguard.kernels.permute import backward_inputs, gather_rows
+        from domainguard.kernels.permute import backward_inputs
 
-        q, k, v, out, lse2 = ctx.saved_tensors
+        q, kp, vp, out, lse2 = ctx.saved_tensors
         plan, cfg = ctx.plan, ctx.plan.config
         if dout.stride(-1) != 1:
             dout = dout.contiguous()
         qp, dop, delta_s = backward_inputs(q, dout, out, plan.qs.tok)
-        kp = gather_rows(k, plan.ks.tok)
-        vp = gather_rows(v, plan.ks.tok)
         # Every real token owns a slot and every slot is written: no zero-fill needed.
         dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
+        dk, dv = (torch.empty_like(t, device=q.device) for t in ctx.kv_like)
         launch_backward(
             qp, dop, lse2, delta_s, kp, vp, dq, dk, dv, plan.qs, plan.ks, plan.runs, plan.runs_t,
-            ctx.tables, ctx.scale, block_m=cfg.block_m, block_n=cfg.block_n,
+            ctx.tables, ctx.scale, block_m=cfg.block_m, block_n=cfg.block_n, block_kt=cfg.block_kt,
             dkdv_cfg=dict(cfg.dkdv), dq_cfg=dict(cfg.dq), check_full=cfg.check_full,
         )
         return dq, dk, dv, None, None, None
@@ -559,19 +569,23 @@ class GuardedAttention:
 
     def plan(self, layout, layer: int = 0, *, q_slice=None, heads: int = 1, dtype=torch.bfloat16, head_dim: int = 128) -> AttentionPlan:
         """Slot order and tile lists for ``layout`` at ``layer`` (reusable across calls and layers with equal tables)."""
-        from domainguard.kernels.plan import FULL, PARTIAL, inverse, sort_slots, tile_runs
+        from domainguard.kernels.plan import FULL, PARTIAL, inverse, merge_key_tiles, sort_slots, tile_runs
 
         tables = self.tables(layer)
         cfg = self.config or default_config(dtype, head_dim)
         n = layout.domain_ids.shape[1]
         qsl = _normalize_q_slice(q_slice, n)
         pad_id = self.compiled.pad_id
-        pad_to = max(cfg.block_m, cfg.block_n)
+        if cfg.block_kt % cfg.block_n or cfg.block_kt % dict(cfg.dkdv)["SUB_N"]:
+            raise KernelError(f"dk/dv SUB_N {dict(cfg.dkdv)['SUB_N']} and block_n {cfg.block_n}: the larger must be "
+                              f"a multiple of the smaller", code="DG321")
+        pad_to = math.lcm(cfg.block_m, cfg.block_kt)
         qa, ka = layout.attrs(qsl), layout.attrs()
         qs = sort_slots(qa.domain, qa.index, qa.rank, pad_id, pad_to, query=True)
         ks = sort_slots(ka.domain, ka.index, ka.rank, pad_id, pad_to, query=False)
         kinds = self._tile_kinds(layer, _slot_attrs(qs), _slot_attrs(ks), cfg.block_m, cfg.block_n)
-        kinds_t = kinds.transpose(-1, -2).contiguous()
+        # dk/dv programs own block_kt keys: their tables merge block_kt // block_n key tiles.
+        kinds_t = merge_key_tiles(kinds, cfg.block_kt // cfg.block_n).transpose(-1, -2).contiguous()
         runs = (tile_runs(kinds, FULL), tile_runs(kinds, PARTIAL))
         runs_t = (tile_runs(kinds_t, FULL), tile_runs(kinds_t, PARTIAL))
         # Launch order of query tiles: descending slot order, so the tiles of one domain run

@@ -360,11 +360,13 @@ def _dq_kernel(
 
 def launch_backward(
     qp, dop, lse2, delta, kp, vp, dq, dk, dv, qs, ks, runs, runs_t, tables, scale,
-    *, block_m, block_n, dkdv_cfg, dq_cfg, check_full=True,
+    *, block_m, block_n, dkdv_cfg, dq_cfg, check_full=True, block_kt=None,
 ):
     """Fill dq [B, Hq, Nq, D], dk/dv [B, Hkv, Nk, D] (caller's order) from slot-order inputs.
 
-    ``runs`` / ``runs_t``: (full, partial) ``plan.Runs``, query-major / key-major.
+    ``runs`` / ``runs_t``: (full, partial) ``plan.Runs``, query-major over (block_m, block_n)
+    tiles / key-major over (block_kt, block_m) tiles (``block_kt`` keys, default ``block_n``:
+    ``plan.merge_key_tiles``).
     dkdv_cfg / dq_cfg: dicts with SUB_N, SUB_M, num_warps, num_stages.
     """
     b, hq, sq, d = qp.shape
@@ -377,6 +379,7 @@ def launch_backward(
                   HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PREC=dot_precision(qp), CHECK_FULL=check_full)
     c = dict(dkdv_cfg)
     grid = (sk // c["SUB_N"], b * hkv)
+    common_kt = dict(common, BLOCK_N=block_kt or block_n)
     _dkdv_kernel[grid](
         qp, dop, lse2, delta, kp, vp, dk, dv,
         dk.stride(0), dk.stride(1), dk.stride(2),
@@ -384,7 +387,7 @@ def launch_backward(
         full_t.num, full_t.start, full_t.end, part_t.num, part_t.start, part_t.end,
         hq, hkv, sq, sk, tk, full_t.start.shape[-1], part_t.start.shape[-1], hm,
         scale * LOG2E, scale,
-        SUB_N=c["SUB_N"], SUB_M=c["SUB_M"], num_warps=c["num_warps"], num_stages=c["num_stages"], **common,
+        SUB_N=c["SUB_N"], SUB_M=c["SUB_M"], num_warps=c["num_warps"], num_stages=c["num_stages"], **common_kt,
     )
     c = dict(dq_cfg)
     grid = (sq // c["SUB_M"], b * hq)

@@ -250,11 +250,12 @@ def dot_precision(q: torch.Tensor) -> int:
 
 def launch_forward(
     q, k, v, qs, ks, runs, order, tables, scale, *, block_m, block_n, num_warps, num_stages,
-    check_full=True, use_tma=False, warp_specialize=False, out=None,
+    check_full=True, use_tma=False, warp_specialize=False, out=None, kv_slots=None,
 ):
     """Run ``_fwd_kernel`` on the caller's q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (last dims contiguous).
 
-    ``runs`` = (full, partial) ``plan.Runs``. Returns (out [B, Hq, Nq, D] in q's order,
+    ``runs`` = (full, partial) ``plan.Runs``. ``kv_slots``: k and v already in slot order
+    (``permute.gather_rows(x, ks.tok)``), when the caller keeps them; otherwise copied here. Returns (out [B, Hq, Nq, D] in q's order,
     lse2 [B, Hq, Sq] in log2 units, slot order).
     """
     from .permute import gather_rows
@@ -266,8 +267,8 @@ def launch_forward(
     if out is None:
         out = torch.empty_like(q)
     lse2 = torch.empty(b, hq, qs.size, dtype=torch.float32, device=q.device)
-    kp = gather_rows(k, ks.tok).view(b * hkv * sk, d)
-    vp = gather_rows(v, ks.tok).view(b * hkv * sk, d)
+    kp, vp = kv_slots if kv_slots is not None else (gather_rows(k, ks.tok), gather_rows(v, ks.tok))
+    kp, vp = kp.view(b * hkv * sk, d), vp.view(b * hkv * sk, d)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 

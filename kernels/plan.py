@@ -141,6 +141,17 @@ def tile_runs(kinds: torch.Tensor, kind: int) -> Runs:
     return Runs(num=num.contiguous(), start=start, end=end)
 
 
+def merge_key_tiles(kinds: torch.Tensor, r: int) -> torch.Tensor:
+    """Tile kinds over groups of ``r`` consecutive key tiles of ``kinds`` uint8 [..., U] (U a multiple
+    of r): FULL if all are FULL, EMPTY if all are EMPTY, otherwise PARTIAL. The key-major tables of
+    dk/dv programs that own ``r`` tiles' keys."""
+    if r == 1:
+        return kinds
+    g = kinds.unflatten(-1, (-1, r))
+    merged = torch.where((g == FULL).all(-1), FULL, torch.where((g == EMPTY).all(-1), EMPTY, PARTIAL))
+    return merged.to(torch.uint8)
+
+
 def runs_kinds(full: Runs, partial: Runs, cols: int) -> torch.Tensor:
     """The tile table that run tables describe, uint8 [B, H, T, cols] (inverse of ``tile_runs``);
     a tile covered by more than one run, or by runs of both kinds, gets 255."""

@@ -49,7 +49,10 @@ SMALL = KernelConfig(
     dq=(("SUB_M", 16), ("SUB_N", 16), ("num_warps", 4), ("num_stages", 1)),
 )
 SMALL_PTR = KernelConfig(**{**SMALL.__dict__, "use_tma": False})  # plain pointer loads instead of TMA
-CONFIGS = [SMALL, SMALL_PTR] + ([None] if CUDA else [])  # None: the tuned default
+# dk/dv programs owning two key tiles (key-major tables merged over 32 keys), as the default does on a GPU
+SMALL_KT = KernelConfig(**{**SMALL.__dict__, "dkdv": (("SUB_N", 32), ("SUB_M", 16), ("num_warps", 4), ("num_stages", 1))})
+CONFIGS = [SMALL, SMALL_PTR, SMALL_KT] + ([None] if CUDA else [])  # None: the tuned default
+CONFIG_IDS = {id(SMALL): "small-tma", id(SMALL_PTR): "small-ptr", id(SMALL_KT): "small-kt32"}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +90,7 @@ if CUDA:
     CASES += [(torch.bfloat16, 64, 4, 1), (torch.float16, 128, 8, 2)]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: {id(SMALL): "small-tma", id(SMALL_PTR): "small-ptr"}.get(id(c), "default"))
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: CONFIG_IDS.get(id(c), "default"))
 @pytest.mark.parametrize("dtype,hd,hq,hkv", CASES, ids=lambda x: str(x).replace("torch.", ""))
 def test_forward_backward_match_reference(compiled, cfg, dtype, hd, hq, hkv):
     n = 45 if not CUDA else (45 if cfg is SMALL else 700)
@@ -123,13 +126,15 @@ def test_float32_default_config_at_head_dim_128_matches_reference(compiled):
         assert _rel_err(g, r) < TOL[torch.float32] * 2, name
 
 
-@pytest.mark.parametrize("poison", ["random", "nan", "inf", "-inf", "1e30"])
-def test_poisoned_forbidden_domain_is_invisible(compiled, poison):
+@pytest.mark.parametrize("poison,cfg", [("random", SMALL), ("nan", SMALL), ("inf", SMALL), ("-inf", SMALL),
+                                        ("1e30", SMALL), ("nan", SMALL_KT), ("1e30", SMALL_KT)],
+                         ids=lambda x: CONFIG_IDS.get(id(x), x))
+def test_poisoned_forbidden_domain_is_invisible(compiled, poison, cfg):
     """Outputs and gradients of tokens that cannot depend on `secret` are bitwise unchanged."""
     n = 48 if not CUDA else 600
     ids = _ids(1, n, seed=7)
     layout = dg.Layout.from_ids(compiled, ids).to(DEV)
-    guard = GuardedAttention(compiled, SMALL if not CUDA else None)
+    guard = GuardedAttention(compiled, cfg if not CUDA else None)
     dtype = torch.bfloat16
     q, k, v = _qkv(1, 2, 2, n, 64, dtype, seed=3)
     do = torch.randn(1, 2, n, 64).to(DEV, dtype)
@@ -513,24 +518,28 @@ def test_forged_mixed_query_tile_leaves_key_gradients_alone(compiled, cfg, monke
         assert torch.equal(a[:, :, keep], b[:, :, keep]), name
 
 
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_KT], ids=["kt16", "kt32"])
 @pytest.mark.parametrize("check_full", [True, False], ids=["checked", "unchecked"])
-def test_forged_mixed_key_block_takes_nothing_from_non_readers(compiled, check_full, monkeypatch):
+def test_forged_mixed_key_block_takes_nothing_from_non_readers(compiled, cfg, check_full, monkeypatch):
     """Honest labels, forged key order: a `secret` key swapped into a `sys` key tile (`_mixed`,
     past check_plan). The key-major tables list that tile FULL for later query tiles of domains
     that read sys but not secret; the dk/dv kernel sees its key block is not all of one domain
     (with or without the table check) and runs it masked, so the secret key's gradients take
     nothing from queries that may not read it: poisoning the Q and dO of every other domain
-    leaves every secret key's dk/dv bitwise unchanged."""
+    leaves every secret key's dk/dv bitwise unchanged. With ``kt32`` a dk/dv program owns two key
+    tiles, and the forged one is its first."""
     import dataclasses
 
     att = importlib.import_module("domainguard.attention")
     monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
-    cfg = dataclasses.replace(SMALL, check_full=check_full)
-    # 160 tokens: long enough that later user/answer query tiles list the first sys key tile FULL.
-    ids, layout, secret, (q, k, v), guard, plan = _forgery_case(compiled, cfg, 160, seed=17, qkv_seed=6, heads=2)
+    cfg = dataclasses.replace(cfg, check_full=check_full)
+    # 160 tokens, and a layout whose later user/answer query tiles list the first sys key block FULL
+    # at that block size (asserted below).
+    seed = {16: 17, 32: 18}[cfg.block_kt]
+    ids, layout, secret, (q, k, v), guard, plan = _forgery_case(compiled, cfg, 160, seed=seed, qkv_seed=6, heads=2)
     do = torch.randn_like(q)
-    forged = dataclasses.replace(plan, ks=_mixed(plan.ks, secret[None], cfg.block_n))
-    sys_tile = int((plan.ks.dom[0, ::cfg.block_n] == 0).nonzero()[0])  # the tile _mixed writes into
+    forged = dataclasses.replace(plan, ks=_mixed(plan.ks, secret[None], cfg.block_kt))
+    sys_tile = int((plan.ks.dom[0, ::cfg.block_kt] == 0).nonzero()[0])  # the key block _mixed writes into
     q_dom = plan.qs.dom[0, ::cfg.block_m]
     readers = runs_kinds(*plan.runs_t, plan.qs.size // cfg.block_m)[0, 0, sys_tile]
     assert bool(((readers == FULL) & (q_dom != 0) & (q_dom != SECRET)).any())
@@ -568,6 +577,33 @@ def test_plan_tables_out_of_bounds_are_refused(compiled, field):
     with torch.no_grad():  # the honest plan still runs, and is checked once
         guard(q, k, v, layout, 0, plan=plan)
         assert plan in guard._checked
+
+
+@pytest.mark.parametrize("forgery", ["key_major_per_tile", "keys_padded_to_16"])
+def test_key_major_tables_must_match_the_dk_dv_block(compiled, forgery, monkeypatch):
+    """With dk/dv programs of 32 keys, a plan whose key-major tables are per 16-key tile, or whose
+    key slots are padded only to 16 (a 32-key block may then hold two domains), is refused (DG319);
+    the per-tile tables, run unchecked, give wrong key gradients, so the check is what stops them."""
+    import dataclasses
+
+    att = importlib.import_module("domainguard.attention")
+    ids, layout, secret, (q, k, v), guard, plan = _forgery_case(compiled, SMALL_KT, 96, seed=5, qkv_seed=5)
+    if forgery == "key_major_per_tile":
+        kinds_t = runs_kinds(*plan.runs, plan.ks.size // SMALL_KT.block_n).transpose(-1, -2).contiguous()
+        forged = dataclasses.replace(plan, runs_t=(tile_runs(kinds_t, FULL), tile_runs(kinds_t, PARTIAL)))
+    else:
+        small = GuardedAttention(compiled, SMALL).plan(layout, 0, heads=1, dtype=q.dtype, head_dim=64)
+        assert small.ks.size % SMALL_KT.block_kt or bool(
+            (small.ks.dom[0].view(-1, 32) != small.ks.dom[0].view(-1, 32)[:, :1]).any())
+        forged = dataclasses.replace(small, config=SMALL_KT)
+    with torch.no_grad(), pytest.raises(KernelError) as e:
+        guard(q, k, v, layout, 0, plan=forged)
+    assert e.value.code == "DG319"
+    if forgery == "key_major_per_tile":
+        monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
+        do = torch.randn_like(q)
+        honest, wrong = _grads(guard, layout, plan, q, k, v, do), _grads(guard, layout, forged, q, k, v, do)
+        assert not torch.equal(honest[2], wrong[2])
 
 
 def test_digest_covers_tables_and_sources(compiled):

@@ -10,7 +10,7 @@ import triton.language as tl
 import domainguard as dg
 from domainguard.kernels.masks import _key_readable, _pair_mask, _tile_mask, pair_mask_reference
 from domainguard.kernels.permute import backward_inputs, backward_inputs_reference, gather_rows, gather_rows_reference
-from domainguard.kernels.plan import FULL, PARTIAL, Runs, runs_kinds, sort_slots, tile_runs
+from domainguard.kernels.plan import EMPTY, FULL, PARTIAL, Runs, merge_key_tiles, runs_kinds, sort_slots, tile_runs
 from domainguard.kernels.tables import freeze
 from domainguard.layout import TokenAttrs
 from domainguard.patterns import rules_for, token_mask
@@ -78,6 +78,34 @@ def test_tile_runs_rebuild_the_kinds():
         assert torch.equal(rebuilt, kinds == kind)
         assert runs.tiles == int((kinds == kind).sum())
     assert torch.equal(runs_kinds(tile_runs(kinds, FULL), tile_runs(kinds, PARTIAL), kinds.shape[-1]), kinds)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_merged_key_tiles_are_the_block_map_of_wider_key_tiles(compiled, window):
+    """Key-major tables of dk/dv programs owning 2 or 4 key tiles (``merge_key_tiles``) equal the
+    block map built directly at that key-tile size, over the same slots."""
+    from domainguard.attention import GuardedAttention, _slot_attrs
+
+    if window:
+        windowed = POLICY.replace("default: {causal: true}", f"default: {{causal: true, window: {window}}}")
+        assert windowed != POLICY
+        compiled = dg.compile(dg.loads_policy(windowed), layers=1)
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, compiled.num_domains, (2, 150), generator=g)
+    ids[1, -20:] = compiled.pad_id
+    layout = dg.Layout.from_ids(compiled, ids)
+    guard = GuardedAttention(compiled)
+    qa, ka = layout.attrs(), layout.attrs()
+    qs = sort_slots(qa.domain, qa.index, qa.rank, compiled.pad_id, 64, query=True)
+    ks = sort_slots(ka.domain, ka.index, ka.rank, compiled.pad_id, 64, query=False)
+    fine = guard._tile_kinds(0, _slot_attrs(qs), _slot_attrs(ks), 16, 16)
+    seen = set()
+    for r in (2, 4):
+        wide = guard._tile_kinds(0, _slot_attrs(qs), _slot_attrs(ks), 16, 16 * r)
+        assert torch.equal(merge_key_tiles(fine, r), wide)
+        seen |= set(wide.unique().tolist())
+    assert seen == {EMPTY, PARTIAL, FULL}  # every case of the merge occurs
+    assert merge_key_tiles(fine, 1) is fine
 
 
 def test_runs_kinds_marks_overlapping_runs():
