@@ -316,7 +316,6 @@ SWEEP = {  # name: KernelConfig overrides (the measured outcomes are in BENCHMAR
     "kt128_m16_s3": _bwd((128, 16, 8, 3), (64, 64, 4, 2)),
     "kt128_m32_s2": _bwd((128, 32, 8, 2), (64, 64, 4, 2)),
     "kt128_m32_s3": _bwd((128, 32, 8, 3), (64, 64, 4, 2)),
-    "kt64_w8": _bwd((64, 32, 8, 3), (64, 64, 4, 2)),
     # float32 (--dtype float32): forward tile shapes (block_m, block_n, warps) and stages, over default_config(float32, d)
     "fp32_bm64_w4": dict(block_m=64, num_warps=4),
     "fp32_bm64_w8": dict(block_m=64, num_warps=8),
