@@ -467,7 +467,7 @@ class _GuardedAttentionFn(torch.autograd.Function):
             check_full=cfg.check_full, use_tma=cfg.use_tma, warp_specialize=cfg.warp_specialize, kv_slots=(kp, vp),
         )
         ctx.save_for_backward(q, kp, vp, out, lse2)
-        ctx.kv_like = (torch.empty_like(k, device="meta"), torch.empty_like(v, device="meta"))
+        ctx.kv_shapes = (k.shape, v.shape)
         ctx.plan, ctx.tables, ctx.scale = plan, tables, scale
         ctx.mark_non_differentiable(lse2)
         return out, lse2
@@ -484,7 +484,7 @@ class _GuardedAttentionFn(torch.autograd.Function):
         qp, dop, delta_s = backward_inputs(q, dout, out, plan.qs.tok)
         # Every real token owns a slot and every slot is written: no zero-fill needed.
         dq = torch.empty_like(q)
-        dk, dv = (torch.empty_like(t, device=q.device) for t in ctx.kv_like)
+        dk, dv = (torch.empty(shape, dtype=kp.dtype, device=kp.device) for shape in ctx.kv_shapes)
         launch_backward(
             qp, dop, lse2, delta_s, kp, vp, dq, dk, dv, plan.qs, plan.ks, plan.runs, plan.runs_t,
             ctx.tables, ctx.scale, block_m=cfg.block_m, block_n=cfg.block_n, block_kt=cfg.block_kt,
