@@ -576,9 +576,10 @@ class GuardedAttention:
         n = layout.domain_ids.shape[1]
         qsl = _normalize_q_slice(q_slice, n)
         pad_id = self.compiled.pad_id
-        if cfg.block_kt % cfg.block_n or cfg.block_kt % dict(cfg.dkdv)["SUB_N"]:
-            raise KernelError(f"dk/dv SUB_N {dict(cfg.dkdv)['SUB_N']} and block_n {cfg.block_n}: the larger must be "
-                              f"a multiple of the smaller", code="DG321")
+        sub_n = dict(cfg.dkdv)["SUB_N"]
+        if cfg.block_kt % cfg.block_n or cfg.block_kt % sub_n:
+            raise KernelError(f"dk/dv SUB_N {sub_n} and block_n {cfg.block_n}: the larger must be a multiple of the "
+                              f"smaller", code="DG321")
         pad_to = math.lcm(cfg.block_m, cfg.block_kt)
         qa, ka = layout.attrs(qsl), layout.attrs()
         qs = sort_slots(qa.domain, qa.index, qa.rank, pad_id, pad_to, query=True)

@@ -255,8 +255,8 @@ def launch_forward(
     """Run ``_fwd_kernel`` on the caller's q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (last dims contiguous).
 
     ``runs`` = (full, partial) ``plan.Runs``. ``kv_slots``: k and v already in slot order
-    (``permute.gather_rows(x, ks.tok)``), when the caller keeps them; otherwise copied here. Returns (out [B, Hq, Nq, D] in q's order,
-    lse2 [B, Hq, Sq] in log2 units, slot order).
+    (``permute.gather_rows(x, ks.tok)``), when the caller keeps them; otherwise copied here.
+    Returns (out [B, Hq, Nq, D] in q's order, lse2 [B, Hq, Sq] in log2 units, slot order).
     """
     from .permute import gather_rows
 
