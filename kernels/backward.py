@@ -10,8 +10,10 @@ Exactness mirrors the forward: probabilities and dS of masked pairs are selected
 exactly 0 (a NaN in an unreadable key's V reaches only its own column of dP, which the
 select drops); in the dq kernel K rows the query tile may not read are replaced by zeros
 before dS @ K unless the kernel has read the key domain of every tile the run tables list
-and found it readable (then, key tiles being domain-pure — which only check_plan checks —
-every key is readable or a zero padding row), and a query
+and found it readable, and every slot of every PARTIAL tile listed and found it of its tile's
+domain or padding (then every key is readable or a zero padding row: for FULL tiles because
+check_plan has found key tiles domain-pure, for PARTIAL ones by the kernel's own reading, and
+those mask padding by its index alone), and a query
 sub-tile whose rows are not all of its tile's domain runs masked with the foreign rows
 reading nothing. The dk/dv kernel mirrors this from the key side: its key block runs a FULL
 query tile unmasked only if the block's keys are all of one domain and (with the table check
@@ -29,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .forward import LOG2E, _dot, _masked_run, _trusted_counts, dot_precision
+from .forward import LOG2E, _dot, _key_attrs, _masked_run, _trusted_counts, dot_precision
 from .masks import _key_readable, _readable_bits, _tile_mask
 
 
@@ -52,18 +54,20 @@ def _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qsl
     delta = tl.load(Delta + q_off + rows)
     st = _dot(k, tl.trans(q), None, PREC)  # [SUB_N, SUB_M]
     if MASKED:
-        q_dom = tl.load(QDom + qslot0 + rows)
         q_idx = tl.load(QIdx + qslot0 + rows)
         if HAS_PAT:
             q_rank = tl.load(QRank + qslot0 + rows)
         else:
             q_rank = q_idx
         # Relation of the query tile's domain (``readable``); rows of another domain (never in a
-        # checked plan) read nothing.
-        row_ok = q_dom == q_tile_dom
+        # checked plan) read nothing. Without ``SELECT_Q`` the kernel has found every row of the
+        # tile of its domain (``_trusted_readers``), so no row's domain is loaded again.
         if SELECT_Q:
+            row_ok = tl.load(QDom + qslot0 + rows) == q_tile_dom
             q = tl.where(row_ok[:, None], q, 0.0)
             do = tl.where(row_ok[:, None], do, 0.0)
+        else:
+            row_ok = rows >= 0
         allowed = _tile_mask(readable, row_ok, q_idx, q_rank, k_idx, k_rank, q_tile_dom, CAUSAL, DP, PAT, HAS_PAT, True)
         pt = tl.where(allowed, tl.math.exp2(tl.where(allowed, st, float("-inf")) * qk_scale - lse2[None, :]), 0.0)
     else:
@@ -240,22 +244,21 @@ def _trusted_readers(key_pure, FS, FE, n_full, PS, PE, n_part, QDom, qslot0, k_t
 def _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, row_ok, q_idx, q_rank,
              tile_dom, qk_scale, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr,
              HAS_PAT: tl.constexpr, HEAD_DIM: tl.constexpr, SUB_N: tl.constexpr, MASKED: tl.constexpr,
-             SELECT_K: tl.constexpr, PREC: tl.constexpr):
+             SELECT_K: tl.constexpr, PREC: tl.constexpr, BY_INDEX: tl.constexpr):
     """Add the contribution of key slots [col0, col0 + SUB_N) to dq [SUB_M, D]. ``MASKED``: pairs
     allowed by ``tile_dom``'s relation, causality and pattern only; ``SELECT_K``: K rows of keys
-    ``tile_dom`` may not read are replaced by zeros before dS @ K."""
+    ``tile_dom`` may not read are replaced by zeros before dS @ K; ``BY_INDEX``: readability is the
+    index test alone (see ``forward._masked_step``)."""
     d = tl.arange(0, HEAD_DIM)
     cols = col0 + tl.arange(0, SUB_N)
     k = tl.load(Kp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
     v = tl.load(Vp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
     if MASKED:
-        k_dom = tl.load(KDom + kslot0 + cols)
-        k_idx = tl.load(KIdx + kslot0 + cols)
-        if HAS_PAT:
-            k_rank = tl.load(KRank + kslot0 + cols)
+        k_dom, k_idx, k_rank = _key_attrs(KDom, KIdx, KRank, kslot0 + col0, SUB_N, HAS_PAT, BY_INDEX)
+        if BY_INDEX:  # slots checked (``_trusted_counts``): keys of a readable domain or padding (index < 0)
+            readable = k_idx >= 0
         else:
-            k_rank = k_idx
-        readable = _key_readable(tile_dom, k_dom, REL, DP)
+            readable = _key_readable(tile_dom, k_dom, REL, DP)
         if SELECT_K:
             k = tl.where(readable[:, None], k, 0.0)
         allowed = _tile_mask(readable, row_ok, q_idx, q_rank, k_idx, k_rank, tile_dom, CAUSAL, DP, PAT, HAS_PAT, False)
@@ -274,12 +277,12 @@ def _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, 
 def _dq_run(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, u0, u1, row_ok, q_idx, q_rank,
             tile_dom, qk_scale, REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr,
             HAS_PAT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr,
-            MASKED: tl.constexpr, SELECT_K: tl.constexpr, PREC: tl.constexpr):
+            MASKED: tl.constexpr, SELECT_K: tl.constexpr, PREC: tl.constexpr, BY_INDEX: tl.constexpr):
     """Key tiles [u0, u1) of one run, SUB_N slots at a time (one flat loop, as tuned); see ``_dq_step``."""
     for col0 in range(u0 * BLOCK_N, u1 * BLOCK_N, SUB_N):
         dq = _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, col0, row_ok, q_idx,
                       q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_N, MASKED, SELECT_K,
-                      PREC)
+                      PREC, BY_INDEX)
     return dq
 
 
@@ -335,22 +338,22 @@ def _dq_kernel(
     n_part = tl.load(PartRuns + lrow)
     # As in the forward: the run tables are followed only for a pure sub-tile whose listed key
     # domains the frozen relation lets it read.
-    n_fast, n_part_fast = _trusted_counts(row_ok, FS, FE, n_full, PS, PE, n_part, KDom, kslot0, tile_dom, REL, DP,
+    n_fast, n_part_fast = _trusted_counts(row_ok, FS, FE, n_full, PS, PE, n_part, KDom, KIdx, kslot0, tile_dom, REL, DP,
                                           BLOCK_N, CHECK_FULL)
     for r in range(n_fast):
         dq = _dq_run(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, tl.load(FS + r),
                      tl.load(FE + r), row_ok, q_idx, q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT,
-                     HEAD_DIM, BLOCK_N, SUB_N, False, False, PREC)
+                     HEAD_DIM, BLOCK_N, SUB_N, False, False, PREC, False)
     for r in range(n_part_fast):
         dq = _dq_run(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, tl.load(PS + r),
                      tl.load(PE + r), row_ok, q_idx, q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT,
-                     HEAD_DIM, BLOCK_N, SUB_N, True, False, PREC)
+                     HEAD_DIM, BLOCK_N, SUB_N, True, False, PREC, True)
     n_slow_full = n_full - n_fast
     for r in range(n_slow_full + n_part - n_part_fast):
         u0, u1 = _masked_run(r, n_slow_full, FS, FE, PS, PE)
         dq = _dq_run(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, u0, u1, row_ok, q_idx,
                      q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_N, SUB_N, True, True,
-                     PREC)
+                     PREC, False)
     q_tok = tl.load(QTok + b * Sq + rows)
     ok = q_tok >= 0
     row = tl.where(ok, q_tok, 0).to(tl.int64)

@@ -412,6 +412,41 @@ def test_forged_partial_tiles_stay_exact_inside_the_kernel(compiled, cfg, forger
         assert _rel_err(a[:, :, ~secret], honest[:, :, ~secret]) < 1e-5  # the forged tables change no allowed pair
 
 
+@pytest.mark.parametrize("cfg", [SMALL, SMALL_PTR], ids=["tma", "ptr"])
+def test_forged_mixed_partial_key_tile_is_read_masked(compiled, cfg, monkeypatch):
+    """Honest labels, forged key order: a `secret` key swapped into a `sys` key tile (`_mixed`, past
+    check_plan), and run tables listing every allowed tile PARTIAL, so readers of sys meet the mixed
+    tile on the PARTIAL path, whose first slot (the one the FULL check reads) is sys. PARTIAL tiles
+    that pass the kernel's check are masked by key index alone (keys of a readable domain or padding)
+    with V and K not selected; the kernel reads every slot of every listed PARTIAL tile, finds the
+    secret key and runs the query tile masked with unreadable V (forward) and K (dq) rows replaced.
+    Poisoning every secret K and V moves no output or dq of a row that may not read secret (a kernel
+    masking the secret key's score only turns those rows NaN: 0 * NaN in P @ V)."""
+    import dataclasses
+
+    att = importlib.import_module("domainguard.attention")
+    monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
+    ids, layout, secret, (q, k, v), guard, plan = _forgery_case(compiled, cfg, 96, seed=43, qkv_seed=4)
+    ks = _mixed(plan.ks, secret[None], cfg.block_n)
+    tk = plan.ks.size // cfg.block_n
+    kinds = runs_kinds(*plan.runs, tk)
+    forged_kinds = torch.where(kinds == FULL, torch.full_like(kinds, PARTIAL), kinds)
+    forged = dataclasses.replace(plan, ks=ks, runs=(tile_runs(forged_kinds, FULL), tile_runs(forged_kinds, PARTIAL)))
+    mixed_tile = int(((ks.dom[0].view(tk, -1) == SECRET) & (ks.dom[0].view(tk, -1)[:, :1] == 0)).any(1).nonzero()[0])
+    readers = plan.qs.dom[0, ::cfg.block_m]
+    listed = forged_kinds[0, 0, :, mixed_tile] == PARTIAL
+    assert bool((listed & (readers != SECRET) & (readers != 0)).any())  # non-readers of secret list it PARTIAL
+    do = torch.randn_like(q)
+    pk, pv = k.detach().clone(), v.detach().clone()
+    pk[:, :, secret] = float("inf")
+    pv[:, :, secret] = float("nan")
+    clean = _grads(guard, layout, forged, q, k, v, do)
+    dirty = _grads(guard, layout, forged, q, pk, pv, do)
+    for name, a, b in zip(("out", "dq"), clean[:2], dirty[:2]):
+        assert torch.isfinite(b[:, :, ~secret]).all(), name
+        assert torch.equal(a[:, :, ~secret], b[:, :, ~secret]), name
+
+
 def _forgery_case(compiled, cfg, n: int, seed: int, qkv_seed: int, heads: int = 1):
     """One row of ``n`` tokens in short random segments, fp32 q/k/v (one kv head), a guard with
     ``cfg`` and its honest plan: (ids, layout, secret mask [n], (q, k, v), guard, plan)."""

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 import domainguard as dg
+from domainguard.kernels.forward import _runs_impure, _runs_readable
 from domainguard.kernels.masks import _key_readable, _pair_mask, _tile_mask, pair_mask_reference
 from domainguard.kernels.permute import backward_inputs, backward_inputs_reference, gather_rows, gather_rows_reference
 from domainguard.kernels.plan import EMPTY, FULL, PARTIAL, Runs, merge_key_tiles, runs_kinds, sort_slots, tile_runs
@@ -272,3 +273,48 @@ def test_forward_kernel_against_its_slot_order_twin(compiled, use_tma):
     real = plan.qs.tok >= 0
     torch.testing.assert_close(lse2[:, :, :][real[:, None].expand_as(lse2)], ref_lse2[real[:, None].expand_as(lse2)],
                                rtol=1e-4, atol=1e-4)
+
+
+@triton.jit
+def _runs_check_probe(Start, End, N, KDom, KIdx, Dom, Out, REL: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
+                      CHUNK: tl.constexpr):
+    n = tl.load(N)
+    tl.store(Out, _runs_readable(Start, End, n, KDom, 0, tl.load(Dom), REL, DP, BLOCK_N, CHUNK))
+    tl.store(Out + 1, _runs_impure(Start, End, n, KDom, KIdx, 0, BLOCK_N, CHUNK))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 64])
+def test_run_table_check_counts_every_fault(compiled, chunk):
+    """``forward._runs_readable`` and ``forward._runs_impure`` (what the forward and dq kernels
+    check before trusting their run tables) against counts in Python, on random tables of up to 9
+    runs of up to 7 tiles: every listed tile whose first slot's domain the reader may not read, and
+    every slot of a listed tile that is neither of that domain nor padding (index < 0); tiles not
+    listed never count. Chunks of 1, 2 and 4 tiles make the inner loops go round several times."""
+    tables = freeze(compiled, 0)
+    g = torch.Generator().manual_seed(chunk)
+    bn, tiles = 4, 40
+    rel = compiled.relation(0)
+    faults = 0
+    for trial in range(12):
+        kd = torch.randint(0, tables.dp, (tiles, 1), generator=g).repeat(1, bn)
+        ki = torch.randint(0, 50, (tiles, bn), generator=g)
+        odd = torch.rand(tiles, bn, generator=g) < 0.04  # stray slots of another domain, or padding
+        kd = torch.where(odd, torch.randint(0, tables.dp, (tiles, bn), generator=g), kd)
+        ki = torch.where(odd & (torch.rand(tiles, bn, generator=g) < 0.5), torch.full_like(ki, -1), ki)
+        cuts = sorted(torch.randperm(tiles, generator=g)[: 2 * int(torch.randint(0, 10, (1,), generator=g))].tolist())
+        starts, ends = cuts[0::2], cuts[1::2]
+        reader = int(torch.randint(0, compiled.num_domains, (1,), generator=g))
+        unreadable = impure = 0
+        for s, e in zip(starts, ends):
+            for t in range(s, e):
+                first = int(kd[t, 0])
+                unreadable += int(first >= compiled.num_domains or not bool(rel[reader, first]))
+                impure += int(((kd[t] != first) & (ki[t] >= 0)).sum())
+        out = torch.zeros(2, dtype=torch.int32, device=DEV)
+        args = [torch.tensor(x, dtype=torch.int32, device=DEV) for x in (starts + [0], ends + [0], [len(starts)])]
+        _runs_check_probe[(1,)](*args, kd.int().flatten().to(DEV), ki.int().flatten().to(DEV),
+                                torch.tensor([reader], dtype=torch.int32, device=DEV), out, REL=tables.rel_bits,
+                                DP=tables.dp, BLOCK_N=bn, CHUNK=chunk)
+        assert out.tolist() == [unreadable, impure], (trial, starts, ends)
+        faults += unreadable * impure  # trials with both kinds of fault
+    assert faults > 0
