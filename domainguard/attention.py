@@ -460,7 +460,7 @@ class _GuardedAttentionFn(torch.autograd.Function):
         cfg = plan.config
         # K/V in slot order: copied once, read by the forward and kept for the backward (in place
         # of k and v, so no more memory is held than before and the backward does not copy again).
-        kp, vp = gather_rows(k, plan.ks.tok), gather_rows(v, plan.ks.tok)
+        kp, vp = gather_rows(k, plan.ks.tok, v)  # one launch for both
         out, lse2 = launch_forward(
             q, k, v, plan.qs, plan.ks, plan.runs, plan.order, tables, scale,
             block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

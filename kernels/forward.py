@@ -300,7 +300,7 @@ def launch_forward(
     """Run ``_fwd_kernel`` on the caller's q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (last dims contiguous).
 
     ``runs`` = (full, partial) ``plan.Runs``. ``kv_slots``: k and v already in slot order
-    (``permute.gather_rows(x, ks.tok)``), when the caller keeps them; otherwise copied here.
+    (``permute.gather_rows(k, ks.tok, v)``), when the caller keeps them; otherwise copied here.
     Returns (out [B, Hq, Nq, D] in q's order, lse2 [B, Hq, Sq] in log2 units, slot order).
     """
     from .permute import gather_rows
@@ -312,7 +312,7 @@ def launch_forward(
     if out is None:
         out = torch.empty_like(q)
     lse2 = torch.empty(b, hq, qs.size, dtype=torch.float32, device=q.device)
-    kp, vp = kv_slots if kv_slots is not None else (gather_rows(k, ks.tok), gather_rows(v, ks.tok))
+    kp, vp = kv_slots if kv_slots is not None else gather_rows(k, ks.tok, v)
     kp, vp = kp.view(b * hkv * sk, d), vp.view(b * hkv * sk, d)
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor

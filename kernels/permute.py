@@ -17,8 +17,10 @@ def _gather_rows_kernel(
     X, Y, Src,
     sxb, sxh, sxn,  # x strides (last dim contiguous)
     H, S, N,
+    X2, Y2, s2b, s2h, s2n,  # a second tensor of x's shape moved the same way (PAIR)
     HEAD_DIM: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    PAIR: tl.constexpr = False,
 ):
     pid_bh = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -30,30 +32,49 @@ def _gather_rows_kernel(
     src = tl.load(Src + b * S + rows, mask=in_range, other=-1)
     ok = (src >= 0) & (src < N)
     src_safe = tl.where(ok, src, 0).to(tl.int64)
+    y_off = (pid_bh.to(tl.int64) * S) * HEAD_DIM + rows[:, None].to(tl.int64) * HEAD_DIM + cols[None, :]
     x = tl.load(
         X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + src_safe[:, None] * sxn + cols[None, :],
         mask=ok[:, None],
         other=0.0,
     )
-    y_base = Y + (pid_bh.to(tl.int64) * S) * HEAD_DIM
-    tl.store(y_base + rows[:, None].to(tl.int64) * HEAD_DIM + cols[None, :], x, mask=in_range[:, None])
+    tl.store(Y + y_off, x, mask=in_range[:, None])
+    if PAIR:
+        x2 = tl.load(
+            X2 + b.to(tl.int64) * s2b + h.to(tl.int64) * s2h + src_safe[:, None] * s2n + cols[None, :],
+            mask=ok[:, None],
+            other=0.0,
+        )
+        tl.store(Y2 + y_off, x2, mask=in_range[:, None])
 
 
-def gather_rows(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """x [B, H, N, D] (last dim contiguous), src int32 [B, S] → contiguous [B, H, S, D]."""
+def gather_rows(x: torch.Tensor, src: torch.Tensor, x2: torch.Tensor | None = None):
+    """x [B, H, N, D] (last dim contiguous), src int32 [B, S] → contiguous [B, H, S, D].
+
+    With ``x2`` (x's shape and dtype, e.g. V beside K): both moved in one launch, returned as a pair.
+    """
     b, h, n, d = x.shape
     s = src.shape[1]
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty(b, h, s, d, dtype=x.dtype, device=x.device)
-    if b * h * s == 0:
-        return y
-    block_r = 64 if d <= 64 else 32
-    grid = (b * h, triton.cdiv(s, block_r))
-    _gather_rows_kernel[grid](
-        x, y, src, x.stride(0), x.stride(1), x.stride(2), h, s, n, HEAD_DIM=d, BLOCK_R=block_r
-    )
-    return y
+    if x2 is not None:
+        if x2.shape != x.shape or x2.dtype != x.dtype:
+            raise ValueError(f"gather_rows: x2 {tuple(x2.shape)} {x2.dtype} must match x {tuple(x.shape)} {x.dtype}")
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y2 = torch.empty_like(y)
+    else:
+        x2, y2 = x, y
+    if b * h * s:
+        block_r = 64 if d <= 64 else 32
+        grid = (b * h, triton.cdiv(s, block_r))
+        _gather_rows_kernel[grid](
+            x, y, src, x.stride(0), x.stride(1), x.stride(2), h, s, n,
+            x2, y2, x2.stride(0), x2.stride(1), x2.stride(2),
+            HEAD_DIM=d, BLOCK_R=block_r, PAIR=y2 is not y,
+        )
+    return (y, y2) if y2 is not y else y
 
 
 def gather_rows_reference(x: torch.Tensor, src: torch.Tensor) -> torch.Tensor:

@@ -46,12 +46,12 @@ class FrozenTables:
         """Number of ids including the pad id."""
         return self.num_domains + 1
 
-    @property
+    @cached_property
     def has_pattern(self) -> bool:
         """Some domain's queries have pattern parts beyond ``causal`` (the kernels then apply them)."""
         return any(self.pattern)
 
-    @property
+    @cached_property
     def pattern_constants(self) -> tuple[int, ...]:
         """What the kernels take as ``PAT``: ``pattern`` (zeros when there is none), then the
         most random links any domain has (the bound of a static loop), then a bit set of the

@@ -245,9 +245,17 @@ def test_row_moves_are_bitwise_copies(dtype):
     x[0, 1, 4] = float("nan")
     x[1, 2, 7] = float("-inf")
     src = torch.tensor([[3, 4, -1, 0, 19, -1, 7, 7], [7, -1, 2, 1, 0, 5, 6, 4]], dtype=torch.int32, device=DEV)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
     got, want = gather_rows(x, src), gather_rows_reference(x, src)
-    assert torch.equal(got.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
-                       want.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    assert torch.equal(got.view(bits), want.view(bits))
+    # Two tensors in one launch (K and V): the second with other strides ([B, N, H, D] storage).
+    x2 = torch.randn(2, 20, 3, 64, generator=g).to(DEV, dtype).transpose(1, 2)
+    x2[1, 0, 3] = float("inf")
+    pair = gather_rows(x, src, x2)
+    for a, b in zip(pair, (want, gather_rows_reference(x2, src))):
+        assert a.is_contiguous() and torch.equal(a.view(bits), b.view(bits))
+    with pytest.raises(ValueError, match="must match"):
+        gather_rows(x, src, x2[:, :, :10])
     do, o = torch.randn_like(x), torch.randn_like(x)
     for a, b in zip(backward_inputs(x, do, o, src), backward_inputs_reference(x, do, o, src)):
         torch.testing.assert_close(a, b, equal_nan=True)
