@@ -370,8 +370,8 @@ def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hk
     (dk/dv) is of one domain, and that each tile the run tables list is one it may read (a
     key tile's domain from its first slot; a query tile's from every row), and the forward and
     dq read every slot of the PARTIAL key tiles they list; they cannot check labels against the
-    layout, FULL key tiles' purity in the forward and dq, or positions inside a FULL tile. So a plan from outside is re-derived against the layout here: every
-    token in exactly one slot with the layout's own domain, index and rank; tiles
+    layout, FULL key tiles' purity in the forward and dq, or positions inside a FULL tile. So a
+    plan from outside is re-derived against the layout here: every token in exactly one slot with the layout's own domain, index and rank; tiles
     domain-pure; run tables, launch order and decode tile kinds inside their bounds; and,
     when ``kinds_of(q_attrs, k_attrs, block_q, block_k)`` is given (the block map of the
     plan's own slots under the frozen relation and patterns), tile tables equal to it — so

@@ -254,11 +254,9 @@ def _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, 
     k = tl.load(Kp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
     v = tl.load(Vp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
     if MASKED:
-        k_dom, k_idx, k_rank = _key_attrs(KDom, KIdx, KRank, kslot0 + col0, SUB_N, HAS_PAT, BY_INDEX)
-        if BY_INDEX:  # slots checked (``_trusted_counts``): keys of a readable domain or padding (index < 0)
-            readable = k_idx >= 0
-        else:
-            readable = _key_readable(tile_dom, k_dom, REL, DP)
+        # BY_INDEX: slots checked (``_trusted_counts``), keys of a readable domain or padding (index < 0)
+        readable, k_idx, k_rank = _key_attrs(KDom, KIdx, KRank, kslot0 + col0, tile_dom, REL, DP, SUB_N, HAS_PAT,
+                                             BY_INDEX)
         if SELECT_K:
             k = tl.where(readable[:, None], k, 0.0)
         allowed = _tile_mask(readable, row_ok, q_idx, q_rank, k_idx, k_rank, tile_dom, CAUSAL, DP, PAT, HAS_PAT, False)

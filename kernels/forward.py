@@ -84,20 +84,23 @@ def _load_kv(K, V, Kd, Vd, row0, d, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexp
 
 
 @triton.jit
-def _key_attrs(KDom, KIdx, KRank, slot0, BLOCK_N: tl.constexpr, HAS_PAT: tl.constexpr, BY_INDEX: tl.constexpr):
-    """Domain (not loaded when ``BY_INDEX``), sequence index and (with a pattern) rank of key
-    slots [slot0, slot0 + BLOCK_N)."""
+def _key_attrs(KDom, KIdx, KRank, slot0, tile_dom, REL: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_PAT: tl.constexpr, BY_INDEX: tl.constexpr):
+    """(readable, index, rank) of key slots [slot0, slot0 + BLOCK_N) for a query tile of domain
+    ``tile_dom``: readability from the frozen relation and each key's domain, or with ``BY_INDEX``
+    (slots checked to be of a readable domain or padding) from the index alone, no domain loaded.
+    The rank is loaded only with a pattern."""
     cols = slot0 + tl.arange(0, BLOCK_N)
     k_idx = tl.load(KIdx + cols)
     if BY_INDEX:
-        k_dom = k_idx
+        readable = k_idx >= 0
     else:
-        k_dom = tl.load(KDom + cols)
+        readable = _key_readable(tile_dom, tl.load(KDom + cols), REL, DP)
     if HAS_PAT:
         k_rank = tl.load(KRank + cols)
     else:
         k_rank = k_idx
-    return k_dom, k_idx, k_rank
+    return readable, k_idx, k_rank
 
 
 @triton.jit
@@ -109,12 +112,8 @@ def _masked_step(acc, l_i, m_i, q, k, v, row_ok, q_idx, q_rank, tile_dom, KDom, 
     ``row_ok``), its causality and its pattern, from the frozen constants (``masks._tile_mask``).
     ``SELECT_V``: V rows of keys ``tile_dom`` may not read are replaced by zeros first.
     ``BY_INDEX``: the tile was checked to hold only keys of a domain ``tile_dom`` may read and
-    padding slots (index < 0), so readability is the index test alone and no domain is loaded."""
-    k_dom, k_idx, k_rank = _key_attrs(KDom, KIdx, KRank, slot0, BLOCK_N, HAS_PAT, BY_INDEX)
-    if BY_INDEX:
-        readable = k_idx >= 0
-    else:
-        readable = _key_readable(tile_dom, k_dom, REL, DP)
+    padding slots (index < 0), so readability is the index test alone (``_key_attrs``)."""
+    readable, k_idx, k_rank = _key_attrs(KDom, KIdx, KRank, slot0, tile_dom, REL, DP, BLOCK_N, HAS_PAT, BY_INDEX)
     if SELECT_V:
         v = tl.where(readable[:, None], v, 0.0)
     allowed = _tile_mask(readable, row_ok, q_idx, q_rank, k_idx, k_rank, tile_dom, CAUSAL, DP, PAT, HAS_PAT, False)
