@@ -3,6 +3,7 @@
     python benchmarks/attention.py                      # the full table (N = 8K..128K)
     python benchmarks/attention.py --sizes 32768 --no-flex --configs   # per-kernel times of several configs
     python benchmarks/attention.py --sizes 32768 --window 4096          # policies with a sliding window
+    python benchmarks/attention.py --sizes 8192 --graph                 # forwards replayed from CUDA graphs
 
 Layouts: 8 domains in random segments (geometric lengths, mean 1000 or 64 tokens),
 each segment's domain drawn uniformly; policies where each domain reads 1 or 3 other
@@ -82,6 +83,22 @@ def tflops(pairs: float, ms: float, factor: float = 1.0) -> float:
     return 4.0 * HEAD_DIM * HEADS * pairs * factor / (ms * 1e-3) / 1e12
 
 
+def graphed(fn):
+    """``fn`` (a forward, run without autograd) captured once in a CUDA graph after a warm-up on a
+    side stream; returns the graph's replay, which launches the same kernels with no host work."""
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            fn()
+    return graph.replay
+
+
 # --- contenders --------------------------------------------------------------------------------
 def run_ours(guard, plan, q, k, v, layout, do):
     fwd = lambda: guard(q, k, v, layout, plan=plan)  # noqa: E731
@@ -132,7 +149,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--tune", action="store_true", help="pick the faster forward config on a 32K layout first")
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU time of one forward+backward instead")
+    ap.add_argument("--graph", action="store_true",
+                    help="every contender's forward captured in a CUDA graph and replayed (no host cost); implies "
+                         "--no-backward")
     args = ap.parse_args(argv)
+    if args.graph:
+        args.no_backward = True
+    g = graphed if args.graph else (lambda fn: fn)
     HEAD_DIM = args.head_dim
     dtype = getattr(torch, args.dtype)
     dev = torch.device("cuda")
@@ -155,6 +178,7 @@ def main(argv=None) -> int:
         "command": "python " + " ".join(sys.argv),
         "dtype": args.dtype,
         "head_dim": HEAD_DIM,
+        "cuda_graph": args.graph,
     }
     print(json.dumps(info), flush=True)
     policies = {r: dg.compile(dg.loads_policy(policy_yaml(r, window=args.window)), layers=1) for r in reads}
@@ -172,7 +196,7 @@ def main(argv=None) -> int:
         causal_pairs = n * (n + 1) / 2
         # Dense causal SDPA once per N (independent of the layout).
         s_f, s_fb = run_sdpa(q, k, v, do, causal=True)
-        sd = {"fwd": bench(s_f), "fwdbwd": None if args.no_backward else bench(s_fb)}
+        sd = {"fwd": bench(g(s_f)), "fwdbwd": None if args.no_backward else bench(s_fb)}
         sd_tf = {kk: (tflops(causal_pairs, ms, 1.0 if kk == "fwd" else 3.5) if ms else None) for kk, ms in sd.items()}
         for seg in segs:
             ids = segment_ids(n, seg, seed=n + seg)
@@ -199,7 +223,7 @@ def main(argv=None) -> int:
                     print(json.dumps(row), flush=True)
                     continue
                 o_f, o_fb = run_ours(guard, plan, q, k, v, layout, do)
-                ours = {"fwd": bench(o_f), "fwdbwd": None if args.no_backward else bench(o_fb)}
+                ours = {"fwd": bench(g(o_f)), "fwdbwd": None if args.no_backward else bench(o_fb)}
                 row["ours"] = ours
                 row["ours_tflops"] = {kk: tflops(pairs, ms, 1.0 if kk == "fwd" else 3.5) if ms else None for kk, ms in ours.items()}
                 if flex is not None:
@@ -208,7 +232,7 @@ def main(argv=None) -> int:
                     with torch.no_grad():
                         err = (flex(q, k, v, block_mask=bm).float() - o_f().float()).abs().max().item()
                     row["max_abs_diff_vs_flex"] = err
-                    fl = {"fwd": bench(f_f), "fwdbwd": None if args.no_backward else bench(f_fb)}
+                    fl = {"fwd": bench(g(f_f)), "fwdbwd": None if args.no_backward else bench(f_fb)}
                     row["flex"] = fl
                     row["flex_tflops"] = {kk: tflops(pairs, ms, 1.0 if kk == "fwd" else 3.5) if ms else None for kk, ms in fl.items()}
                 if n * n / 2**30 <= args.mask_limit_gb:
@@ -220,7 +244,7 @@ def main(argv=None) -> int:
                         mask.triu_(-(args.window - 1))
                     mask = mask[None, None]
                     m_f, m_fb = run_sdpa(q, k, v, do, causal=False, mask=mask)
-                    row["sdpa_mask"] = {"fwd": bench(m_f), "fwdbwd": None if args.no_backward else bench(m_fb)}
+                    row["sdpa_mask"] = {"fwd": bench(g(m_f)), "fwdbwd": None if args.no_backward else bench(m_fb)}
                     del mask
                 else:
                     row["sdpa_mask"] = "skipped: N x N mask too large"
@@ -379,7 +403,7 @@ def _fmt(x, nd=2):
 
 def print_table(info, rows):
     print(f"\n{info['device']}, torch {info['torch']}, triton {info['triton']}; "
-          f"{info['dtype']}, head dim {info['head_dim']}")
+          f"{info['dtype']}, head dim {info['head_dim']}" + ("; forwards replayed from CUDA graphs" if info.get("cuda_graph") else ""))
     hdr = ("| N | seg | reads | density | ours fwd ms | TF/s | flex fwd ms | TF/s | vs flex | SDPA causal ms | TF/s | "
            "ours/SDPA TF | SDPA mask ms | ours f+b ms | TF/s | flex f+b ms | vs flex | SDPA causal f+b ms |")
     print(hdr)

@@ -159,6 +159,81 @@ def test_poisoned_forbidden_domain_is_invisible(compiled, poison, cfg):
         assert torch.isfinite(a[:, :, keep]).all(), name
 
 
+def _captured(fn):
+    """``fn`` captured once in a CUDA graph after a warm-up on a side stream (plans, checks and
+    compiles happen there, as CUDA graphs require); returns (graph, what fn returned in capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):  # the warm-up's stream: autograd's nodes were made there
+        res = fn()
+    return graph, res
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("mode", ["forward", "forward+backward", "decode"])
+def test_guarded_call_replays_in_a_cuda_graph(compiled, mode):
+    """A guarded call captured once in a CUDA graph, replayed on new inputs written into the same
+    tensors: the same bits as an eager call on those inputs, and a poisoned forbidden domain stays
+    invisible to protected outputs and gradients under replay."""
+    n, hq, hkv, d, new = 900, 4, 2, 128, 5
+    ids = _ids(1, n, seed=29)
+    if mode == "decode":
+        ids[0, -new:] = 4  # the new tokens are `answer`
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    guard = GuardedAttention(compiled)
+    nq = new if mode == "decode" else n
+    q, k, v = (t.detach() for t in _qkv(1, hq, hkv, n, d, torch.bfloat16, seed=31, nq=nq))
+    do = torch.randn(1, hq, nq, d).to(DEV, torch.bfloat16)
+    qsl = new if mode == "decode" else None
+    backward = mode == "forward+backward"
+    for t in (q, k, v):
+        t.requires_grad_(backward)
+
+    def call(q, k, v):
+        if not backward:
+            with torch.no_grad():
+                return guard(q, k, v, layout, 1, q_slice=qsl), ()
+        for t in (q, k, v):
+            t.grad = None
+        out = guard(q, k, v, layout, 1, q_slice=qsl)
+        out.backward(do)
+        return out, (q.grad, k.grad, v.grad)
+
+    graph, (out, grads) = _captured(lambda: call(q, k, v))
+    secret = (ids[0] == SECRET).to(DEV)
+    results = []
+    for seed, poison in ((41, None), (41, float("nan")), (43, None)):
+        fresh = _qkv(1, hq, hkv, n, d, torch.bfloat16, seed=seed, nq=nq)
+        with torch.no_grad():
+            for t, f in zip((q, k, v), fresh):
+                t.copy_(f)
+                if poison is not None:
+                    t[:, :, secret[-t.shape[2]:]] = poison
+        graph.replay()
+        got = (out.clone(), *(g.clone() for g in grads))
+        eager_out, eager_grads = call(*(t.detach().clone().requires_grad_(backward) for t in (q, k, v)))
+        eager = (eager_out, *eager_grads)
+        for a, b in zip(got, eager):  # replay == eager, bit for bit (poisoned rows' NaNs included)
+            assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+        results.append(got)
+    (clean, dirty, other) = results
+    assert not torch.equal(clean[0], other[0])  # the replay really ran on the new inputs
+    q_keep = ~secret[-nq:]
+    # Gradients: dk/dv of keys read by secret (secret reads sys) legitimately change.
+    k_keep = ~(secret | (ids[0] == 0).to(DEV))
+    assert torch.equal(clean[0][:, :, q_keep], dirty[0][:, :, q_keep])
+    assert torch.isfinite(clean[0][:, :, q_keep]).all()
+    if backward:
+        assert torch.equal(clean[1][:, :, q_keep], dirty[1][:, :, q_keep])
+        for a, b in zip(clean[2:], dirty[2:]):
+            assert torch.equal(a[:, :, k_keep], b[:, :, k_keep])
+
+
 def test_fully_masked_rows_give_zero_and_finite_lse():
     lonely = dg.compile(dg.loads_policy(LONELY), layers=1)
     n = 40
