@@ -21,7 +21,7 @@ from attention import HEAD_DIM, HEADS, policy_yaml, segment_ids  # noqa: E402
 
 import domainguard as dg  # noqa: E402
 from domainguard.attention import GuardedAttention  # noqa: E402
-from domainguard.kernels.forward import LOG2E, _fwd_kernel, dot_precision  # noqa: E402
+from domainguard.kernels.forward import LOG2E, _fwd_kernel, dot_precision, launch_query_trust  # noqa: E402
 from domainguard.kernels.permute import gather_rows  # noqa: E402
 from domainguard.kernels.plan import Runs  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
@@ -89,14 +89,16 @@ def main():
                       BLOCK_N=cfg.block_n, PREC=dot_precision(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
         def runs_launch(f, p, check=True, grid_x=None):
+            trust = launch_query_trust(qs, ks, (f, p), tables, block_m=cfg.block_m, block_n=cfg.block_n, check_full=check)
+
             def go():
                 _fwd_kernel[(grid_x or tq, HEADS)](
                     q, kp, vp, kd, vd, out, lse2, q.stride(0), q.stride(1), q.stride(2),
                     out.stride(0), out.stride(1), out.stride(2),
                     qs.tok, qs.dom, qs.idx, qs.rank, ks.dom, ks.idx, ks.rank,
-                    f.num, f.start, f.end, p.num, p.start, p.end, plan.order,
+                    f.num, f.start, f.end, p.num, p.start, p.end, plan.order, trust,
                     HEADS, HEADS, qs.size, ks.size, tq, f.start.shape[-1], p.start.shape[-1], f.num.shape[1],
-                    plan_scale, CHECK_FULL=check, USE_TMA=True, WARP_SPEC=False, **common)
+                    plan_scale, USE_TMA=True, WARP_SPEC=False, **common)
             return go
 
         plan_scale = HEAD_DIM ** -0.5 * LOG2E

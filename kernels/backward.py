@@ -9,29 +9,33 @@ slot order; gradients are scattered straight back to the caller's token order.
 Exactness mirrors the forward: probabilities and dS of masked pairs are selected to
 exactly 0 (a NaN in an unreadable key's V reaches only its own column of dP, which the
 select drops); in the dq kernel K rows the query tile may not read are replaced by zeros
-before dS @ K unless the kernel has read the key domain of every tile the run tables list
-and found it readable, and every slot of every PARTIAL tile listed and found it of its tile's
+before dS @ K unless the table check run on the same tables just before it
+(``forward._trust_kernel``) has read the key domain of every tile the run tables list and
+found it readable, and every slot of every PARTIAL tile listed and found it of its tile's
 domain or padding (then every key is readable or a zero padding row: for FULL tiles because
-check_plan has found key tiles domain-pure, for PARTIAL ones by the kernel's own reading, and
-those mask padding by its index alone), and a query
-sub-tile whose rows are not all of its tile's domain runs masked with the foreign rows
-reading nothing. The dk/dv kernel mirrors this from the key side: its key block runs a FULL
-query tile unmasked only if the block's keys are all of one domain and (with the table check
-on, ``check_full``) the kernel has read every row's domain of every query tile the key-major
-tables list, found each tile domain-pure and, for FULL tiles, its domain allowed to read the
-block; a PARTIAL run skips the row select only if that check found its query tiles all pure
-(readability is masked per key there). Otherwise the tiles run masked, with Q and dO rows of
-another domain than their tile's replaced by zeros before the products (they sum over query
-rows), and the update of a key its query tile may not read is discarded by a select (never
-by multiplying with 0).
+check_plan has found key tiles domain-pure, for PARTIAL ones by that reading, and those mask
+padding by its index alone), and a query tile whose rows are not all of its first row's
+domain runs masked with the foreign rows reading nothing. The dk/dv kernel mirrors this from
+the key side: its key block runs a FULL query tile unmasked only if the block's keys are all
+of one domain and (with the table check on, ``check_full``) ``_key_trust_kernel``, run just
+before it, has read every row's domain of every query tile the key-major tables list, found
+each tile domain-pure and, for FULL tiles, its domain allowed to read the key tile; a PARTIAL
+run skips the row select only if that check found its query tiles all pure (readability is
+masked per key there). Otherwise the tiles run masked, with Q and dO rows of another domain
+than their tile's replaced by zeros before the products (they sum over query rows), and the
+update of a key its query tile may not read is discarded by a select (never by multiplying
+with 0). The checks are kernels of their own, one program per (batch, mask head, tile), so
+heads that share a mask check once; they are launched by ``launch_backward`` itself, on the
+tables it passes on, so no caller can skip them.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from .forward import LOG2E, _dot, _key_attrs, _masked_run, _trusted_counts, dot_precision
+from .forward import LOG2E, _dot, _key_attrs, _masked_run, dot_precision, launch_query_trust
 from .masks import _key_readable, _readable_bits, _tile_mask
 
 
@@ -61,7 +65,7 @@ def _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qsl
             q_rank = q_idx
         # Relation of the query tile's domain (``readable``); rows of another domain (never in a
         # checked plan) read nothing. Without ``SELECT_Q`` the kernel has found every row of the
-        # tile of its domain (``_trusted_readers``), so no row's domain is loaded again.
+        # tile of its domain (``_key_trust_kernel``), so no row's domain is loaded again.
         if SELECT_Q:
             row_ok = tl.load(QDom + qslot0 + rows) == q_tile_dom
             q = tl.where(row_ok[:, None], q, 0.0)
@@ -93,13 +97,13 @@ def _dkdv_kernel(
     Qp, DOp, Lse2, Delta, Kp, Vp, DK, DV,
     sdkb, sdkh, sdkn,
     QDom, QIdx, QRank, KTok, KDom, KIdx, KRank,
-    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd,
+    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd, Trust,
     Hq, Hkv, Sq, Sk, Tk, RF, RP, Hm,
     qk_scale, sm_scale,
     REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, SUB_M: tl.constexpr,
-    PREC: tl.constexpr, CHECK_FULL: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     tl.static_assert(BLOCK_N % SUB_N == 0, "SUB_N must divide BLOCK_N")
     tl.static_assert(BLOCK_M % SUB_M == 0, "SUB_M must divide BLOCK_M")
@@ -127,13 +131,6 @@ def _dkdv_kernel(
     qslot0 = b * Sq
     dk = tl.zeros([SUB_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([SUB_N, HEAD_DIM], dtype=tl.float32)
-    # What the run tables may be trusted with, from the first head's tables: when every head
-    # shares one mask (Hm == 1) it holds for the whole GQA group; otherwise each head re-checks.
-    lrow = ((b * Hm + (hk * GROUP) % Hm) * Tk + u).to(tl.int64)
-    full_ok, part_ok = _trusted_readers(key_pure, FullStart + lrow * RF, FullEnd + lrow * RF,
-                                        tl.load(FullRuns + lrow), PartStart + lrow * RP, PartEnd + lrow * RP,
-                                        tl.load(PartRuns + lrow), QDom, qslot0, k_tile_dom, REL, DP, BLOCK_M,
-                                        CHECK_FULL)
     for g in range(GROUP):
         h = hk * GROUP + g
         hm = h % Hm
@@ -145,11 +142,9 @@ def _dkdv_kernel(
         PE = PartEnd + lrow * RP
         n_full = tl.load(FullRuns + lrow)
         n_part = tl.load(PartRuns + lrow)
-        if (g > 0) & (Hm > 1):
-            full_ok, part_ok = _trusted_readers(key_pure, FS, FE, n_full, PS, PE, n_part, QDom, qslot0, k_tile_dom,
-                                                REL, DP, BLOCK_M, CHECK_FULL)
-        n_fast = tl.where(full_ok, n_full, 0)
-        n_part_fast = tl.where(part_ok, n_part, 0)
+        # What these run tables may be trusted with (``_key_trust_kernel``, run on them just before).
+        n_fast = tl.where(key_pure & (tl.load(Trust + lrow * 2) != 0), n_full, 0)
+        n_part_fast = tl.where(tl.load(Trust + lrow * 2 + 1) != 0, n_part, 0)
         for r in range(n_fast):
             t0 = tl.load(FS + r)
             t1 = tl.load(FE + r)
@@ -223,21 +218,34 @@ def _runs_readers_bad(Start, End, n_runs, QDom, qslot0, k_dom, READ: tl.constexp
 
 
 @triton.jit
-def _trusted_readers(key_pure, FS, FE, n_full, PS, PE, n_part, QDom, qslot0, k_tile_dom,
-                     REL: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, CHECK_FULL: tl.constexpr):
-    """(FULL runs taken unmasked, PARTIAL runs taken without the row select), both bools for a
-    key block and its key-major run tables. FULL: when the block's keys are all of
-    ``k_tile_dom`` (``key_pure``) and — with ``CHECK_FULL`` — every listed query tile is
-    domain-pure and its domain may read ``k_tile_dom``. PARTIAL: when ``CHECK_FULL`` found every
-    listed query tile domain-pure (readability is masked per key on that path); unchecked tables:
-    never. Runs not taken run masked with rows of another domain replaced by zeros."""
+def _key_trust_kernel(
+    Trust, QDom, KDom, FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd,
+    Sq, Sk, Tk, RF, RP, Hm,
+    REL: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_FULL: tl.constexpr,
+):
+    """What the dk/dv kernel launched right after it may trust in each key tile's key-major run
+    tables, one program per (batch, mask head, key tile): Trust [B * Hm * Tk, 2] int32, both 0/1.
+    FULL: with ``CHECK_FULL``, every listed query tile is domain-pure and its domain may read the
+    key tile's (its first slot's) domain — the kernel adds that its own block of keys is all of
+    that domain. PARTIAL: with ``CHECK_FULL``, every listed query tile is domain-pure (readability
+    is masked per key on that path); unchecked tables: never. Runs not trusted run masked, with
+    rows of another domain replaced by zeros."""
+    u = tl.program_id(0)
+    bm = tl.program_id(1)  # b * Hm + hm
+    b = bm // Hm
+    qslot0 = b * Sq
+    k_tile_dom = tl.load(KDom + b * Sk + u * BLOCK_N)
+    lrow = (bm * Tk + u).to(tl.int64)
     if CHECK_FULL:
-        full_ok = key_pure & (_runs_readers_bad(FS, FE, n_full, QDom, qslot0, k_tile_dom, True, REL, DP, BLOCK_M, 16) == 0)
-        part_ok = _runs_readers_bad(PS, PE, n_part, QDom, qslot0, k_tile_dom, False, REL, DP, BLOCK_M, 16) == 0
+        full_ok = _runs_readers_bad(FullStart + lrow * RF, FullEnd + lrow * RF, tl.load(FullRuns + lrow), QDom, qslot0,
+                                    k_tile_dom, True, REL, DP, BLOCK_M, 16) == 0
+        part_ok = _runs_readers_bad(PartStart + lrow * RP, PartEnd + lrow * RP, tl.load(PartRuns + lrow), QDom, qslot0,
+                                    k_tile_dom, False, REL, DP, BLOCK_M, 16) == 0
     else:
-        full_ok = key_pure
-        part_ok = key_pure & False
-    return full_ok, part_ok
+        full_ok = k_tile_dom == k_tile_dom
+        part_ok = k_tile_dom != k_tile_dom
+    tl.store(Trust + lrow * 2, full_ok.to(tl.int32))
+    tl.store(Trust + lrow * 2 + 1, part_ok.to(tl.int32))
 
 
 @triton.jit
@@ -289,13 +297,13 @@ def _dq_kernel(
     Qp, DOp, Lse2, Delta, Kp, Vp, DQ,
     sdqb, sdqh, sdqn,
     QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
-    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd,
+    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd, Trust,
     Hq, Hkv, Sq, Sk, Tq, RF, RP, Hm,
     qk_scale, sm_scale,
     REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr, SUB_N: tl.constexpr,
-    PREC: tl.constexpr, CHECK_FULL: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % SUB_M == 0, "SUB_M must divide BLOCK_M")
     tl.static_assert(BLOCK_N % SUB_N == 0, "SUB_N must divide BLOCK_N")
@@ -334,10 +342,10 @@ def _dq_kernel(
     PE = PartEnd + lrow * RP
     n_full = tl.load(FullRuns + lrow)
     n_part = tl.load(PartRuns + lrow)
-    # As in the forward: the run tables are followed only for a pure sub-tile whose listed key
-    # domains the frozen relation lets it read.
-    n_fast, n_part_fast = _trusted_counts(row_ok, FS, FE, n_full, PS, PE, n_part, KDom, KIdx, kslot0, tile_dom, REL, DP,
-                                          BLOCK_N, CHECK_FULL)
+    # As in the forward: the run tables are followed only for a pure tile whose listed key
+    # domains the frozen relation lets it read (``forward._trust_kernel``, run just before).
+    n_fast = tl.load(Trust + lrow * 2)
+    n_part_fast = tl.load(Trust + lrow * 2 + 1)
     for r in range(n_fast):
         dq = _dq_run(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, tl.load(FS + r),
                      tl.load(FE + r), row_ok, q_idx, q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT,
@@ -359,6 +367,20 @@ def _dq_kernel(
     tl.store(DQ + base, (dq * sm_scale).to(DQ.dtype.element_ty), mask=ok[:, None])
 
 
+def launch_key_trust(qs, ks, runs_t, tables, *, block_m, block_kt, check_full):
+    """Launch ``_key_trust_kernel`` on a plan's key-major run tables: int32 [B * Hm * Tk, 2]."""
+    full_t, part_t = runs_t
+    b, hm, tk = full_t.num.shape
+    trust = torch.empty(b * hm * tk, 2, dtype=torch.int32, device=full_t.num.device)
+    _key_trust_kernel[(tk, b * hm)](
+        trust, qs.dom, ks.dom, full_t.num, full_t.start, full_t.end, part_t.num, part_t.start, part_t.end,
+        qs.size, ks.size, tk, full_t.start.shape[-1], part_t.start.shape[-1], hm,
+        REL=tables.rel_bits, DP=tables.dp, BLOCK_M=block_m, BLOCK_N=block_kt, CHECK_FULL=check_full,
+        num_warps=4, num_stages=1,
+    )
+    return trust
+
+
 def launch_backward(
     qp, dop, lse2, delta, kp, vp, dq, dk, dv, qs, ks, runs, runs_t, tables, scale,
     *, block_m, block_n, dkdv_cfg, dq_cfg, check_full=True, block_kt=None,
@@ -377,26 +399,29 @@ def launch_backward(
     hm, tq, tk = full.num.shape[1], full.num.shape[2], full_t.num.shape[2]
     common = dict(REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp, PAT=tables.pattern_constants,
                   HAS_PAT=tables.has_pattern, GROUP=hq // hkv,
-                  HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PREC=dot_precision(qp), CHECK_FULL=check_full)
+                  HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PREC=dot_precision(qp))
     c = dict(dkdv_cfg)
     grid = (sk // c["SUB_N"], b * hkv)
     common_kt = dict(common, BLOCK_N=block_kt or block_n)
+    key_trust = launch_key_trust(qs, ks, runs_t, tables, block_m=block_m, block_kt=block_kt or block_n,
+                                 check_full=check_full)
     _dkdv_kernel[grid](
         qp, dop, lse2, delta, kp, vp, dk, dv,
         dk.stride(0), dk.stride(1), dk.stride(2),
         qs.dom, qs.idx, qs.rank, ks.tok, ks.dom, ks.idx, ks.rank,
-        full_t.num, full_t.start, full_t.end, part_t.num, part_t.start, part_t.end,
+        full_t.num, full_t.start, full_t.end, part_t.num, part_t.start, part_t.end, key_trust,
         hq, hkv, sq, sk, tk, full_t.start.shape[-1], part_t.start.shape[-1], hm,
         scale * LOG2E, scale,
         SUB_N=c["SUB_N"], SUB_M=c["SUB_M"], num_warps=c["num_warps"], num_stages=c["num_stages"], **common_kt,
     )
     c = dict(dq_cfg)
     grid = (sq // c["SUB_M"], b * hq)
+    trust = launch_query_trust(qs, ks, runs, tables, block_m=block_m, block_n=block_n, check_full=check_full)
     _dq_kernel[grid](
         qp, dop, lse2, delta, kp, vp, dq,
         dq.stride(0), dq.stride(1), dq.stride(2),
         qs.tok, qs.dom, qs.idx, qs.rank, ks.dom, ks.idx, ks.rank,
-        full.num, full.start, full.end, part.num, part.start, part.end,
+        full.num, full.start, full.end, part.num, part.start, part.end, trust,
         hq, hkv, sq, sk, tq, full.start.shape[-1], part.start.shape[-1], hm,
         scale * LOG2E, scale,
         SUB_M=c["SUB_M"], SUB_N=c["SUB_N"], num_warps=c["num_warps"], num_stages=c["num_stages"], **common,

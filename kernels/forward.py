@@ -8,15 +8,17 @@ their order. For each query tile the kernel walks its FULL key tiles (no element
 every pair allowed) and then its PARTIAL key tiles (relation, causal and pattern mask from
 the frozen constants). EMPTY tiles are never touched.
 
-What the kernel checks itself, whatever the plan says: a query tile whose rows are not all
-of its first row's domain runs every tile masked, and rows of another domain read nothing;
-before trusting the tables it reads the key domain of every FULL and PARTIAL tile listed
-(a FULL tile's first slot, as check_plan has found key tiles domain-pure) and every slot of
-every PARTIAL tile listed, and if any tile is of a domain the frozen relation does not let the
-query tile read, or a PARTIAL tile holds a slot that is neither of its tile's domain nor
-padding (sequence index < 0), every tile of that query tile takes the masked path with V rows
-of unreadable keys replaced by zeros before the product (a select, never a multiplication by
-0, so ``0 * NaN`` cannot reach a protected row). K needs no such select: an unreadable key's
+What is checked on the GPU, whatever the plan says: a query tile whose rows are not all of
+its first row's domain runs every tile masked, and rows of another domain read nothing; before
+the tables are trusted, ``_trust_kernel`` (launched by ``launch_forward`` itself right before
+the forward, on the same tables, one program per batch, mask head and query tile, so heads
+sharing a mask check once) reads the key domain of every FULL and PARTIAL tile listed (a FULL
+tile's first slot, as check_plan has found key tiles domain-pure) and every slot of every
+PARTIAL tile listed, and if any tile is of a domain the frozen relation does not let the query
+tile read, or a PARTIAL tile holds a slot that is neither of its tile's domain nor padding
+(sequence index < 0), every tile of that query tile takes the masked path with V rows of
+unreadable keys replaced by zeros before the product (a select, never a multiplication by 0,
+so ``0 * NaN`` cannot reach a protected row). K needs no such select: an unreadable key's
 score is replaced by ``-inf`` before it is used, and each score depends on its key alone.
 PARTIAL tiles that pass the check hold readable keys and padding only, so they mask padding
 by its index and load no key domains.
@@ -190,18 +192,54 @@ def _masked_run(r, n_slow_full, FS, FE, PS, PE):
 
 
 @triton.jit
+def _trust_kernel(
+    Trust, QDom, KDom, KIdx, FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd,
+    Sq, Sk, Tq, RF, RP, Hm,
+    REL: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_FULL: tl.constexpr,
+):
+    """``_trusted_counts`` of every query tile, for the forward and dq kernels launched right after
+    it on the same tables: one program per (batch, mask head, query tile), so heads that share a
+    mask check once instead of once per head. Trust [B * Hm * Tq, 2] int32: (FULL runs, PARTIAL runs)."""
+    t = tl.program_id(0)
+    bm = tl.program_id(1)  # b * Hm + hm
+    b = bm // Hm
+    tile_dom = tl.load(QDom + b * Sq + t * BLOCK_M)
+    row_ok = tl.load(QDom + b * Sq + t * BLOCK_M + tl.arange(0, BLOCK_M)) == tile_dom
+    lrow = (bm * Tq + t).to(tl.int64)
+    n_fast, n_part_fast = _trusted_counts(row_ok, FullStart + lrow * RF, FullEnd + lrow * RF, tl.load(FullRuns + lrow),
+                                          PartStart + lrow * RP, PartEnd + lrow * RP, tl.load(PartRuns + lrow), KDom,
+                                          KIdx, b * Sk, tile_dom, REL, DP, BLOCK_N, CHECK_FULL)
+    tl.store(Trust + lrow * 2, n_fast)
+    tl.store(Trust + lrow * 2 + 1, n_part_fast)
+
+
+def launch_query_trust(qs, ks, runs, tables, *, block_m, block_n, check_full):
+    """Launch ``_trust_kernel`` on a plan's query-major run tables: int32 [B * Hm * Tq, 2]."""
+    full, part = runs
+    b, hm, tq = full.num.shape
+    trust = torch.empty(b * hm * tq, 2, dtype=torch.int32, device=full.num.device)
+    _trust_kernel[(tq, b * hm)](
+        trust, qs.dom, ks.dom, ks.idx, full.num, full.start, full.end, part.num, part.start, part.end,
+        qs.size, ks.size, tq, full.start.shape[-1], part.start.shape[-1], hm,
+        REL=tables.rel_bits, DP=tables.dp, BLOCK_M=block_m, BLOCK_N=block_n, CHECK_FULL=check_full,
+        num_warps=4, num_stages=1,
+    )
+    return trust
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, Kd, Vd, O, Lse2,
     sqb, sqh, sqn,
     sob, soh, son,
     QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
-    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd, Order,
+    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd, Order, Trust,
     Hq, Hkv, Sq, Sk, Tq, RF, RP, Hm,
     qk_scale,
     REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    CHECK_FULL: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % 16 == 0, "BLOCK_M must be a multiple of 16")
     # Query tiles vary fastest: programs running together share one head's K/V in L2
@@ -246,9 +284,10 @@ def _fwd_kernel(
     n_full = tl.load(FullRuns + lrow)
     n_part = tl.load(PartRuns + lrow)
     # Whatever the run tables say, they are followed only for a pure tile whose listed key
-    # domains the frozen relation lets it read; otherwise every tile runs masked, V selected.
-    n_fast, n_part_fast = _trusted_counts(row_ok, FS, FE, n_full, PS, PE, n_part, KDom, KIdx, kslot0, tile_dom, REL, DP,
-                                          BLOCK_N, CHECK_FULL)
+    # domains the frozen relation lets it read (``_trust_kernel``, run on these tables just
+    # before); otherwise every tile runs masked, V selected.
+    n_fast = tl.load(Trust + lrow * 2)
+    n_part_fast = tl.load(Trust + lrow * 2 + 1)
     for r in range(n_fast):
         kt0 = tl.load(FS + r)
         kt1 = tl.load(FE + r)
@@ -320,19 +359,20 @@ def launch_forward(
         vd = TensorDescriptor.from_tensor(vp, [block_n, d])
     else:
         kd = vd = kp  # unused
+    trust = launch_query_trust(qs, ks, runs, tables, block_m=block_m, block_n=block_n, check_full=check_full)
     grid = (tq, b * hq)
     _fwd_kernel[grid](
         q, kp, vp, kd, vd, out, lse2,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         qs.tok, qs.dom, qs.idx, qs.rank, ks.dom, ks.idx, ks.rank,
-        full.num, full.start, full.end, part.num, part.start, part.end, order,
+        full.num, full.start, full.end, part.num, part.start, part.end, order, trust,
         hq, hkv, qs.size, sk, tq, full.start.shape[-1], part.start.shape[-1], hm,
         scale * LOG2E,
         REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp,
         PAT=tables.pattern_constants, HAS_PAT=tables.has_pattern,
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        PREC=dot_precision(q), CHECK_FULL=check_full, USE_TMA=use_tma, WARP_SPEC=warp_specialize,
+        PREC=dot_precision(q), USE_TMA=use_tma, WARP_SPEC=warp_specialize,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse2

@@ -36,7 +36,8 @@ def test_every_kernel_compiles_for_sm90(compiled_for_hopper):
     by_call: dict[str, set] = {}
     for rec in compiled_for_hopper:
         by_call.setdefault(rec["call"], set()).add(rec["kernel"])
-    train = {"_gather_rows_kernel", "_fwd_kernel", "_bwd_prep_kernel", "_dkdv_kernel", "_dq_kernel"}
+    train = {"_gather_rows_kernel", "_trust_kernel", "_fwd_kernel", "_bwd_prep_kernel", "_key_trust_kernel",
+             "_dkdv_kernel", "_dq_kernel"}
     assert by_call == {
         "bf16 d128 MHA": train,
         "fp16 d64 GQA 4:1, patterns": train,

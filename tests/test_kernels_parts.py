@@ -326,3 +326,106 @@ def test_run_table_check_counts_every_fault(compiled, chunk):
         assert out.tolist() == [unreadable, impure], (trial, starts, ends)
         faults += unreadable * impure  # trials with both kinds of fault
     assert faults > 0
+
+
+def _listed(runs, b, h, t):
+    """Tile indices the run table row (b, h, t) lists."""
+    n = int(runs.num[b, h, t])
+    return [x for r in range(n) for x in range(int(runs.start[b, h, t, r]), int(runs.end[b, h, t, r]))]
+
+
+def _query_trust_expected(qs, ks, runs, tables, bm, bn, check_full):
+    """Python twin of ``forward._trust_kernel``: [B, Hm, Tq, 2]."""
+    full, part = runs
+    qd, kd, ki = qs.dom.cpu(), ks.dom.cpu(), ks.idx.cpu()
+
+    def readable(reader, src):
+        return 0 <= src < tables.dp and tables.allowed(reader, src)
+
+    out = torch.zeros(*full.num.shape, 2, dtype=torch.int32)
+    for b, h, t in torch.cartesian_prod(*(torch.arange(s) for s in full.num.shape)).tolist():
+        rows = qd[b, t * bm:(t + 1) * bm]
+        dom = int(rows[0])
+        ok = bool((rows == dom).all())
+        if check_full:
+            for kt in _listed(full, b, h, t) + _listed(part, b, h, t):
+                ok &= readable(dom, int(kd[b, kt * bn]))
+            for kt in _listed(part, b, h, t):
+                s = slice(kt * bn, (kt + 1) * bn)
+                ok &= not bool(((kd[b, s] != kd[b, kt * bn]) & (ki[b, s] >= 0)).any())
+        out[b, h, t, 0] = int(full.num[b, h, t]) if ok else 0
+        out[b, h, t, 1] = int(part.num[b, h, t]) if ok and check_full else 0
+    return out
+
+
+def _key_trust_expected(qs, ks, runs_t, tables, bm, bkt, check_full):
+    """Python twin of ``backward._key_trust_kernel``: [B, Hm, Tk, 2]."""
+    full, part = runs_t
+    qd, kd = qs.dom.cpu(), ks.dom.cpu()
+    out = torch.zeros(*full.num.shape, 2, dtype=torch.int32)
+    for b, h, u in torch.cartesian_prod(*(torch.arange(s) for s in full.num.shape)).tolist():
+        if not check_full:
+            out[b, h, u] = torch.tensor([1, 0])
+            continue
+        k_dom = int(kd[b, u * bkt])
+
+        def pure(t):
+            rows = qd[b, t * bm:(t + 1) * bm]
+            return bool((rows == rows[0]).all())
+
+        def reads(t):
+            d = int(qd[b, t * bm])
+            return 0 <= d < tables.dp and 0 <= k_dom < tables.dp and tables.allowed(d, k_dom)
+
+        out[b, h, u, 0] = int(all(pure(t) and reads(t) for t in _listed(full, b, h, u)))
+        out[b, h, u, 1] = int(all(pure(t) for t in _listed(part, b, h, u)))
+    return out
+
+
+@pytest.mark.parametrize("check_full", [True, False])
+def test_table_checks_trust_exactly_the_tiles_they_should(compiled, check_full):
+    """``launch_query_trust`` / ``launch_key_trust`` (what the forward, dq and dk/dv kernels are
+    told they may trust in their run tables) against Python twins, on an honest plan and on plans
+    whose slot labels were altered after planning: a key slot or a query row moved to another
+    domain, in one batch row only. Every tile of both batch rows must match, and the forgeries must
+    take trust away from some tiles (else they would test nothing)."""
+    from dataclasses import replace
+
+    from domainguard.attention import GuardedAttention, KernelConfig
+    from domainguard.kernels.backward import launch_key_trust
+    from domainguard.kernels.forward import launch_query_trust
+
+    bm = bn = 16
+    cfg = KernelConfig(block_m=bm, block_n=bn, num_warps=4, num_stages=1, use_tma=False,
+                       dkdv=(("SUB_N", 32), ("SUB_M", 16), ("num_warps", 4), ("num_stages", 1)))
+    guard = GuardedAttention(compiled, cfg)
+    tables = guard.tables(0)
+    plan = guard.plan(_layout(compiled, n=90, seed=4).to(DEV), 0, heads=2, dtype=torch.float32, head_dim=64)
+    bkt = cfg.block_kt
+
+    def both(qs, ks):
+        got_q = launch_query_trust(qs, ks, plan.runs, tables, block_m=bm, block_n=bn, check_full=check_full)
+        got_k = launch_key_trust(qs, ks, plan.runs_t, tables, block_m=bm, block_kt=bkt, check_full=check_full)
+        want_q = _query_trust_expected(qs, ks, plan.runs, tables, bm, bn, check_full)
+        want_k = _key_trust_expected(qs, ks, plan.runs_t, tables, bm, bkt, check_full)
+        assert torch.equal(got_q.cpu().view_as(want_q), want_q)
+        assert torch.equal(got_k.cpu().view_as(want_k), want_k)
+        return want_q, want_k
+
+    honest_q, honest_k = both(plan.qs, plan.ks)
+    full, part = plan.runs
+    assert torch.equal(honest_q[..., 0], full.num.cpu())  # an honest plan is trusted everywhere
+    assert torch.equal(honest_q[..., 1], part.num.cpu() if check_full else torch.zeros_like(part.num.cpu()))
+    lost_q = lost_k = 0
+    g = torch.Generator().manual_seed(5)
+    for trial in range(6):
+        qdom, kdom = plan.qs.dom.clone(), plan.ks.dom.clone()
+        side = kdom if trial % 2 == 0 else qdom
+        real = ((plan.ks.idx if side is kdom else plan.qs.tok)[1] >= 0).nonzero().flatten().cpu()
+        slot = int(real[torch.randint(len(real), (1,), generator=g)])
+        side[1, slot] = (int(side[1, slot]) + 1 + trial // 2) % (tables.dp - 1)
+        want_q, want_k = both(replace(plan.qs, dom=qdom), replace(plan.ks, dom=kdom))
+        assert torch.equal(want_q[0], honest_q[0]) and torch.equal(want_k[0], honest_k[0])
+        lost_q += int((want_q != honest_q).sum())
+        lost_k += int((want_k != honest_k).sum())
+    assert lost_q > 0 and (lost_k > 0 or not check_full)
