@@ -365,12 +365,13 @@ def _slot_attrs(s):
 def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hkv: int, kinds_of=None) -> None:
     """Refuse (DG319) a plan given to a call that does not describe ``layout``.
 
-    The kernels take token labels, slot order and tile lists from the plan. What they check
-    themselves is at domain level: that their own query tile (forward, dq) or key block
-    (dk/dv) is of one domain, and that each tile the run tables list is one it may read (a
-    key tile's domain from its first slot; a query tile's from every row), and the forward and
-    dq read every slot of the PARTIAL key tiles they list; they cannot check labels against the
-    layout, FULL key tiles' purity in the forward and dq, or positions inside a FULL tile. So a
+    The kernels take token labels, slot order and tile lists from the plan. What is checked on
+    the GPU at every call (by the table-check kernels the launchers run right before them) is at
+    domain level: that a query tile (forward, dq) or key block (dk/dv) is of one domain, and that
+    each tile the run tables list is one it may read (a key tile's domain from its first slot; a
+    query tile's from every row), and every slot of the PARTIAL key tiles the forward and dq
+    tables list; that cannot check labels against the layout, FULL key tiles' purity in the
+    forward and dq, or positions inside a FULL tile. So a
     plan from outside is re-derived against the layout here: every token in exactly one slot with the layout's own domain, index and rank; tiles
     domain-pure; run tables, launch order and decode tile kinds inside their bounds; and,
     when ``kinds_of(q_attrs, k_attrs, block_q, block_k)`` is given (the block map of the
