@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .forward import LOG2E, _dot, _key_attrs, _masked_run, dot_precision, launch_query_trust
-from .masks import _key_readable, _readable_bits, _tile_mask
+from .masks import _domain_pair_allowed, _key_readable, _tile_mask
 
 
 @triton.jit
@@ -210,9 +210,7 @@ def _runs_readers_bad(Start, End, n_runs, QDom, qslot0, k_dom, READ: tl.constexp
             rows = tl.load(QDom + qslot0 + ts[:, None] * BLOCK_M + m[None, :], mask=inside[:, None], other=0)
             bad += tl.sum((rows != qd[:, None]).to(tl.int32))
             if READ:
-                bits = _readable_bits(qd, REL, DP)
-                kd = tl.minimum(tl.maximum(k_dom, 0), 63).to(tl.int64)
-                ok = (((bits >> kd) & 1) != 0) & (k_dom >= 0) & (k_dom < DP)
+                ok = _domain_pair_allowed(qd, k_dom, REL, DP)
                 bad += tl.sum(((ok == 0) & inside).to(tl.int32))
     return bad
 
@@ -241,11 +239,11 @@ def _key_trust_kernel(
                                     k_tile_dom, True, REL, DP, BLOCK_M, 16) == 0
         part_ok = _runs_readers_bad(PartStart + lrow * RP, PartEnd + lrow * RP, tl.load(PartRuns + lrow), QDom, qslot0,
                                     k_tile_dom, False, REL, DP, BLOCK_M, 16) == 0
+        tl.store(Trust + lrow * 2, full_ok.to(tl.int32))
+        tl.store(Trust + lrow * 2 + 1, part_ok.to(tl.int32))
     else:
-        full_ok = k_tile_dom == k_tile_dom
-        part_ok = k_tile_dom != k_tile_dom
-    tl.store(Trust + lrow * 2, full_ok.to(tl.int32))
-    tl.store(Trust + lrow * 2 + 1, part_ok.to(tl.int32))
+        tl.store(Trust + lrow * 2, 1)
+        tl.store(Trust + lrow * 2 + 1, 0)
 
 
 @triton.jit
@@ -262,7 +260,7 @@ def _dq_step(dq, q, do, lse2, delta, Kp, Vp, kv_off, KDom, KIdx, KRank, kslot0, 
     k = tl.load(Kp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
     v = tl.load(Vp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
     if MASKED:
-        # BY_INDEX: slots checked (``_trusted_counts``), keys of a readable domain or padding (index < 0)
+        # BY_INDEX: slots checked (``forward._trust_kernel``), keys of a readable domain or padding (index < 0)
         readable, k_idx, k_rank = _key_attrs(KDom, KIdx, KRank, kslot0 + col0, tile_dom, REL, DP, SUB_N, HAS_PAT,
                                              BY_INDEX)
         if SELECT_K:

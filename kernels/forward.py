@@ -161,28 +161,6 @@ def _runs_impure(Start, End, n_runs, KDom, KIdx, kslot0, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
-def _trusted_counts(row_ok, FS, FE, n_full, PS, PE, n_part, KDom, KIdx, kslot0, tile_dom,
-                    REL: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_FULL: tl.constexpr):
-    """(FULL runs, PARTIAL runs) a query (sub-)tile may take as its run tables say: all, when its
-    rows are all of ``tile_dom`` (``row_ok``) and — with ``CHECK_FULL`` — the frozen relation lets
-    ``tile_dom`` read the key domain of every tile the runs list and every slot of a listed PARTIAL
-    tile is of its tile's domain or padding (index < 0; masked by index alone); otherwise none, and
-    every tile runs masked with unreadable rows replaced. Unchecked tables: no PARTIAL run skips
-    its select."""
-    trusted = tl.sum((row_ok == 0).to(tl.int32)) == 0
-    if CHECK_FULL:
-        bad = _runs_readable(FS, FE, n_full, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
-        bad += _runs_readable(PS, PE, n_part, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
-        # (one pass over the PARTIAL tiles for both checks was measured 5-10% slower on an H100)
-        bad += _runs_impure(PS, PE, n_part, KDom, KIdx, kslot0, BLOCK_N, 4)
-        trusted = trusted & (bad == 0)
-        n_part_fast = tl.where(trusted, n_part, 0)
-    else:
-        n_part_fast = n_part * 0
-    return tl.where(trusted, n_full, 0), n_part_fast
-
-
-@triton.jit
 def _masked_run(r, n_slow_full, FS, FE, PS, PE):
     """Bounds of run ``r`` of the masked pass: the ``n_slow_full`` FULL runs not taken as FULL, then
     every PARTIAL run."""
@@ -197,20 +175,38 @@ def _trust_kernel(
     Sq, Sk, Tq, RF, RP, Hm,
     REL: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_FULL: tl.constexpr,
 ):
-    """``_trusted_counts`` of every query tile, for the forward and dq kernels launched right after
-    it on the same tables: one program per (batch, mask head, query tile), so heads that share a
-    mask check once instead of once per head. Trust [B * Hm * Tq, 2] int32: (FULL runs, PARTIAL runs)."""
+    """How many of its FULL and PARTIAL runs each query tile may take as its run tables say, for the
+    forward and dq kernels launched right after it on the same tables: one program per (batch, mask
+    head, query tile), so heads that share a mask check once. Trust [B * Hm * Tq, 2] int32.
+
+    All of them when the tile's rows are all of its first row's domain and — with ``CHECK_FULL`` —
+    the frozen relation lets that domain read the key domain of every tile the runs list and every
+    slot of a listed PARTIAL tile is of its tile's domain or padding (index < 0; such tiles are
+    masked by index alone); otherwise none, and every tile runs masked with unreadable rows
+    replaced. Unchecked tables: no PARTIAL run skips its select."""
     t = tl.program_id(0)
     bm = tl.program_id(1)  # b * Hm + hm
     b = bm // Hm
     tile_dom = tl.load(QDom + b * Sq + t * BLOCK_M)
-    row_ok = tl.load(QDom + b * Sq + t * BLOCK_M + tl.arange(0, BLOCK_M)) == tile_dom
+    rows_dom = tl.load(QDom + b * Sq + t * BLOCK_M + tl.arange(0, BLOCK_M))
+    trusted = tl.sum((rows_dom != tile_dom).to(tl.int32)) == 0
     lrow = (bm * Tq + t).to(tl.int64)
-    n_fast, n_part_fast = _trusted_counts(row_ok, FullStart + lrow * RF, FullEnd + lrow * RF, tl.load(FullRuns + lrow),
-                                          PartStart + lrow * RP, PartEnd + lrow * RP, tl.load(PartRuns + lrow), KDom,
-                                          KIdx, b * Sk, tile_dom, REL, DP, BLOCK_N, CHECK_FULL)
-    tl.store(Trust + lrow * 2, n_fast)
-    tl.store(Trust + lrow * 2 + 1, n_part_fast)
+    n_full = tl.load(FullRuns + lrow)
+    n_part = tl.load(PartRuns + lrow)
+    if CHECK_FULL:
+        kslot0 = b * Sk
+        PS = PartStart + lrow * RP
+        PE = PartEnd + lrow * RP
+        bad = _runs_readable(FullStart + lrow * RF, FullEnd + lrow * RF, n_full, KDom, kslot0, tile_dom, REL, DP,
+                             BLOCK_N, 64)
+        bad += _runs_readable(PS, PE, n_part, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
+        # (one pass for both PARTIAL checks was 5-10% slower when the checks ran inside the forward kernel)
+        bad += _runs_impure(PS, PE, n_part, KDom, KIdx, kslot0, BLOCK_N, 4)
+        trusted = trusted & (bad == 0)
+        tl.store(Trust + lrow * 2 + 1, tl.where(trusted, n_part, 0))
+    else:
+        tl.store(Trust + lrow * 2 + 1, 0)
+    tl.store(Trust + lrow * 2, tl.where(trusted, n_full, 0))
 
 
 def launch_query_trust(qs, ks, runs, tables, *, block_m, block_n, check_full):

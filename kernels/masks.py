@@ -23,7 +23,8 @@ def _readable_bits(dom, REL: tl.constexpr, DP: tl.constexpr):
 
 @triton.jit
 def _domain_pair_allowed(q_dom, k_dom, REL: tl.constexpr, DP: tl.constexpr):
-    """Scalar: the frozen relation lets readers of ``q_dom`` read ``k_dom``."""
+    """The frozen relation lets readers of ``q_dom`` read ``k_dom`` (scalars, or either a vector;
+    ids outside 0..DP-1 read as not allowed)."""
     bits = _readable_bits(q_dom, REL, DP)
     kd = tl.minimum(tl.maximum(k_dom, 0), 63).to(tl.int64)
     return (((bits >> kd) & 1) != 0) & (k_dom >= 0) & (k_dom < DP)
@@ -35,9 +36,7 @@ def _key_readable(q_dom, k_dom, REL: tl.constexpr, DP: tl.constexpr):
 
     Ids outside 0..DP-1 (never produced by the wrapper) read as not readable.
     """
-    bits = _readable_bits(q_dom, REL, DP)
-    kd = tl.minimum(tl.maximum(k_dom, 0), 63).to(tl.int64)
-    return (((bits >> kd) & 1) != 0) & (k_dom >= 0) & (k_dom < DP)
+    return _domain_pair_allowed(q_dom, k_dom, REL, DP)
 
 
 @triton.jit
