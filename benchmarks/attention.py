@@ -144,6 +144,8 @@ def main(argv=None) -> int:
     ap.add_argument("--mask-limit-gb", type=float, default=8.0, help="skip SDPA+bool mask above this N*N size")
     ap.add_argument("--configs", action="store_true", help="per-kernel times of the SWEEP configs instead")
     ap.add_argument("--sweep", default=None, help="with --configs: only these SWEEP names (comma-separated)")
+    ap.add_argument("--totals", action="store_true",
+                    help="with --configs: also the do_bench medians of each config's whole forward and forward+backward")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--head-dim", type=int, default=128, choices=[64, 128])
     ap.add_argument("--json", default=None)
@@ -218,7 +220,7 @@ def main(argv=None) -> int:
                     continue
                 if args.configs:
                     names = args.sweep.split(",") if args.sweep else list(SWEEP)
-                    row["configs"] = time_configs(guard, layout, q, k, v, pairs, names)
+                    row["configs"] = time_configs(guard, layout, q, k, v, pairs, names, totals=args.totals)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     continue
@@ -340,6 +342,8 @@ SWEEP = {  # name: KernelConfig overrides (the measured outcomes are in BENCHMAR
     "fwd_bm64_w4": dict(block_m=64, num_warps=4),
     "fwd_nocheck": dict(check_full=False),  # cost of the in-kernel FULL-tile relation check (not a candidate)
     "fwd_tma_s2": dict(num_stages=2),
+    "dq_ptr": dict(dq_tma=False),  # dq reading K/V by pointer loads (the default before the descriptors)
+    "bwd_one_stream": dict(bwd_concurrent=False),  # dq after dk/dv on one stream (compare with --totals)
     "bwd_a": _bwd((64, 64, 8, 2), (64, 32, 4, 3)),
     "bwd_b": _bwd((32, 64, 4, 3), (128, 64, 8, 2)),
     "bwd_c": _bwd((64, 32, 8, 3), (128, 32, 8, 3)),
@@ -366,7 +370,7 @@ SWEEP = {  # name: KernelConfig overrides (the measured outcomes are in BENCHMAR
 }
 
 
-def time_configs(guard, layout, q, k, v, pairs, names=tuple(SWEEP)):
+def time_configs(guard, layout, q, k, v, pairs, names=tuple(SWEEP), totals=False):
     """Per-kernel GPU ms of one forward+backward for each named configuration of SWEEP (torch profiler)."""
     import dataclasses
 
@@ -386,8 +390,8 @@ def time_configs(guard, layout, q, k, v, pairs, names=tuple(SWEEP)):
             with torch.no_grad():
                 got = g(q, k, v, layout, plan=plan)
             ref_out = got if ref_out is None else ref_out
-            res = profile_kernels(g, plan, q, k, v, layout, do, iters=5, totals=False)
-            res = {kk: round(vv, 4) for kk, vv in res.items() if kk.startswith("_")}
+            res = profile_kernels(g, plan, q, k, v, layout, do, iters=5, totals=totals)
+            res = {kk: round(vv, 4) for kk, vv in res.items() if kk.startswith("_") or kk.endswith("_total")}
             res["max_diff_vs_default"] = (got.float() - ref_out.float()).abs().max().item()
             res["compiled"] = {kk: vv for kk, vv in kernel_resources().items() if kk not in seen}
             out[name] = res

@@ -199,6 +199,8 @@ class KernelConfig:
     check_full: bool = True
     use_tma: bool = True
     warp_specialize: bool = False
+    dq_tma: bool = True  # the dq kernel reads K/V through tensor descriptors
+    bwd_concurrent: bool = True  # dq on a side stream beside dk/dv (a GPU only)
 
     @property
     def block_kt(self) -> int:
@@ -215,6 +217,7 @@ def default_config(dtype: torch.dtype, head_dim: int) -> KernelConfig:
         wide = head_dim > 64
         return KernelConfig(
             block_m=32 if wide else 64, block_n=64, num_warps=8 if wide else 4, num_stages=2, use_tma=False,
+            dq_tma=False,
             dkdv=(("SUB_N", 32), ("SUB_M", 32), ("num_warps", 4), ("num_stages", 1)),
             dq=(("SUB_M", 32), ("SUB_N", 32), ("num_warps", 4), ("num_stages", 1)),
         )
@@ -489,7 +492,8 @@ class _GuardedAttentionFn(torch.autograd.Function):
         launch_backward(
             qp, dop, lse2, delta_s, kp, vp, dq, dk, dv, plan.qs, plan.ks, plan.runs, plan.runs_t,
             ctx.tables, ctx.scale, block_m=cfg.block_m, block_n=cfg.block_n, block_kt=cfg.block_kt,
-            dkdv_cfg=dict(cfg.dkdv), dq_cfg=dict(cfg.dq), check_full=cfg.check_full,
+            dkdv_cfg=dict(cfg.dkdv), dq_cfg=dict(cfg.dq), check_full=cfg.check_full, dq_tma=cfg.dq_tma,
+            concurrent=cfg.bwd_concurrent,
         )
         return dq, dk, dv, None, None, None
 

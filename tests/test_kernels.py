@@ -6,13 +6,14 @@ tile size 16; with CUDA they run on the GPU at the default tile sizes as well.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import pytest
 import torch
 
 import domainguard as dg
-from domainguard.attention import GuardedAttention, KernelConfig, attention, attention_reference
+from domainguard.attention import GuardedAttention, KernelConfig, attention, attention_reference, default_config
 from domainguard.errors import KernelError
 from domainguard.kernels.plan import FULL, PARTIAL, Runs, runs_kinds, tile_runs
 
@@ -48,7 +49,7 @@ SMALL = KernelConfig(
     dkdv=(("SUB_N", 16), ("SUB_M", 16), ("num_warps", 4), ("num_stages", 1)),
     dq=(("SUB_M", 16), ("SUB_N", 16), ("num_warps", 4), ("num_stages", 1)),
 )
-SMALL_PTR = KernelConfig(**{**SMALL.__dict__, "use_tma": False})  # plain pointer loads instead of TMA
+SMALL_PTR = KernelConfig(**{**SMALL.__dict__, "use_tma": False, "dq_tma": False})  # pointer loads, no TMA
 # dk/dv programs owning two key tiles (key-major tables merged over 32 keys), as the default does on a GPU
 SMALL_KT = KernelConfig(**{**SMALL.__dict__, "dkdv": (("SUB_N", 32), ("SUB_M", 16), ("num_warps", 4), ("num_stages", 1))})
 CONFIGS = [SMALL, SMALL_PTR, SMALL_KT] + ([None] if CUDA else [])  # None: the tuned default
@@ -232,6 +233,34 @@ def test_guarded_call_replays_in_a_cuda_graph(compiled, mode):
         assert torch.equal(clean[1][:, :, q_keep], dirty[1][:, :, q_keep])
         for a, b in zip(clean[2:], dirty[2:]):
             assert torch.equal(a[:, :, k_keep], b[:, :, k_keep])
+
+
+@pytest.mark.skipif(not CUDA, reason="streams need a GPU")
+def test_backward_on_a_side_stream_gives_the_same_bits_on_the_callers_stream(compiled):
+    """dq runs on a side stream beside dk/dv (``bwd_concurrent``). Called from a stream of the
+    caller's own, the gradients read right after ``backward`` on that stream are the bits of the
+    one-stream backward, every time."""
+    n, hq, hkv, d = 1500, 4, 2, 128
+    layout = dg.Layout.from_ids(compiled, _ids(1, n, seed=47)).to(DEV)
+    base = default_config(torch.bfloat16, d)
+    q, k, v = (t.detach() for t in _qkv(1, hq, hkv, n, d, torch.bfloat16, seed=53))
+    do = torch.randn(1, hq, n, d).to(DEV, torch.bfloat16)
+
+    def grads(concurrent):
+        guard = GuardedAttention(compiled, dataclasses.replace(base, bwd_concurrent=concurrent))
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        guard(qq, kk, vv, layout, 1).backward(do)
+        return torch.cat([t.grad.flatten() for t in (qq, kk, vv)]) * 1  # read on the caller's stream
+
+    one = grads(False)
+    caller = torch.cuda.Stream()
+    caller.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(caller):
+        side = [grads(True) for _ in range(5)]
+    torch.cuda.current_stream().wait_stream(caller)
+    for got in side:
+        assert torch.equal(got.view(torch.int16), one.view(torch.int16))
+    assert one.abs().sum() > 0
 
 
 def test_fully_masked_rows_give_zero_and_finite_lse():
