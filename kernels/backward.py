@@ -399,7 +399,7 @@ def launch_backward(
     ``plan.merge_key_tiles``).
     dkdv_cfg / dq_cfg: dicts with SUB_N, SUB_M, num_warps, num_stages.
     ``dq_tma``: the dq kernel reads K/V rows through tensor descriptors (on an H100 4-9% faster than
-    pointer loads in bf16; the dk/dv kernel reading Q/dO that way was 25% slower, so it does not).
+    pointer loads in bf16; the dk/dv kernel reading Q/dO that way was 23-32% slower, so it does not).
     ``concurrent``: the dq kernel (and its table check) runs on a side stream beside dk/dv (the two
     read the same inputs and write different outputs); the caller's stream waits for it.
     """
