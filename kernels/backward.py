@@ -59,6 +59,10 @@ def _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qsl
     lse2 = tl.load(Lse2 + q_off + rows)
     delta = tl.load(Delta + q_off + rows)
     st = _dot(k, tl.trans(q), None, PREC)  # [SUB_N, SUB_M]
+    # dP^T next to S^T, before the softmax: on an H100 (Triton 3.6) dk/dv 5-9% faster at 8K, 0-5% at
+    # 32K in bf16 (spills 72 -> 58 bytes) and up to 4% in fp32 than with dP^T after dV's product. A
+    # row selected away below still meets dO unselected here; its dS is replaced by 0 (``allowed``).
+    dpt = _dot(v, tl.trans(do), None, PREC)
     if MASKED:
         q_idx = tl.load(QIdx + qslot0 + rows)
         if HAS_PAT:
@@ -79,7 +83,6 @@ def _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qsl
     else:
         pt = tl.math.exp2(st * qk_scale - lse2[None, :])
     dv_up = _dot(pt.to(do.dtype), do, None, PREC)
-    dpt = _dot(v, tl.trans(do), None, PREC)
     dst = pt * (dpt - delta[None, :])
     if MASKED:
         dst = tl.where(allowed, dst, 0.0)
