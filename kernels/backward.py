@@ -357,19 +357,19 @@ def _dq_kernel(
     n_fast = tl.load(Trust + lrow * 2)
     n_part_fast = tl.load(Trust + lrow * 2 + 1)
     for r in range(n_fast):
-        dq = _dq_run(dq, q, do, lse2, delta, Kp, Vp, Kd, Vd, kv_off, kv_row0, KDom, KIdx, KRank, kslot0, tl.load(FS + r),
-                     tl.load(FE + r), row_ok, q_idx, q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT,
-                     HEAD_DIM, BLOCK_N, SUB_N, False, False, PREC, False, USE_TMA)
+        dq = _dq_run(dq, q, do, lse2, delta, Kp, Vp, Kd, Vd, kv_off, kv_row0, KDom, KIdx, KRank, kslot0,
+                     tl.load(FS + r), tl.load(FE + r), row_ok, q_idx, q_rank, tile_dom, qk_scale, REL, CAUSAL, DP,
+                     PAT, HAS_PAT, HEAD_DIM, BLOCK_N, SUB_N, False, False, PREC, False, USE_TMA)
     for r in range(n_part_fast):
-        dq = _dq_run(dq, q, do, lse2, delta, Kp, Vp, Kd, Vd, kv_off, kv_row0, KDom, KIdx, KRank, kslot0, tl.load(PS + r),
-                     tl.load(PE + r), row_ok, q_idx, q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT,
-                     HEAD_DIM, BLOCK_N, SUB_N, True, False, PREC, True, USE_TMA)
+        dq = _dq_run(dq, q, do, lse2, delta, Kp, Vp, Kd, Vd, kv_off, kv_row0, KDom, KIdx, KRank, kslot0,
+                     tl.load(PS + r), tl.load(PE + r), row_ok, q_idx, q_rank, tile_dom, qk_scale, REL, CAUSAL, DP,
+                     PAT, HAS_PAT, HEAD_DIM, BLOCK_N, SUB_N, True, False, PREC, True, USE_TMA)
     n_slow_full = n_full - n_fast
     for r in range(n_slow_full + n_part - n_part_fast):
         u0, u1 = _masked_run(r, n_slow_full, FS, FE, PS, PE)
-        dq = _dq_run(dq, q, do, lse2, delta, Kp, Vp, Kd, Vd, kv_off, kv_row0, KDom, KIdx, KRank, kslot0, u0, u1, row_ok, q_idx,
-                     q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_N, SUB_N, True, True,
-                     PREC, False, USE_TMA)
+        dq = _dq_run(dq, q, do, lse2, delta, Kp, Vp, Kd, Vd, kv_off, kv_row0, KDom, KIdx, KRank, kslot0, u0, u1, row_ok,
+                     q_idx, q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_N, SUB_N,
+                     True, True, PREC, False, USE_TMA)
     q_tok = tl.load(QTok + b * Sq + rows)
     ok = q_tok >= 0
     row = tl.where(ok, q_tok, 0).to(tl.int64)
@@ -408,9 +408,8 @@ def launch_backward(
     """
     b, hq, sq, d = qp.shape
     hkv, sk = kp.shape[1], kp.shape[2]
-    full, part = runs
     full_t, part_t = runs_t
-    hm, tq, tk = full.num.shape[1], full.num.shape[2], full_t.num.shape[2]
+    hm, tk = full_t.num.shape[1], full_t.num.shape[2]
     common = dict(REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp, PAT=tables.pattern_constants,
                   HAS_PAT=tables.has_pattern, GROUP=hq // hkv,
                   HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, PREC=dot_precision(qp))
@@ -452,6 +451,7 @@ def _side_stream(device):
 
 def _launch_dq(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, tables, scale, common, c, block_m, block_n, check_full,
                dq_tma):
+    """The dq half of ``launch_backward`` (its table check, then ``_dq_kernel``), on the current stream."""
     b, hq, sq, d = qp.shape
     hkv, sk = kp.shape[1], kp.shape[2]
     full, part = runs
