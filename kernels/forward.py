@@ -5,8 +5,9 @@ Works in slot order (``plan.py``): ``launch_forward`` copies K/V into slot order
 kernel instead was measured 1.5x slower on an H100, and Hopper's tensor copies cannot
 gather rows); Q is gathered and O scattered in the kernel, so the caller's tensors keep
 their order. For each query tile the kernel walks its FULL key tiles (no element mask:
-every pair allowed) and then its PARTIAL key tiles (relation, causal and pattern mask from
-the frozen constants). EMPTY tiles are never touched.
+every pair allowed) and its PARTIAL key tiles (relation, causal and pattern mask from the
+frozen constants), a FULL run and the PARTIAL run that starts where it ends as one pipelined
+loop (merged by ``_trust_kernel`` from the runs it has checked). EMPTY tiles are never touched.
 
 What is checked on the GPU, whatever the plan says: a query tile whose rows are not all of
 its first row's domain runs every tile masked, and rows of another domain read nothing; before
@@ -61,6 +62,12 @@ def _online_step(acc, l_i, m_i, q, k, v, allowed, qk_scale, MASKED: tl.constexpr
     s = _dot(q, k, None, PREC)
     if MASKED:
         s = tl.where(allowed, s, float("-inf"))
+    return _softmax_step(acc, l_i, m_i, s, v, qk_scale, PREC)
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, s, v, qk_scale, PREC: tl.constexpr):
+    """The online softmax over one tile's raw scores ``s`` (masked pairs ``-inf``). Returns (acc, l, m)."""
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     # A row with nothing allowed yet keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -170,20 +177,52 @@ def _masked_run(r, n_slow_full, FS, FE, PS, PE):
 
 
 @triton.jit
+def _merge_runs(M, RM, FS, FE, n_full, PS, PE, n_part):
+    """Write the runs a forward program walks in one loop each: every FULL run, with the PARTIAL run
+    that starts where it ends (a domain's causal diagonal, a column tail) appended, then every other
+    PARTIAL run. M[0] = count; M[1 + r], M[1 + RM + r], M[1 + 2 * RM + r] = first tile, first
+    PARTIAL tile, end of run r. Every tile of the tables lands in exactly one run, with its kind."""
+    n = 0
+    for r in range(n_full):
+        f1 = tl.load(FE + r)
+        e = f1
+        for p in range(n_part):
+            e = tl.where(tl.load(PS + p) == f1, tl.load(PE + p), e)
+        tl.store(M + 1 + n, tl.load(FS + r))
+        tl.store(M + 1 + RM + n, f1)
+        tl.store(M + 1 + 2 * RM + n, e)
+        n += 1
+    for p in range(n_part):
+        p0 = tl.load(PS + p)
+        hit = 0
+        for r in range(n_full):
+            hit += (tl.load(FE + r) == p0).to(tl.int32)
+        if hit == 0:
+            tl.store(M + 1 + n, p0)
+            tl.store(M + 1 + RM + n, p0)
+            tl.store(M + 1 + 2 * RM + n, tl.load(PE + p))
+            n += 1
+    tl.store(M, n)
+
+
+@triton.jit
 def _trust_kernel(
-    Trust, QDom, KDom, KIdx, FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd,
+    Trust, Merged, QDom, KDom, KIdx, FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd,
     Sq, Sk, Tq, RF, RP, Hm,
     REL: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_FULL: tl.constexpr,
+    MERGE: tl.constexpr,
 ):
     """How many of its FULL and PARTIAL runs each query tile may take as its run tables say, for the
     forward and dq kernels launched right after it on the same tables: one program per (batch, mask
     head, query tile), so heads that share a mask check once. Trust [B * Hm * Tq, 2] int32.
 
-    All of them when the tile's rows are all of its first row's domain and — with ``CHECK_FULL`` —
-    the frozen relation lets that domain read the key domain of every tile the runs list and every
-    slot of a listed PARTIAL tile is of its tile's domain or padding (index < 0; such tiles are
-    masked by index alone); otherwise none, and every tile runs masked with unreadable rows
-    replaced. Unchecked tables: no PARTIAL run skips its select."""
+    All of them when the tile's rows are all of its first row's domain, its run counts fit its table
+    rows, and — with ``CHECK_FULL`` — the frozen relation lets that domain read the key domain of
+    every tile the runs list and every slot of a listed PARTIAL tile is of its tile's domain or
+    padding (index < 0; such tiles are masked by index alone); otherwise none, and every tile runs
+    masked with unreadable rows replaced. Unchecked tables: no PARTIAL run skips its select. With
+    ``MERGE`` (the forward's launch) it also writes the runs the forward walks, made from the runs it
+    trusts (``_merge_runs``; none for an untrusted tile)."""
     t = tl.program_id(0)
     bm = tl.program_id(1)  # b * Hm + hm
     b = bm // Hm
@@ -193,34 +232,46 @@ def _trust_kernel(
     lrow = (bm * Tq + t).to(tl.int64)
     n_full = tl.load(FullRuns + lrow)
     n_part = tl.load(PartRuns + lrow)
+    # A count wider than its table's row would read (and merge) another tile's runs.
+    trusted = trusted & (n_full <= RF) & (n_part <= RP)
+    FS = FullStart + lrow * RF
+    FE = FullEnd + lrow * RF
+    PS = PartStart + lrow * RP
+    PE = PartEnd + lrow * RP
     if CHECK_FULL:
         kslot0 = b * Sk
-        PS = PartStart + lrow * RP
-        PE = PartEnd + lrow * RP
-        bad = _runs_readable(FullStart + lrow * RF, FullEnd + lrow * RF, n_full, KDom, kslot0, tile_dom, REL, DP,
-                             BLOCK_N, 64)
+        bad = _runs_readable(FS, FE, n_full, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
         bad += _runs_readable(PS, PE, n_part, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
         # (one pass for both PARTIAL checks was 5-10% slower when the checks ran inside the forward kernel)
         bad += _runs_impure(PS, PE, n_part, KDom, KIdx, kslot0, BLOCK_N, 4)
         trusted = trusted & (bad == 0)
-        tl.store(Trust + lrow * 2 + 1, tl.where(trusted, n_part, 0))
+        n_part_fast = tl.where(trusted, n_part, 0)
     else:
-        tl.store(Trust + lrow * 2 + 1, 0)
-    tl.store(Trust + lrow * 2, tl.where(trusted, n_full, 0))
+        n_part_fast = 0
+    n_fast = tl.where(trusted, n_full, 0)
+    tl.store(Trust + lrow * 2 + 1, n_part_fast)
+    tl.store(Trust + lrow * 2, n_fast)
+    if MERGE:
+        _merge_runs(Merged + lrow * (1 + 3 * (RF + RP)), RF + RP, FS, FE, n_fast, PS, PE, n_part_fast)
 
 
-def launch_query_trust(qs, ks, runs, tables, *, block_m, block_n, check_full):
-    """Launch ``_trust_kernel`` on a plan's query-major run tables: int32 [B * Hm * Tq, 2]."""
+def launch_query_trust(qs, ks, runs, tables, *, block_m, block_n, check_full, merge=False):
+    """Launch ``_trust_kernel`` on a plan's query-major run tables: int32 [B * Hm * Tq, 2], and with
+    ``merge`` also the merged runs, int32 [B * Hm * Tq, 1 + 3 * (RF + RP)] (else None)."""
     full, part = runs
     b, hm, tq = full.num.shape
-    trust = torch.empty(b * hm * tq, 2, dtype=torch.int32, device=full.num.device)
+    rf, rp = full.start.shape[-1], part.start.shape[-1]
+    dev = full.num.device
+    trust = torch.empty(b * hm * tq, 2, dtype=torch.int32, device=dev)
+    merged = torch.empty(b * hm * tq, 1 + 3 * (rf + rp), dtype=torch.int32, device=dev) if merge else None
     _trust_kernel[(tq, b * hm)](
-        trust, qs.dom, ks.dom, ks.idx, full.num, full.start, full.end, part.num, part.start, part.end,
-        qs.size, ks.size, tq, full.start.shape[-1], part.start.shape[-1], hm,
+        trust, trust if merged is None else merged, qs.dom, ks.dom, ks.idx,
+        full.num, full.start, full.end, part.num, part.start, part.end,
+        qs.size, ks.size, tq, rf, rp, hm,
         REL=tables.rel_bits, DP=tables.dp, BLOCK_M=block_m, BLOCK_N=block_n, CHECK_FULL=check_full,
-        num_warps=4, num_stages=1,
+        MERGE=merge, num_warps=4, num_stages=1,
     )
-    return trust
+    return (trust, merged) if merge else trust
 
 
 @triton.jit
@@ -229,7 +280,7 @@ def _fwd_kernel(
     sqb, sqh, sqn,
     sob, soh, son,
     QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
-    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd, Order, Trust,
+    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd, Order, Trust, Merged,
     Hq, Hkv, Sq, Sk, Tq, RF, RP, Hm,
     qk_scale,
     REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr,
@@ -284,22 +335,25 @@ def _fwd_kernel(
     # before); otherwise every tile runs masked, V selected.
     n_fast = tl.load(Trust + lrow * 2)
     n_part_fast = tl.load(Trust + lrow * 2 + 1)
-    for r in range(n_fast):
-        kt0 = tl.load(FS + r)
-        kt1 = tl.load(FE + r)
+    # The trusted runs merged by the trust kernel (``_merge_runs``): a FULL run and the PARTIAL
+    # run right after it are one pipelined loop, PARTIAL tiles masked by key index.
+    RM = RF + RP
+    MB = Merged + lrow * (1 + 3 * RM)
+    for r in range(tl.load(MB)):
+        kt0 = tl.load(MB + 1 + r)
+        ktm = tl.load(MB + 1 + RM + r)
+        kt1 = tl.load(MB + 1 + 2 * RM + r)
         for kt in tl.range(kt0, kt1, warp_specialize=WARP_SPEC):
-            # FULL: every pair allowed and no padding slot inside; no mask of any kind.
             k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
-            acc, l_i, m_i = _online_step(acc, l_i, m_i, q, tl.trans(k), v, None, qk_scale, False, PREC)
-    for r in range(n_part_fast):
-        kt0 = tl.load(PS + r)
-        kt1 = tl.load(PE + r)
-        for kt in range(kt0, kt1):
-            # PARTIAL, slots checked above: every key is readable or a padding slot (zero V, index < 0).
-            k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
-            acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, row_ok, q_idx, q_rank, tile_dom, KDom, KIdx, KRank,
-                                         kslot0 + kt * BLOCK_N, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, BLOCK_N,
-                                         PREC, False, True)
+            s = _dot(q, tl.trans(k), None, PREC)
+            if kt >= ktm:
+                # PARTIAL, slots checked: every key readable or padding (zero V, index < 0).
+                readable, k_idx, k_rank = _key_attrs(KDom, KIdx, KRank, kslot0 + kt * BLOCK_N, tile_dom, REL,
+                                                     DP, BLOCK_N, HAS_PAT, True)
+                allowed = _tile_mask(readable, row_ok, q_idx, q_rank, k_idx, k_rank, tile_dom, CAUSAL, DP,
+                                     PAT, HAS_PAT, False)
+                s = tl.where(allowed, s, float("-inf"))
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, qk_scale, PREC)
     # Untrusted: the FULL runs not taken above, then the PARTIAL runs, all masked, V selected.
     n_slow_full = n_full - n_fast
     for r in range(n_slow_full + n_part - n_part_fast):
@@ -355,14 +409,15 @@ def launch_forward(
         vd = TensorDescriptor.from_tensor(vp, [block_n, d])
     else:
         kd = vd = kp  # unused
-    trust = launch_query_trust(qs, ks, runs, tables, block_m=block_m, block_n=block_n, check_full=check_full)
+    trust, merged = launch_query_trust(qs, ks, runs, tables, block_m=block_m, block_n=block_n,
+                                       check_full=check_full, merge=True)
     grid = (tq, b * hq)
     _fwd_kernel[grid](
         q, kp, vp, kd, vd, out, lse2,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         qs.tok, qs.dom, qs.idx, qs.rank, ks.dom, ks.idx, ks.rank,
-        full.num, full.start, full.end, part.num, part.start, part.end, order, trust,
+        full.num, full.start, full.end, part.num, part.start, part.end, order, trust, merged,
         hq, hkv, qs.size, sk, tq, full.start.shape[-1], part.start.shape[-1], hm,
         scale * LOG2E,
         REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp,

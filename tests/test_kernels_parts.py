@@ -347,7 +347,8 @@ def _query_trust_expected(qs, ks, runs, tables, bm, bn, check_full):
         rows = qd[b, t * bm:(t + 1) * bm]
         dom = int(rows[0])
         ok = bool((rows == dom).all())
-        if check_full:
+        ok &= int(full.num[b, h, t]) <= full.start.shape[-1] and int(part.num[b, h, t]) <= part.start.shape[-1]
+        if check_full and ok:
             for kt in _listed(full, b, h, t) + _listed(part, b, h, t):
                 ok &= readable(dom, int(kd[b, kt * bn]))
             for kt in _listed(part, b, h, t):
@@ -382,6 +383,19 @@ def _key_trust_expected(qs, ks, runs_t, tables, bm, bkt, check_full):
     return out
 
 
+def _slot_moved(plan, tables, trial, g):
+    """(qs, ks) of ``plan`` with one real slot of batch row 1 moved to another domain: a key slot
+    on even trials, a query row on odd ones (the forgeries the table checks must catch)."""
+    from dataclasses import replace
+
+    qdom, kdom = plan.qs.dom.clone(), plan.ks.dom.clone()
+    side = kdom if trial % 2 == 0 else qdom
+    real = ((plan.ks.idx if side is kdom else plan.qs.tok)[1] >= 0).nonzero().flatten().cpu()
+    slot = int(real[torch.randint(len(real), (1,), generator=g)])
+    side[1, slot] = (int(side[1, slot]) + 1 + trial // 2) % (tables.dp - 1)
+    return replace(plan.qs, dom=qdom), replace(plan.ks, dom=kdom)
+
+
 @pytest.mark.parametrize("check_full", [True, False])
 def test_table_checks_trust_exactly_the_tiles_they_should(compiled, check_full):
     """``launch_query_trust`` / ``launch_key_trust`` (what the forward, dq and dk/dv kernels are
@@ -389,8 +403,6 @@ def test_table_checks_trust_exactly_the_tiles_they_should(compiled, check_full):
     whose slot labels were altered after planning: a key slot or a query row moved to another
     domain, in one batch row only. Every tile of both batch rows must match, and the forgeries must
     take trust away from some tiles (else they would test nothing)."""
-    from dataclasses import replace
-
     from domainguard.attention import GuardedAttention, KernelConfig
     from domainguard.kernels.backward import launch_key_trust
     from domainguard.kernels.forward import launch_query_trust
@@ -419,13 +431,87 @@ def test_table_checks_trust_exactly_the_tiles_they_should(compiled, check_full):
     lost_q = lost_k = 0
     g = torch.Generator().manual_seed(5)
     for trial in range(6):
-        qdom, kdom = plan.qs.dom.clone(), plan.ks.dom.clone()
-        side = kdom if trial % 2 == 0 else qdom
-        real = ((plan.ks.idx if side is kdom else plan.qs.tok)[1] >= 0).nonzero().flatten().cpu()
-        slot = int(real[torch.randint(len(real), (1,), generator=g)])
-        side[1, slot] = (int(side[1, slot]) + 1 + trial // 2) % (tables.dp - 1)
-        want_q, want_k = both(replace(plan.qs, dom=qdom), replace(plan.ks, dom=kdom))
+        want_q, want_k = both(*_slot_moved(plan, tables, trial, g))
         assert torch.equal(want_q[0], honest_q[0]) and torch.equal(want_k[0], honest_k[0])
         lost_q += int((want_q != honest_q).sum())
         lost_k += int((want_k != honest_k).sum())
     assert lost_q > 0 and (lost_k > 0 or not check_full)
+
+
+def _merged_cover(merged, shape, cols):
+    """Decode ``launch_query_trust(..., merge=True)``'s merged runs into per-tile cover counts:
+    ([B, Hm, Tq, cols] FULL count, PARTIAL count, number of runs with both parts)."""
+    m = merged.cpu().view(*shape, -1)
+    rm = (m.shape[-1] - 1) // 3
+    full = torch.zeros(*shape, cols, dtype=torch.int32)
+    part = torch.zeros_like(full)
+    both = 0
+    for b, h, t in torch.cartesian_prod(*(torch.arange(s) for s in shape)).tolist():
+        row = m[b, h, t]
+        for r in range(int(row[0])):
+            s0, sm, s1 = (int(row[1 + j * rm + r]) for j in range(3))
+            assert s0 <= sm <= s1
+            full[b, h, t, s0:sm] += 1
+            part[b, h, t, sm:s1] += 1
+            both += s0 < sm < s1
+    return full, part, both
+
+
+def _runs_cover(runs, counts, cols):
+    """Per-tile cover counts of the first ``counts`` [B, Hm, Tq] runs of ``runs``."""
+    out = torch.zeros(*counts.shape, cols, dtype=torch.int32)
+    start, end = runs.start.cpu(), runs.end.cpu()
+    for b, h, t in torch.cartesian_prod(*(torch.arange(s) for s in counts.shape)).tolist():
+        for r in range(int(counts[b, h, t])):
+            out[b, h, t, int(start[b, h, t, r]):int(end[b, h, t, r])] += 1
+    return out
+
+
+@pytest.mark.parametrize("check_full", [True, False])
+def test_merged_runs_cover_each_trusted_tile_once_with_its_kind(compiled, check_full):
+    """The forward kernel walks the runs ``_trust_kernel`` merges (a FULL run and the PARTIAL run
+    that starts where it ends, as one loop; the PARTIAL part masked by key index). On an honest
+    plan and on plans altered after planning (a key or query slot moved to another domain; a run
+    count wider than its table row), the merged runs must list exactly the tiles the trust counts
+    let the kernels take, each once and with its kind, and nothing for an untrusted tile; and some
+    runs must actually merge (else this would test nothing)."""
+    from dataclasses import replace
+
+    from domainguard.attention import GuardedAttention, KernelConfig
+    from domainguard.kernels.forward import launch_query_trust
+
+    bm = bn = 16
+    cfg = KernelConfig(block_m=bm, block_n=bn, num_warps=4, num_stages=1, use_tma=False)
+    guard = GuardedAttention(compiled, cfg)
+    tables = guard.tables(0)
+    plan = guard.plan(_layout(compiled, n=90, seed=4).to(DEV), 0, heads=2, dtype=torch.float32, head_dim=64)
+    full, part = plan.runs
+    cols = plan.ks.size // bn
+
+    def check(qs, ks, runs):
+        trust_only = launch_query_trust(qs, ks, runs, tables, block_m=bm, block_n=bn, check_full=check_full)
+        trust, merged = launch_query_trust(qs, ks, runs, tables, block_m=bm, block_n=bn, check_full=check_full,
+                                           merge=True)
+        assert torch.equal(trust.cpu(), trust_only.cpu())
+        want = _query_trust_expected(qs, ks, runs, tables, bm, bn, check_full)
+        assert torch.equal(trust.cpu().view_as(want), want)
+        got_full, got_part, both = _merged_cover(merged, runs[0].num.shape, cols)
+        assert torch.equal(got_full, _runs_cover(runs[0], want[..., 0], cols))
+        assert torch.equal(got_part, _runs_cover(runs[1], want[..., 1], cols))
+        return want, both
+
+    honest, both = check(plan.qs, plan.ks, plan.runs)
+    assert honest[..., 0].sum() > 0
+    if check_full:
+        assert both > 0  # FULL runs with their PARTIAL tail merged
+    g = torch.Generator().manual_seed(9)
+    for trial in range(4):
+        check(*_slot_moved(plan, tables, trial, g), plan.runs)
+    # A run count wider than the table row: that tile is not trusted (its merged runs would
+    # otherwise be read from, and written over, its neighbour's rows).
+    t = int(full.num[0, 0].argmax())
+    wide = full.num.clone()
+    wide[0, 0, t] = full.start.shape[-1] + 1
+    forged = (replace(full, num=wide), part)
+    want, _ = check(plan.qs, plan.ks, forged)
+    assert int(want[0, 0, t, 0]) == 0 and int(honest[0, 0, t, 0]) > 0
