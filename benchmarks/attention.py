@@ -335,6 +335,8 @@ def _bwd(dkdv, dq):
 
 SWEEP = {  # name: KernelConfig overrides (the measured outcomes are in BENCHMARKS.md)
     "default": {},
+    "fwd_triton": dict(fwd_gluon=False),  # the Triton forward on sm_90 too (the default before kernels/forward_sm90.py)
+    "fwd_gluon_per1": dict(fwd_gluon_per=1),  # the Gluon forward in 64-key steps
     "fwd_gather_s3": dict(use_tma=False),
     "fwd_gather_s4": dict(use_tma=False, num_stages=4),
     "fwd_tma_bn128_s2": dict(block_n=128, num_stages=2),

@@ -199,6 +199,8 @@ class KernelConfig:
     check_full: bool = True
     use_tma: bool = True
     warp_specialize: bool = False
+    fwd_gluon: bool = True  # on an sm_90 GPU, the warp-specialised Gluon forward (kernels/forward_sm90.py)
+    fwd_gluon_per: int = 2  # its 64-key tiles per step of a trusted run (2: 128-key products)
     dq_tma: bool = True  # the dq kernel reads K/V through tensor descriptors
     bwd_concurrent: bool = True  # dq on a side stream beside dk/dv (a GPU only)
 
@@ -469,6 +471,7 @@ class _GuardedAttentionFn(torch.autograd.Function):
             q, k, v, plan.qs, plan.ks, plan.runs, plan.order, tables, scale,
             block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             check_full=cfg.check_full, use_tma=cfg.use_tma, warp_specialize=cfg.warp_specialize, kv_slots=(kp, vp),
+            gluon=cfg.fwd_gluon and cfg.fwd_gluon_per,
         )
         ctx.save_for_backward(q, kp, vp, out, lse2)
         ctx.kv_shapes = (k.shape, v.shape)

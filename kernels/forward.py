@@ -381,14 +381,35 @@ def dot_precision(q: torch.Tensor) -> int:
     return 1 if q.dtype == torch.float32 else 0
 
 
+def _sm90(q, *, block_m, block_n, use_tma) -> bool:
+    """Whether the Gluon forward (``forward_sm90``) takes this call: an sm_90 target (the GPU, or the
+    stand-in driver of ``tests/sm90_compile.py``), never the interpreter, and a shape it supports."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in (64, 128):
+        return False
+    if block_m != 128 or block_n != 64 or not use_tma:
+        return False
+    if q.is_cuda:
+        return torch.cuda.get_device_capability(q.device) == (9, 0)
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # no GPU driver: nothing to compile for
+        return False
+    return target.backend == "cuda" and target.arch == 90
+
+
 def launch_forward(
     q, k, v, qs, ks, runs, order, tables, scale, *, block_m, block_n, num_warps, num_stages,
-    check_full=True, use_tma=False, warp_specialize=False, out=None, kv_slots=None,
+    check_full=True, use_tma=False, warp_specialize=False, out=None, kv_slots=None, gluon=True,
 ):
     """Run ``_fwd_kernel`` on the caller's q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (last dims contiguous).
 
     ``runs`` = (full, partial) ``plan.Runs``. ``kv_slots``: k and v already in slot order
     (``permute.gather_rows(k, ks.tok, v)``), when the caller keeps them; otherwise copied here.
+    ``gluon``: on an sm_90 GPU, run the warp-specialised Gluon kernel (``forward_sm90``) where it
+    supports the call, with that many 64-key tiles per step (1 or 2; 0 or False: never); same
+    tables, same results contract.
     Returns (out [B, Hq, Nq, D] in q's order, lse2 [B, Hq, Sq] in log2 units, slot order).
     """
     from .permute import gather_rows
@@ -411,6 +432,12 @@ def launch_forward(
         kd = vd = kp  # unused
     trust, merged = launch_query_trust(qs, ks, runs, tables, block_m=block_m, block_n=block_n,
                                        check_full=check_full, merge=True)
+    if gluon and _sm90(q, block_m=block_m, block_n=block_n, use_tma=use_tma):
+        from .forward_sm90 import launch_forward_sm90
+
+        launch_forward_sm90(q, kp, vp, out, lse2, qs, ks, runs, order, trust, merged, tables, scale * LOG2E,
+                            per=int(gluon))
+        return out, lse2
     grid = (tq, b * hq)
     _fwd_kernel[grid](
         q, kp, vp, kd, vd, out, lse2,

@@ -99,19 +99,20 @@ def _install(records: list, call: list) -> None:
 def _calls():
     """(label, thunk) for each call whose kernels get compiled: the shapes and dtypes the product
     supports (head dims 64 and 128; bf16, fp16, fp32; GQA; a policy with window and global-token
-    patterns), forward with backward, and decode."""
+    patterns), forward with backward (16-bit forwards through the Gluon kernel, and once through the
+    Triton one that other GPUs run), and decode."""
     import domainguard as dg
-    from domainguard.attention import GuardedAttention
+    from domainguard.attention import GuardedAttention, KernelConfig
 
     plain = dg.compile(dg.load_policy(REPO / "policies" / "prompt_injection.yaml"))
     patterned = dg.compile(dg.load_policy(REPO / "policies" / "clinical.yaml"))
 
-    def train(compiled, dtype, hd, hq, hkv, n=300):
+    def train(compiled, dtype, hd, hq, hkv, n=300, config=None):
         def go():
             ids = torch.randint(0, compiled.num_domains, (1, n), generator=torch.Generator().manual_seed(hd + hq))
             layout = dg.Layout.from_ids(compiled, ids)
             q, k, v = (torch.randn(1, h, n, hd, dtype=dtype, requires_grad=True) for h in (hq, hkv, hkv))
-            out = GuardedAttention(compiled)(q, k, v, layout, 0, backend="triton")
+            out = GuardedAttention(compiled, config)(q, k, v, layout, 0, backend="triton")
             out.float().sum().backward()
         return go
 
@@ -127,6 +128,8 @@ def _calls():
 
     return [
         ("bf16 d128 MHA", train(plain, torch.bfloat16, 128, 2, 2)),
+        ("bf16 d128 MHA, Triton forward",
+         train(plain, torch.bfloat16, 128, 2, 2, config=KernelConfig(fwd_gluon=False))),
         ("fp16 d64 GQA 4:1, patterns", train(patterned, torch.float16, 64, 4, 1)),
         ("fp32 d64 GQA 2:1", train(plain, torch.float32, 64, 2, 1)),
         ("fp32 d128 MHA", train(plain, torch.float32, 128, 2, 2)),

@@ -38,9 +38,12 @@ def test_every_kernel_compiles_for_sm90(compiled_for_hopper):
         by_call.setdefault(rec["call"], set()).add(rec["kernel"])
     train = {"_gather_rows_kernel", "_trust_kernel", "_fwd_kernel", "_bwd_prep_kernel", "_key_trust_kernel",
              "_dkdv_kernel", "_dq_kernel"}
+    # 16-bit forwards on sm_90 run the warp-specialised Gluon kernel (kernels/forward_sm90.py)
+    gluon = (train - {"_fwd_kernel"}) | {"_fwd_sm90_kernel"}
     assert by_call == {
-        "bf16 d128 MHA": train,
-        "fp16 d64 GQA 4:1, patterns": train,
+        "bf16 d128 MHA": gluon,
+        "bf16 d128 MHA, Triton forward": train,
+        "fp16 d64 GQA 4:1, patterns": gluon,
         "fp32 d64 GQA 2:1": train,
         "fp32 d128 MHA": train,
         "decode bf16 d128 GQA 3:1, patterns": {"_decode_kernel", "_combine_kernel"},
