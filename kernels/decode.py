@@ -88,7 +88,7 @@ def _decode_kernel(
                     k_rank = k_idx
                 allowed = _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, tile_dom, REL, CAUSAL, DP, PAT,
                                      HAS_PAT) & readable[None, :]
-            acc, l_i, m_i = _online_step(acc, l_i, m_i, q, tl.trans(k), v, allowed, qk_scale, True, PREC)
+            acc, l_i, m_i = _online_step(acc, l_i, m_i, q, tl.trans(k), v, allowed, qk_scale, PREC)
 
     part = ((b * Hq + h).to(tl.int64) * Sq + slot) * SPLITS + split  # [ROWS]
     tl.store(Mpart + part, m_i, mask=row_ok)

@@ -57,11 +57,10 @@ def _dot(a, b, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _online_step(acc, l_i, m_i, q, k, v, allowed, qk_scale, MASKED: tl.constexpr, PREC: tl.constexpr):
-    """One key tile of the online softmax; scores in log2 units. Returns (acc, l, m)."""
-    s = _dot(q, k, None, PREC)
-    if MASKED:
-        s = tl.where(allowed, s, float("-inf"))
+def _online_step(acc, l_i, m_i, q, k, v, allowed, qk_scale, PREC: tl.constexpr):
+    """One key tile of the online softmax, pairs not ``allowed`` masked; scores in log2 units.
+    Returns (acc, l, m)."""
+    s = tl.where(allowed, _dot(q, k, None, PREC), float("-inf"))
     return _softmax_step(acc, l_i, m_i, s, v, qk_scale, PREC)
 
 
@@ -126,7 +125,7 @@ def _masked_step(acc, l_i, m_i, q, k, v, row_ok, q_idx, q_rank, tile_dom, KDom, 
     if SELECT_V:
         v = tl.where(readable[:, None], v, 0.0)
     allowed = _tile_mask(readable, row_ok, q_idx, q_rank, k_idx, k_rank, tile_dom, CAUSAL, DP, PAT, HAS_PAT, False)
-    return _online_step(acc, l_i, m_i, q, tl.trans(k), v, allowed, qk_scale, True, PREC)
+    return _online_step(acc, l_i, m_i, q, tl.trans(k), v, allowed, qk_scale, PREC)
 
 
 @triton.jit
@@ -423,13 +422,6 @@ def launch_forward(
     lse2 = torch.empty(b, hq, qs.size, dtype=torch.float32, device=q.device)
     kp, vp = kv_slots if kv_slots is not None else gather_rows(k, ks.tok, v)
     kp, vp = kp.view(b * hkv * sk, d), vp.view(b * hkv * sk, d)
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        kd = TensorDescriptor.from_tensor(kp, [block_n, d])
-        vd = TensorDescriptor.from_tensor(vp, [block_n, d])
-    else:
-        kd = vd = kp  # unused
     trust, merged = launch_query_trust(qs, ks, runs, tables, block_m=block_m, block_n=block_n,
                                        check_full=check_full, merge=True)
     if gluon and _sm90(q, block_m=block_m, block_n=block_n, use_tma=use_tma):
@@ -438,6 +430,13 @@ def launch_forward(
         launch_forward_sm90(q, kp, vp, out, lse2, qs, ks, runs, order, trust, merged, tables, scale * LOG2E,
                             per=int(gluon))
         return out, lse2
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kd = TensorDescriptor.from_tensor(kp, [block_n, d])
+        vd = TensorDescriptor.from_tensor(vp, [block_n, d])
+    else:
+        kd = vd = kp  # unused
     grid = (tq, b * hq)
     _fwd_kernel[grid](
         q, kp, vp, kd, vd, out, lse2,

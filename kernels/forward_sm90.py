@@ -134,17 +134,6 @@ def _step_mask(s, kt, ktm, kt1, KIdx, KRank, kslot0, row_ok, q_idx, q_rank, tile
 
 
 @gluon.jit
-def _row_attrs(QIdx, QRank, QDom, rows, tile_dom, HAS_PAT: gl.constexpr):
-    """(sequence index, rank, row is of the tile's domain) of query slots ``rows``, in their layout."""
-    q_idx = gl.load(QIdx + rows)
-    if HAS_PAT:
-        q_rank = gl.load(QRank + rows)
-    else:
-        q_rank = q_idx
-    return q_idx, q_rank, gl.load(QDom + rows) == tile_dom
-
-
-@gluon.jit
 def _consumer(q_base, sqn, o_base, son, Lse2, lse_row0, slot_row0, q_smem, k_smem, v_smem, kx_smem, vx_smem,
               k_ready, v_ready, k_free, v_free, K, V, QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
               FS, FE, PS, PE, MB, RM, n_full, n_part, n_fast, n_part_fast, kslot0, kv_row0, tile_dom, qk_scale,
@@ -179,7 +168,13 @@ def _consumer(q_base, sqn, o_base, son, Lse2, lse_row0, slot_row0, q_smem, k_sme
     fence_async_shared()
     _sync_warps()
 
-    q_idx, q_rank, row_ok = _row_attrs(QIdx, QRank, QDom, slot_row0 + gl.arange(0, ROWS, row_s), tile_dom, HAS_PAT)
+    rows_s = slot_row0 + gl.arange(0, ROWS, row_s)
+    q_idx = gl.load(QIdx + rows_s)
+    if HAS_PAT:
+        q_rank = gl.load(QRank + rows_s)
+    else:
+        q_rank = q_idx
+    row_ok = gl.load(QDom + rows_s) == tile_dom
 
     zero = gl.zeros([ROWS, STEP], gl.float32, s_l)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_l)
@@ -234,7 +229,9 @@ def _consumer(q_base, sqn, o_base, son, Lse2, lse_row0, slot_row0, q_smem, k_sme
     kx = kx_smem.index(HALF)
     vx = vx_smem.index(HALF)
     n_slow_full = n_full - n_fast
-    x_idx, x_rank, x_ok = _row_attrs(QIdx, QRank, QDom, slot_row0 + gl.arange(0, ROWS, row_x), tile_dom, HAS_PAT)
+    x_idx = gl.convert_layout(q_idx, row_x)
+    x_rank = gl.convert_layout(q_rank, row_x)
+    x_ok = gl.convert_layout(row_ok, row_x)
     zero_x = gl.zeros([ROWS, BLOCK_N], gl.float32, x_l)
     for r in range(n_slow_full + n_part - n_part_fast):
         kt0, kt1 = _masked_run(r, n_slow_full, FS, FE, PS, PE)

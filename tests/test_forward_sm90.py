@@ -20,8 +20,7 @@ import torch
 
 import domainguard as dg
 from domainguard.attention import GuardedAttention, KernelConfig, attention_reference
-from domainguard.kernels.plan import Runs
-from test_kernels import POLICY, SECRET, _every_tile_full, _ids, _qkv, _rel_err
+from test_kernels import POLICY, SECRET, _forged_runs, _ids, _qkv, _rel_err
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 pytestmark = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
@@ -116,14 +115,7 @@ def test_gluon_forward_keeps_forged_plans_exact(compiled, forgery, check_full, p
     q, k, v = _qkv(1, 2, 1, n, 64, torch.bfloat16, seed=8)
     guard = GuardedAttention(compiled, KernelConfig(check_full=check_full, fwd_gluon_per=per))
     plan = guard.plan(layout, 0, heads=2, dtype=q.dtype, head_dim=64)
-    every, none = _every_tile_full(plan)
-    if forgery == "every_tile_full":
-        runs = (every, none)
-    elif forgery == "all_partial":
-        runs = (Runs(num=torch.zeros_like(every.num), start=every.start, end=every.end), every)
-    else:
-        runs = (plan.runs[0], every)
-    forged = dataclasses.replace(plan, runs=runs)
+    forged = dataclasses.replace(plan, runs=_forged_runs(plan, forgery))
     k2, v2 = k.detach().clone(), v.detach().clone()
     k2[:, :, secret] = float("nan")
     v2[:, :, secret] = float("inf")

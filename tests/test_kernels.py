@@ -328,6 +328,19 @@ def _every_tile_full(plan):
         Runs(num=torch.zeros_like(one), start=part.start, end=part.end)
 
 
+def _forged_runs(plan, forgery: str):
+    """(full, partial) run tables past check_plan: ``every_tile_full`` (``_every_tile_full``),
+    ``all_partial`` (every key tile listed PARTIAL, none FULL) or ``honest_full_plus_partial`` (the
+    honest FULL runs stay; every key tile is listed PARTIAL as well)."""
+    every, none = _every_tile_full(plan)
+    if forgery == "every_tile_full":
+        return every, none
+    if forgery == "all_partial":
+        return Runs(num=torch.zeros_like(every.num), start=every.start, end=every.end), every
+    assert forgery == "honest_full_plus_partial", forgery
+    return plan.runs[0], every
+
+
 def _relabelled(slots, tokens_from, dom):
     import dataclasses
 
@@ -497,12 +510,7 @@ def test_forged_partial_tiles_stay_exact_inside_the_kernel(compiled, cfg, forger
     q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=8)
     guard = GuardedAttention(compiled, dataclasses.replace(cfg, check_full=check_full))
     plan = guard.plan(layout, 0, heads=2, dtype=q.dtype, head_dim=64)
-    every, _ = _every_tile_full(plan)
-    if forgery == "all_partial":
-        runs = (Runs(num=torch.zeros_like(every.num), start=every.start, end=every.end), every)
-    else:  # the honest FULL runs stay; every key tile is listed PARTIAL as well
-        runs = (plan.runs[0], every)
-    forged = dataclasses.replace(plan, runs=runs)
+    forged = dataclasses.replace(plan, runs=_forged_runs(plan, forgery))
     k2, v2 = k.detach().clone(), v.detach().clone()
     k2[:, :, secret] = float("nan")
     v2[:, :, secret] = float("inf")
