@@ -20,7 +20,7 @@ import torch
 
 import domainguard as dg
 from domainguard.attention import GuardedAttention, KernelConfig, attention_reference
-from test_kernels import POLICY, SECRET, _forged_runs, _ids, _qkv, _rel_err
+from test_kernels import POLICY, _forged_runs, _forgery_case, _ids, _poisoned_forwards, _qkv, _rel_err
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 pytestmark = pytest.mark.skipif(not HOPPER, reason="needs an sm_90 GPU")
@@ -108,21 +108,11 @@ def test_gluon_forward_keeps_forged_plans_exact(compiled, forgery, check_full, p
     calls = []
     real = fwd.launch_forward_sm90
     monkeypatch.setattr(fwd, "launch_forward_sm90", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    n = 600
-    ids = _ids(1, n, seed=31)
-    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
-    secret = (ids[0] == SECRET).to(DEV)
-    q, k, v = _qkv(1, 2, 1, n, 64, torch.bfloat16, seed=8)
-    guard = GuardedAttention(compiled, KernelConfig(check_full=check_full, fwd_gluon_per=per))
-    plan = guard.plan(layout, 0, heads=2, dtype=q.dtype, head_dim=64)
+    ids, layout, secret, (q, k, v), guard, plan = _forgery_case(
+        compiled, KernelConfig(check_full=check_full, fwd_gluon_per=per), 600, seed=31, qkv_seed=8, heads=2,
+        dtype=torch.bfloat16)
     forged = dataclasses.replace(plan, runs=_forged_runs(plan, forgery))
-    k2, v2 = k.detach().clone(), v.detach().clone()
-    k2[:, :, secret] = float("nan")
-    v2[:, :, secret] = float("inf")
-    with torch.no_grad():
-        a = guard(q, k, v, layout, 0, plan=forged)
-        b = guard(q, k2, v2, layout, 0, plan=forged)
-        honest = guard(q, k, v, layout, 0)
+    a, b, honest = _poisoned_forwards(guard, layout, forged, q, k, v, secret)
     assert len(calls) == 3
     keep = ~secret
     assert torch.isfinite(b[:, :, keep]).all()

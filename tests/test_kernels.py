@@ -503,21 +503,10 @@ def test_forged_partial_tiles_stay_exact_inside_the_kernel(compiled, cfg, forger
 
     att = importlib.import_module("domainguard.attention")
     monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
-    n = 64
-    ids = _ids(1, n, seed=31)
-    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
-    secret = (ids[0] == SECRET).to(DEV)
-    q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=8)
-    guard = GuardedAttention(compiled, dataclasses.replace(cfg, check_full=check_full))
-    plan = guard.plan(layout, 0, heads=2, dtype=q.dtype, head_dim=64)
+    ids, layout, secret, (q, k, v), guard, plan = _forgery_case(
+        compiled, dataclasses.replace(cfg, check_full=check_full), 64, seed=31, qkv_seed=8, heads=2)
     forged = dataclasses.replace(plan, runs=_forged_runs(plan, forgery))
-    k2, v2 = k.detach().clone(), v.detach().clone()
-    k2[:, :, secret] = float("nan")
-    v2[:, :, secret] = float("inf")
-    with torch.no_grad():
-        a = guard(q, k, v, layout, 0, plan=forged)
-        b = guard(q, k2, v2, layout, 0, plan=forged)
-        honest = guard(q, k, v, layout, 0)
+    a, b, honest = _poisoned_forwards(guard, layout, forged, q, k, v, secret)
     assert torch.isfinite(b[:, :, ~secret]).all()
     assert torch.equal(a[:, :, ~secret], b[:, :, ~secret])
     if forgery == "all_partial":
@@ -559,16 +548,27 @@ def test_forged_mixed_partial_key_tile_is_read_masked(compiled, cfg, monkeypatch
         assert torch.equal(a[:, :, ~secret], b[:, :, ~secret]), name
 
 
-def _forgery_case(compiled, cfg, n: int, seed: int, qkv_seed: int, heads: int = 1):
-    """One row of ``n`` tokens in short random segments, fp32 q/k/v (one kv head), a guard with
-    ``cfg`` and its honest plan: (ids, layout, secret mask [n], (q, k, v), guard, plan)."""
+def _forgery_case(compiled, cfg, n: int, seed: int, qkv_seed: int, heads: int = 1, dtype=torch.float32):
+    """One row of ``n`` tokens in short random segments, q/k/v in ``dtype`` (one kv head), a guard
+    with ``cfg`` and its honest plan: (ids, layout, secret mask [n], (q, k, v), guard, plan)."""
     ids = _ids(1, n, seed=seed)
     layout = dg.Layout.from_ids(compiled, ids).to(DEV)
     secret = (ids[0] == SECRET).to(DEV)
-    q, k, v = _qkv(1, heads, 1, n, 64, torch.float32, seed=qkv_seed)
+    q, k, v = _qkv(1, heads, 1, n, 64, dtype, seed=qkv_seed)
     guard = GuardedAttention(compiled, cfg)
     plan = guard.plan(layout, 0, heads=heads, dtype=q.dtype, head_dim=64)
     return ids, layout, secret, (q, k, v), guard, plan
+
+
+def _poisoned_forwards(guard, layout, forged, q, k, v, secret):
+    """Outputs through ``forged`` with the given K/V and with every secret K NaN and V +Inf, and the
+    output through the honest plan: (clean, poisoned, honest)."""
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    k2[:, :, secret] = float("nan")
+    v2[:, :, secret] = float("inf")
+    with torch.no_grad():
+        return (guard(q, k, v, layout, 0, plan=forged), guard(q, k2, v2, layout, 0, plan=forged),
+                guard(q, k, v, layout, 0))
 
 
 @pytest.mark.parametrize("cfg", [SMALL, SMALL_PTR], ids=["tma", "ptr"])
