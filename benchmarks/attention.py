@@ -72,11 +72,67 @@ def allowed_pairs(layout, compiled, layer: int = 0, window: int | None = None) -
 
 
 # --- timing ----------------------------------------------------------------------------------
-def bench(fn, reps: int = 20) -> float:
-    """Median milliseconds over ``reps`` timed runs (CUDA events), after warm-up."""
+REPS = 15  # timed runs per contender at least; a 100 ms budget adds more for short calls
+ROUNDS = 3  # a layout's contenders take turns this many times (``bench_group``)
+
+
+def _estimate_ms(fn) -> float:
+    """Milliseconds of one call (after one untimed call), by the host clock with the GPU drained."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return max((time.perf_counter() - t0) * 1e3, 1e-3)
+
+
+def bench(fn, reps: int = REPS) -> float:
+    """Median milliseconds of ``triton.testing.do_bench`` over at least ``reps`` timed runs (L2 flushed
+    before each). do_bench sizes its run count from a time budget; with the default 100 ms a call of
+    80 ms was timed once, so the budget grows with the call."""
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=50, rep=max(100, reps * 5), return_mode="median"))
+    est = _estimate_ms(fn)
+    return float(do_bench(fn, warmup=max(50.0, 2 * est), rep=max(100.0, reps * est), return_mode="median"))
+
+
+def bench_group(fns: dict, reps: int = REPS, rounds: int = ROUNDS, warmup_ms: float = 25.0) -> tuple[dict, dict]:
+    """Time several contenders against each other: ``rounds`` turns each, in alternating order; each
+    turn first calls its contender untimed for ``warmup_ms`` (at least once), then times it (CUDA
+    events, a 256 MiB L2 flush before each call, as do_bench does), ``reps`` runs per contender at
+    least and 100 ms of runs at least. Returns (median ms, {quartiles, per-turn medians}) per name.
+    Taking turns keeps a drift of the GPU's clocks over a long run from favouring whichever
+    contender was timed first."""
+    import statistics
+
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    count, warm = {}, {}
+    for name, fn in fns.items():
+        est = _estimate_ms(fn)
+        count[name] = max(math.ceil(reps / rounds), math.ceil(100.0 / rounds / est))
+        warm[name] = max(1, math.ceil(warmup_ms / est))
+    samples = {name: [] for name in fns}
+    turns = {name: [] for name in fns}
+    for turn in range(rounds):
+        for name in list(fns) if turn % 2 == 0 else list(reversed(fns)):
+            fn = fns[name]
+            for _ in range(warm[name]):
+                fn()
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(count[name])]
+            for start, end in events:
+                flush.zero_()
+                start.record()
+                fn()
+                end.record()
+            torch.cuda.synchronize()
+            got = [a.elapsed_time(b) for a, b in events]
+            samples[name] += got
+            turns[name].append(round(statistics.median(got), 4))
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    spread = {name: {"quartiles": [round(q, 4) for q in statistics.quantiles(v, n=4)[::2]], "turns": turns[name]}
+              for name, v in samples.items()}
+    return med, spread
 
 
 def tflops(pairs: float, ms: float, factor: float = 1.0) -> float:
@@ -196,10 +252,7 @@ def main(argv=None) -> int:
             t.requires_grad_(True)
         do = torch.randn_like(q)
         causal_pairs = n * (n + 1) / 2
-        # Dense causal SDPA once per N (independent of the layout).
         s_f, s_fb = run_sdpa(q, k, v, do, causal=True)
-        sd = {"fwd": bench(g(s_f)), "fwdbwd": None if args.no_backward else bench(s_fb)}
-        sd_tf = {kk: (tflops(causal_pairs, ms, 1.0 if kk == "fwd" else 3.5) if ms else None) for kk, ms in sd.items()}
         for seg in segs:
             ids = segment_ids(n, seg, seed=n + seg)
             for r in reads:
@@ -212,7 +265,10 @@ def main(argv=None) -> int:
                 torch.cuda.synchronize()
                 plan_ms = (time.perf_counter() - t0) * 1e3
                 row = {"N": n, "segment": seg, "reads": r, "window": args.window, "pairs": pairs, "density": pairs / causal_pairs,
-                       "plan_ms": plan_ms, **plan.stats(), "sdpa_causal": sd, "sdpa_causal_tflops": sd_tf}
+                       "plan_ms": plan_ms, **plan.stats()}
+                if args.profile or args.configs:
+                    # Dense causal SDPA for reference (independent of the layout).
+                    row["sdpa_causal"] = {"fwd": bench(g(s_f)), "fwdbwd": None if args.no_backward else bench(s_fb)}
                 if args.profile:
                     row["kernels_ms"] = profile_kernels(guard, plan, q, k, v, layout, do)
                     rows.append(row)
@@ -224,19 +280,26 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     continue
+                # ours, FlexAttention and dense causal SDPA take turns (bench_group), forward and
+                # forward+backward separately.
                 o_f, o_fb = run_ours(guard, plan, q, k, v, layout, do)
-                ours = {"fwd": bench(g(o_f)), "fwdbwd": None if args.no_backward else bench(o_fb)}
-                row["ours"] = ours
-                row["ours_tflops"] = {kk: tflops(pairs, ms, 1.0 if kk == "fwd" else 3.5) if ms else None for kk, ms in ours.items()}
+                fwd_fns, fb_fns = {"ours": g(o_f)}, {"ours": o_fb}
                 if flex is not None:
                     bm = dg.build_blockmap(layout, compiled, 0).to_flex_block_mask()
                     f_f, f_fb = run_flex(bm, q, k, v, do, flex)
                     with torch.no_grad():
                         err = (flex(q, k, v, block_mask=bm).float() - o_f().float()).abs().max().item()
                     row["max_abs_diff_vs_flex"] = err
-                    fl = {"fwd": bench(g(f_f)), "fwdbwd": None if args.no_backward else bench(f_fb)}
-                    row["flex"] = fl
-                    row["flex_tflops"] = {kk: tflops(pairs, ms, 1.0 if kk == "fwd" else 3.5) if ms else None for kk, ms in fl.items()}
+                    fwd_fns["flex"], fb_fns["flex"] = g(f_f), f_fb
+                fwd_fns["sdpa_causal"], fb_fns["sdpa_causal"] = g(s_f), s_fb
+                med_f, spread_f = bench_group(fwd_fns)
+                med_fb, spread_fb = bench_group(fb_fns) if not args.no_backward else ({}, {})
+                for who in fwd_fns:
+                    row[who] = {"fwd": med_f[who], "fwdbwd": med_fb.get(who)}
+                    row[f"{who}_spread"] = {"fwd": spread_f[who], "fwdbwd": spread_fb.get(who)}
+                    row[f"{who}_tflops"] = {
+                        kk: tflops(causal_pairs if who == "sdpa_causal" else pairs, ms, 1.0 if kk == "fwd" else 3.5)
+                        if ms else None for kk, ms in row[who].items()}
                 if n * n / 2**30 <= args.mask_limit_gb:
                     # relation[d_i, d_j] AND j <= i, built without N x N index tensors.
                     dom = layout.domain_ids[0]
