@@ -4,6 +4,7 @@
     python benchmarks/attention.py --sizes 32768 --no-flex --configs   # per-kernel times of several configs
     python benchmarks/attention.py --sizes 32768 --window 4096          # policies with a sliding window
     python benchmarks/attention.py --sizes 8192 --graph                 # forwards replayed from CUDA graphs
+    python benchmarks/attention.py --sizes 8192 --host                  # host time of each eager call
 
 Layouts: 8 domains in random segments (geometric lengths, mean 1000 or 64 tokens),
 each segment's domain drawn uniformly; policies where each domain reads 1 or 3 other
@@ -207,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--tune", action="store_true", help="pick the faster forward config on a 32K layout first")
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU time of one forward+backward instead")
+    ap.add_argument("--host", action="store_true",
+                    help="host time of each contender's eager call (enqueue only, GPU drained between calls) instead")
     ap.add_argument("--graph", action="store_true",
                     help="every contender's forward captured in a CUDA graph and replayed (no host cost); implies "
                          "--no-backward")
@@ -273,6 +276,12 @@ def main(argv=None) -> int:
                     row["sdpa_causal"] = sd
                 if args.profile:
                     row["kernels_ms"] = profile_kernels(guard, plan, q, k, v, layout, do)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    continue
+                if args.host:
+                    bm = dg.build_blockmap(layout, compiled, 0).to_flex_block_mask() if flex is not None else None
+                    row["host_us"] = host_times(guard, plan, q, k, v, layout, do, flex, bm, s_f, s_fb)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     continue
@@ -356,6 +365,31 @@ def tune(compiled, dev, dtype=torch.bfloat16, n: int = 32768) -> KernelConfig:
         if ms < best_ms:
             best, best_ms = cfg, ms
     return best
+
+
+def host_times(guard, plan, q, k, v, layout, do, flex, block_mask, s_f, s_fb, reps: int = 30) -> dict:
+    """Microseconds of host time per eager call (quartiles over ``reps`` calls): the time to return from
+    the call, with the GPU drained before each, so the host never waits on a full launch queue. A call
+    whose host time nears its GPU time leaves the GPU idle between launches (the 8K rows)."""
+    import statistics
+
+    fns = dict(zip(("ours_fwd", "ours_fwdbwd"), run_ours(guard, plan, q, k, v, layout, do)))
+    if flex is not None:
+        fns.update(zip(("flex_fwd", "flex_fwdbwd"), run_flex(block_mask, q, k, v, do, flex)))
+    fns.update(sdpa_causal_fwd=s_f, sdpa_causal_fwdbwd=s_fb)
+    out = {}
+    for name, fn in fns.items():
+        for _ in range(3):
+            fn()
+        got = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            got.append((time.perf_counter() - t0) * 1e6)
+        torch.cuda.synchronize()
+        out[name] = [round(x) for x in statistics.quantiles(got, n=4)]
+    return out
 
 
 def profile_kernels(guard, plan, q, k, v, layout, do, iters: int = 10, totals: bool = True) -> dict:
