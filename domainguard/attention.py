@@ -250,15 +250,13 @@ class AttentionPlan:
 
 @dataclass(frozen=True, eq=False)
 class DecodePlan:
-    """Plan of a decode step: the few queries sorted into pure tiles; keys in the caller's order."""
+    """Plan of a decode step: the few queries sorted into domain-pure tiles of QT slots (``decode_rows``).
+
+    Nothing else: the kernel reads the keys in the caller's order with their labels straight from
+    the layout and builds each tile's mask from the frozen constants, so one plan serves every
+    layer of a step and there is no key-side table to build, copy or trust."""
 
     qs: "Slots"
-    k_dom: torch.Tensor  # int32 [B, Nk]
-    k_idx: torch.Tensor  # int32 [B, Nk]
-    k_rank: torch.Tensor  # int32 [B, Nk]
-    kinds: torch.Tensor  # uint8 [B, Hm, Tq, Tk] over (QT, block_n) tiles
-    block_n: int
-    mask_key: tuple
     nq: int
     nk: int
     group: int
@@ -378,7 +376,7 @@ def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hk
     tables list; that cannot check labels against the layout, FULL key tiles' purity in the
     forward and dq, or positions inside a FULL tile. So a
     plan from outside is re-derived against the layout here: every token in exactly one slot with the layout's own domain, index and rank; tiles
-    domain-pure; run tables, launch order and decode tile kinds inside their bounds; and,
+    domain-pure; run tables and launch order inside their bounds; and,
     when ``kinds_of(q_attrs, k_attrs, block_q, block_k)`` is given (the block map of the
     plan's own slots under the frozen relation and patterns), tile tables equal to it — so
     no FULL tile can carry a pair that causality or a pattern excludes (the kernels check a
@@ -410,20 +408,8 @@ def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hk
         from domainguard.kernels.decode import decode_rows
 
         qt = decode_rows(hq // hkv)[0]
-        refuse(_plan_problem([(plan.group == hq // hkv, f"decode plan is for GQA groups of {plan.group}, not {hq // hkv}"),
-                              (plan.block_n == DECODE_BLOCK_N, f"decode plan tiles of {plan.block_n} keys, not {DECODE_BLOCK_N}")]))
+        refuse(_plan_problem([(plan.group == hq // hkv, f"decode plan is for GQA groups of {plan.group}, not {hq // hkv}")]))
         refuse(_slots_problem("query", plan.qs, qa, nq, qt, pad_id, device, query=True))
-        for name, t, want in (("k_dom", plan.k_dom, ka.domain), ("k_idx", plan.k_idx, ka.index),
-                              ("k_rank", plan.k_rank, ka.rank)):
-            refuse(_tensor_problem(f"decode plan {name}", t, (b, nk), torch.int32, device))
-            refuse(_plan_problem([(t.long() == want.to(device).long(), f"decode plan {name} differs from the layout's")]))
-        kinds = plan.kinds
-        tq, tk = plan.qs.tok.shape[1] // qt, -(-nk // DECODE_BLOCK_N)
-        hm = kinds.shape[1] if isinstance(kinds, torch.Tensor) and kinds.dim() == 4 else 0
-        refuse(_tensor_problem("decode plan kinds", kinds, (b, max(hm, 1), tq, tk), torch.uint8, device))
-        refuse(_plan_problem([(kinds <= 2, "decode plan kinds outside EMPTY/PARTIAL/FULL")]))
-        if kinds_of is not None:
-            refuse(kinds_problem("decode plan", kinds, kinds_of(_slot_attrs(plan.qs), ka, qt, DECODE_BLOCK_N).to(device)))
         return
 
     cfg = plan.config
@@ -447,6 +433,21 @@ def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hk
         refuse(kinds_problem("plan", runs_kinds(*plan.runs, tk), want))
         want_t = merge_key_tiles(want, cfg.block_kt // cfg.block_n).transpose(-1, -2)
         refuse(kinds_problem("plan key-major", runs_kinds(*plan.runs_t, tq), want_t))
+
+
+def _decode_slots(qa, pad_id: int, qt: int):
+    """``sort_slots`` of a decode step's query tokens into tiles of ``qt``; one query (the common
+    step) takes a path of a few tensor ops with no device sync, the same slots ``sort_slots`` gives."""
+    from domainguard.kernels.plan import Slots, sort_slots
+
+    b, nq = qa.domain.shape
+    if nq != 1:
+        return sort_slots(qa.domain, qa.index, qa.rank, pad_id, qt, query=True)
+    tok = torch.full((b, qt), -1, dtype=torch.int32, device=qa.domain.device)
+    tok[:, 0] = 0
+    # Padding slots copy the one real slot (as sort_slots pads a query tile).
+    same = lambda t: t.to(torch.int32).expand(b, qt).contiguous()  # noqa: E731
+    return Slots(tok=tok, dom=same(qa.domain), idx=same(qa.index), rank=same(qa.rank), block=qt)
 
 
 def _kernels_usable(q: torch.Tensor) -> bool:
@@ -608,45 +609,39 @@ class GuardedAttention:
         )
 
     def decode_plan(self, layout, layer: int, q_slice, *, heads: int, kv_heads: int) -> DecodePlan:
-        """Tile table of a decode step: queries sorted by domain into tiles of QT slots."""
+        """The few queries of a decode step sorted by domain into tiles of QT slots (any layer: the
+        plan does not depend on the mask)."""
         from domainguard.kernels.decode import decode_rows
-        from domainguard.kernels.plan import sort_slots
 
-        tables = self.tables(layer)
+        self.tables(layer)  # the layer must exist and run on the kernels
         n = layout.domain_ids.shape[1]
         qsl = _normalize_q_slice(q_slice, n)
         group = heads // kv_heads
         qt, _ = decode_rows(group)
-        qa, ka = layout.attrs(qsl), layout.attrs()
-        qs = sort_slots(qa.domain, qa.index, qa.rank, self.compiled.pad_id, qt, query=True)
-        kinds = self._tile_kinds(layer, _slot_attrs(qs), ka, qt, DECODE_BLOCK_N)
-        return DecodePlan(
-            qs=qs, k_dom=ka.domain.to(torch.int32).contiguous(), k_idx=ka.index.to(torch.int32).contiguous(),
-            k_rank=ka.rank.to(torch.int32).contiguous(),
-            kinds=kinds.contiguous(), block_n=DECODE_BLOCK_N, mask_key=_mask_key(tables),
-            nq=qsl.stop - qsl.start, nk=n, group=group,
-        )
+        return DecodePlan(qs=_decode_slots(layout.attrs(qsl), self.compiled.pad_id, qt), nq=qsl.stop - qsl.start,
+                          nk=n, group=group)
 
     def _decode(self, q, k, v, layout, layer, qsl, scale, plan):
         from domainguard.kernels.decode import launch_decode
 
         tables = self.tables(layer)
+        group = q.shape[1] // k.shape[1]
         if plan is None:
-            key = ("decode", _mask_key(tables), qsl.start, qsl.stop, q.shape[1], k.shape[1])
+            key = ("decode", qsl.start, qsl.stop, group)
             plan = self._cached(layout, key, lambda: self.decode_plan(layout, layer, qsl, heads=q.shape[1], kv_heads=k.shape[1]))
-        elif plan.mask_key != _mask_key(tables) or plan.nq != q.shape[2] or plan.nk != k.shape[2]:
-            raise KernelError("decode plan was built for another layer, policy or shape", code="DG318")
+        elif plan.nq != q.shape[2] or plan.nk != k.shape[2]:
+            raise KernelError("decode plan was built for another shape", code="DG318")
         else:
             self._check_given(plan, layout, layer, qsl, q, k)
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        return launch_decode(q, k, v, plan.qs, plan.k_dom, plan.k_idx, plan.k_rank, plan.kinds, tables, scale,
-                             block_n=plan.block_n)
+        labels = (t.to(q.device).contiguous() for t in (layout.domain_ids, layout.index, layout.domain_rank))
+        return launch_decode(q, k, v, plan.qs, *labels, tables, scale, block_n=DECODE_BLOCK_N)
 
     def _check_given(self, plan, layout, layer: int, qsl: slice, q, k) -> None:
         """``check_plan`` once per (plan, layout, query slice, heads, tables); like layouts, plans
         are treated as immutable once used."""
-        key = (qsl.start, qsl.stop, q.shape[1], k.shape[1], q.device, plan.mask_key)  # mask_key: checked by the caller
+        key = (qsl.start, qsl.stop, q.shape[1], k.shape[1], q.device, getattr(plan, "mask_key", None))  # checked by the caller
         seen = self._checked.get(plan)
         if seen is not None and seen[0]() is layout and seen[1] == key:
             return

@@ -41,7 +41,7 @@ prepared mask reached guarded attention, DG514 the KV cache out of step with the
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -172,6 +172,7 @@ class GuardState:
     original_implementation: str | None
     backend: str = "auto"  # "auto" | "reference" | "triton" (GuardedAttention's backends)
     certificate: object | None = None  # set by load_certified
+    recent: list = field(default_factory=list)  # _LayoutStep of the latest calls (decoding extends them)
 
     @property
     def num_layers(self) -> int:
@@ -350,6 +351,51 @@ def build_layout(compiled, domain_ids: torch.Tensor, total: int, attention_mask=
     return Layout.from_ids(compiled, ids, pad_mask=pad)
 
 
+@dataclass(eq=False)
+class _LayoutStep:
+    """A layout built for one call, with what it was built from (copies, so later changes to the
+    caller's tensors cannot make a stale layout look current)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor | None
+    total: int
+    layout: object
+
+
+_RECENT_LAYOUTS = 4
+
+
+def _step_layout(state: GuardState, domain_ids: torch.Tensor, total: int, attention_mask=None):
+    """``build_layout``, or, for a decoding step, the previous step's layout extended by the new tokens.
+
+    Extended only when it is certain to equal a fresh build: a remembered call with the same
+    domain ids (compared by value), fewer tokens, at least one of them generated already (so the
+    generation-domain check of ``full_domain_ids`` passed for this prompt), and a padding mask
+    that is absent both times or equal on the remembered tokens and all ones on the new.
+    """
+    if isinstance(domain_ids, torch.Tensor) and domain_ids.dim() == 2 and domain_ids.dtype in (torch.int64, torch.int32):
+        mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        for i, step in enumerate(state.recent):
+            if not (domain_ids.shape[1] < step.total < total and step.ids.shape == domain_ids.shape
+                    and step.ids.device == domain_ids.device and (step.mask is None) == (attention_mask is None)):
+                continue
+            if attention_mask is not None and (mask is None or mask.shape != (step.mask.shape[0], total)
+                                               or mask.device != step.mask.device or mask.dtype != step.mask.dtype):
+                continue
+            if not torch.equal(step.ids, domain_ids):
+                continue
+            if mask is not None and not (torch.equal(mask[:, : step.total], step.mask) and bool(mask[:, step.total :].all())):
+                continue
+            layout = step.layout.extend(total - step.total)
+            state.recent[i] = _LayoutStep(step.ids, None if mask is None else mask.clone(), total, layout)
+            return layout
+    layout = build_layout(state.compiled, domain_ids, total, attention_mask)
+    state.recent.insert(0, _LayoutStep(domain_ids.clone(), None if attention_mask is None else attention_mask.clone(),
+                                       total, layout))
+    del state.recent[_RECENT_LAYOUTS:]
+    return layout
+
+
 def _guarded_forward(self, input_ids=None, *, domain_ids=None, **kwargs):
     """Run the wrapped model with its domain layout; refuse if any layer bypassed the guard."""
     state = guard_state(self)
@@ -366,7 +412,7 @@ def _guarded_forward(self, input_ids=None, *, domain_ids=None, **kwargs):
     total = _past_length(kwargs.get("past_key_values")) + n_new
     if isinstance(domain_ids, torch.Tensor):
         domain_ids = domain_ids.to(tokens.device)
-    layout = build_layout(state.compiled, domain_ids, total, kwargs.get("attention_mask"))
+    layout = _step_layout(state, domain_ids, total, kwargs.get("attention_mask"))
     positions = layout.position_ids[:, total - n_new :].to(tokens.device)
     given = kwargs.get("position_ids")
     if given is not None and not torch.equal(given.to(positions.device).expand_as(positions), positions):

@@ -26,6 +26,7 @@ DG302 (layer out of range) is raised by ``CompiledPolicy.relation``.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, Sequence
 
@@ -231,14 +232,20 @@ class Layout:
                 raise LayoutError(f"input_ids for extend must be [{b}, {n_new}], got {tuple(extra.shape)}", code="DG306")
             if self.input_ids is not None:
                 ids = torch.cat([self.input_ids, extra], 1)
-        index = torch.cat([self.index, new_index], 1)
-        rank = torch.cat([self.domain_rank, new_rank], 1)
-        dom = torch.cat([self.domain_ids, new_dom], 1)
+        # Earlier tokens keep their positions (each counts only tokens before it); the new ones'
+        # are counted here, as _positions would over the whole row.
+        mode = getattr(self.compiled, "positions", "global")
+        if mode == "reach":
+            counts = _position_sources(self.compiled, dev)[d]  # bool [D+1]: which domains d counts
+            counts_self = int(self.compiled.position_sources[d, d])
+            new_pos = counts[self.domain_ids].long().sum(1, keepdim=True) + steps * counts_self
+        else:
+            new_pos = new_rank if mode == "per_domain" else new_index
         return Layout(
-            domain_ids=dom,
-            index=index,
-            position_ids=_positions(self.compiled, index, rank, dom),
-            domain_rank=rank,
+            domain_ids=torch.cat([self.domain_ids, new_dom], 1),
+            index=torch.cat([self.index, new_index], 1),
+            position_ids=torch.cat([self.position_ids, new_pos], 1),
+            domain_rank=torch.cat([self.domain_rank, new_rank], 1),
             valid=torch.cat([self.valid, torch.ones_like(new_dom, dtype=torch.bool)], 1),
             input_ids=ids,
             compiled=self.compiled,
@@ -272,10 +279,25 @@ def _positions(compiled, index: torch.Tensor, rank: torch.Tensor, dom: torch.Ten
     return pos.clamp_min(0)
 
 
+_SOURCES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _position_sources(compiled, device) -> torch.Tensor:
+    """``compiled.position_sources`` on ``device``, copied there once (decoding extends a layout every step)."""
+    device = torch.device(device)
+    try:
+        per_device = _SOURCES.setdefault(compiled, {})
+    except TypeError:  # not weakly referenceable: copy every time
+        return compiled.position_sources.to(device)
+    if device not in per_device:
+        per_device[device] = compiled.position_sources.to(device)
+    return per_device[device]
+
+
 def _reach_positions(compiled, dom: torch.Tensor) -> torch.Tensor:
     """Each token's count of earlier tokens (tensor order = sequence order for valid tokens) of the domains
     ``compiled.position_sources`` lets its domain count; 0 for padding. O(D·B·N) time, O(B·N) memory."""
-    sources = compiled.position_sources.to(dom.device)
+    sources = _position_sources(compiled, dom.device)
     pos = torch.zeros_like(dom)
     for d in torch.unique(dom).tolist():
         if d == compiled.pad_id:

@@ -4,15 +4,19 @@ The KV cache stays in the caller's order (re-sorting it every step would cost mo
 than the attention itself); only the few queries are sorted into domain-pure tiles of
 ``QT`` slots, and the query heads of one GQA group are packed into the rows of one
 program so each K/V tile is read once per group. Each program walks one split of the
-key tiles of its query tile: EMPTY tiles are skipped, FULL tiles need only the bounds
-mask, PARTIAL tiles get the element mask (relation, causal, pattern) from the frozen constants. K/V rows the query
-tile's domain may not read are never loaded. A second kernel merges the splits.
+key tiles of its query tile and builds each tile's element mask (relation, causal, pattern)
+from the frozen constants and the keys' labels, read straight from the layout (int64, no
+per-step copy and no tile table to build or trust): a tile no row may read is skipped, and
+only the K/V rows some row may read are loaded. The last split of a query tile to finish
+merges them (a ticket counter per tile): one launch per call.
 
 Causal alignment comes from the tokens' sequence indices (the layout's ``index``), so
 new queries at positions N-q..N-1 see exactly the keys at indices <= their own.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -24,14 +28,14 @@ from .masks import _key_readable, _pair_mask
 
 @triton.jit
 def _decode_kernel(
-    Q, K, V, Opart, Mpart, Lpart,
-    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-    QTok, QDom, QIdx, QRank, KDom, KIdx, KRank, Kinds,
-    Hq, Hkv, Sq, Nk, Tq, Tk, Hm, SPLITS, tiles_per_split,
+    Q, K, V, O, Lse, Opart, Mpart, Lpart, Count,
+    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
+    Hq, Hkv, Sq, Nq, Nk, Tq, Tk, SPLITS, tiles_per_split,
     qk_scale,
     REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr,
     GROUP: tl.constexpr, QT: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLITS_P2: tl.constexpr,
 ):
     tl.static_assert(ROWS >= GROUP * QT, "ROWS must hold GROUP * QT rows")
     split = tl.program_id(0)
@@ -64,70 +68,75 @@ def _decode_kernel(
     acc = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
     k_base = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
-    # Heads of a group share one tile table (the kernels refuse head-dependent masks).
-    kinds_row = Kinds + ((b * Hm) * Tq + t).to(tl.int64) * Tk
     kt0 = split * tiles_per_split
     kt1 = tl.minimum(kt0 + tiles_per_split, Tk)
     for kt in range(kt0, kt1):
-        kind = tl.load(kinds_row + kt)
-        if kind != 0:  # EMPTY tiles are never loaded
-            cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-            inb = cols < Nk
-            k_dom = tl.load(KDom + b * Nk + cols, mask=inb, other=-1)
-            readable = _key_readable(tile_dom, k_dom, REL, DP) & inb
-            crow = tl.where(readable, cols, 0).to(tl.int64)
-            k = tl.load(k_base + crow[:, None] * skn + d[None, :], mask=readable[:, None], other=0.0)
-            v = tl.load(v_base + crow[:, None] * svn + d[None, :], mask=readable[:, None], other=0.0)
-            if kind == 2:  # FULL: every pair of existing keys allowed; only the bounds mask
-                allowed = readable[None, :] & row_ok[:, None]
+        cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+        inb = cols < Nk
+        k_dom = tl.load(KDom + b * Nk + cols, mask=inb, other=-1).to(tl.int32)
+        readable = _key_readable(tile_dom, k_dom, REL, DP) & inb
+        if tl.max(readable.to(tl.int32), 0) != 0:  # a tile of keys the query tile may not read: skipped
+            k_idx = tl.load(KIdx + b * Nk + cols, mask=inb, other=0).to(tl.int32)
+            if HAS_PAT:
+                k_rank = tl.load(KRank + b * Nk + cols, mask=inb, other=0).to(tl.int32)
             else:
-                k_idx = tl.load(KIdx + b * Nk + cols, mask=inb, other=0)
-                if HAS_PAT:
-                    k_rank = tl.load(KRank + b * Nk + cols, mask=inb, other=0)
-                else:
-                    k_rank = k_idx
-                allowed = _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, tile_dom, REL, CAUSAL, DP, PAT,
-                                     HAS_PAT) & readable[None, :]
-            acc, l_i, m_i = _online_step(acc, l_i, m_i, q, tl.trans(k), v, allowed, qk_scale, PREC)
+                k_rank = k_idx
+            allowed = _pair_mask(q_dom, q_idx, q_rank, k_dom, k_idx, k_rank, tile_dom, REL, CAUSAL, DP, PAT,
+                                 HAS_PAT) & readable[None, :] & row_ok[:, None]
+            load = tl.max(allowed.to(tl.int32), 0) != 0  # [BLOCK_N]: keys some row may read
+            if tl.max(load.to(tl.int32), 0) != 0:
+                crow = tl.where(load, cols, 0).to(tl.int64)
+                k = tl.load(k_base + crow[:, None] * skn + d[None, :], mask=load[:, None], other=0.0)
+                v = tl.load(v_base + crow[:, None] * svn + d[None, :], mask=load[:, None], other=0.0)
+                acc, l_i, m_i = _online_step(acc, l_i, m_i, q, tl.trans(k), v, allowed, qk_scale, PREC)
 
-    part = ((b * Hq + h).to(tl.int64) * Sq + slot) * SPLITS + split  # [ROWS]
-    tl.store(Mpart + part, m_i, mask=row_ok)
-    tl.store(Lpart + part, l_i, mask=row_ok)
-    tl.store(Opart + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
+    o_rows = O + b.to(tl.int64) * sob + h.to(tl.int64)[:, None] * soh + q_row[:, None] * son + d[None, :]
+    lse_rows = Lse + (b * Hq + h).to(tl.int64) * Nq + q_row
+    if SPLITS == 1:
+        _finish(acc, l_i, m_i, o_rows, lse_rows, q_ok)
+    else:
+        part = ((b * Hq + h).to(tl.int64) * Sq + slot) * SPLITS + split  # [ROWS]
+        tl.store(Mpart + part, m_i, mask=row_ok)
+        tl.store(Lpart + part, l_i, mask=row_ok)
+        tl.store(Opart + part[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
+        # The last split of this query tile to finish merges all of them (one launch, no second
+        # kernel): every thread's stores land before the ticket is taken (acq_rel, GPU scope).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(Count + (pid_bh * Tq + t), 1, sem="acq_rel")
+        if ticket == SPLITS - 1:
+            base = part - split  # [ROWS]: split 0 of each row
+            s = tl.arange(0, SPLITS_P2)
+            s_ok = row_ok[:, None] & (s[None, :] < SPLITS)
+            m = tl.load(Mpart + base[:, None] + s[None, :], mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+            l = tl.load(Lpart + base[:, None] + s[None, :], mask=s_ok, other=0.0, cache_modifier=".cg")
+            m_max = tl.max(m, 1)
+            m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+            w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_use[:, None]))  # empty splits weigh exactly 0
+            l_tot = tl.sum(w * l, 1)
+            o_tot = tl.zeros([ROWS, HEAD_DIM], dtype=tl.float32)
+            for sp in range(0, SPLITS):
+                w_s = tl.sum(tl.where(s[None, :] == sp, w, 0.0), 1)  # [ROWS]: split sp's weight
+                o_s = tl.load(Opart + (base + sp)[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0,
+                              cache_modifier=".cg")
+                o_tot += tl.where(w_s[:, None] > 0.0, w_s[:, None] * o_s, 0.0)
+            _store_rows(o_tot, l_tot, m_use, o_rows, lse_rows, q_ok)
 
 
 @triton.jit
-def _combine_kernel(
-    Opart, Mpart, Lpart, O, Lse,
-    sob, soh, son,
-    QTok, Hq, Sq, Nq, SPLITS,
-    HEAD_DIM: tl.constexpr, SPLITS_P2: tl.constexpr,
-):
-    pid_bh = tl.program_id(1)
-    slot = tl.program_id(0)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    tok = tl.load(QTok + b * Sq + slot)
-    if tok >= 0:
-        s = tl.arange(0, SPLITS_P2)
-        s_ok = s < SPLITS
-        base = ((b * Hq + h).to(tl.int64) * Sq + slot) * SPLITS
-        m = tl.load(Mpart + base + s, mask=s_ok, other=float("-inf"))
-        l = tl.load(Lpart + base + s, mask=s_ok, other=0.0)
-        d = tl.arange(0, HEAD_DIM)
-        o = tl.load(Opart + (base + s)[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None], other=0.0)
-        m_max = tl.max(m, 0)
-        m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-        w = tl.where(m == float("-inf"), 0.0, tl.math.exp2(m - m_use))  # empty splits weigh exactly 0
-        l_tot = tl.sum(w * l, 0)
-        o_tot = tl.sum(tl.where(w[:, None] > 0.0, w[:, None] * o, 0.0), 0)
-        empty = l_tot == 0.0
-        l_safe = tl.where(empty, 1.0, l_tot)
-        out = tl.where(empty, 0.0, o_tot / l_safe)
-        lse = tl.where(empty, 0.0, (m_use + tl.math.log2(l_safe)) * 0.6931471805599453)
-        tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + tok.to(tl.int64) * son + d,
-                 out.to(O.dtype.element_ty))
-        tl.store(Lse + (b * Hq + h).to(tl.int64) * Nq + tok, lse)
+def _finish(acc, l_i, m_i, o_rows, lse_rows, q_ok):
+    """One split: the rows' output and log-sum-exp straight from the online softmax's state."""
+    _store_rows(acc, l_i, tl.where(m_i == float("-inf"), 0.0, m_i), o_rows, lse_rows, q_ok)
+
+
+@triton.jit
+def _store_rows(o, l, m, o_rows, lse_rows, q_ok):
+    """out = o / l and lse = (m + log2 l) ln 2 (log2 units in), 0 and 0 for a row with nothing to read."""
+    empty = l == 0.0
+    l_safe = tl.where(empty, 1.0, l)
+    out = tl.where(empty[:, None], 0.0, o / l_safe[:, None])
+    lse = tl.where(empty, 0.0, (m + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(o_rows, out.to(o_rows.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(lse_rows, lse, mask=q_ok)
 
 
 def decode_rows(group: int) -> tuple[int, int]:
@@ -137,46 +146,51 @@ def decode_rows(group: int) -> tuple[int, int]:
     return qt, rows
 
 
-def launch_decode(q, k, v, qs, k_dom, k_idx, k_rank, kinds, tables, scale, *, block_n, num_warps=4, num_stages=2,
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def launch_decode(q, k, v, qs, k_dom, k_idx, k_rank, tables, scale, *, block_n, num_warps=4, num_stages=2,
                   splits=None):
     """q [B, Hq, Nq, D] (few tokens), k/v [B, Hkv, Nk, D] in the caller's order.
 
-    ``qs``: query Slots padded to QT; ``k_dom``/``k_idx``/``k_rank`` int32 [B, Nk]; ``kinds`` uint8
-    [B, Hm, Tq, Tk] over (QT, block_n) tiles. Returns (out [B, Hq, Nq, D], lse [B, Hq, Nq] natural log).
+    ``qs``: query Slots padded to QT (``decode_rows``); ``k_dom``/``k_idx``/``k_rank`` the keys'
+    labels [B, Nk], contiguous, int32 or int64 (a Layout's own tensors). Returns (out [B, Hq, Nq, D],
+    lse [B, Hq, Nq] natural log).
     """
     b, hq, nq, d = q.shape
     hkv, nk = k.shape[1], k.shape[2]
     group = hq // hkv
     qt, rows = decode_rows(group)
-    hm, tq, tk = kinds.shape[1], kinds.shape[2], kinds.shape[3]
+    sq = qs.size
+    tq, tk = sq // qt, triton.cdiv(nk, block_n)
     if splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+        sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) if q.is_cuda else 4
         want = max(1, (2 * sms) // max(1, b * hkv * tq))
         splits = max(1, min(want, triton.cdiv(tk, 4)))
     per = triton.cdiv(tk, splits)
     splits = triton.cdiv(tk, per)
-    sq = qs.size
-    opart = torch.empty(b, hq, sq, splits, d, dtype=torch.float32, device=q.device)
-    mpart = torch.empty(b, hq, sq, splits, dtype=torch.float32, device=q.device)
-    lpart = torch.empty(b, hq, sq, splits, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q)
+    lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
+    if splits > 1:
+        opart = torch.empty(b, hq, sq, splits, d, dtype=torch.float32, device=q.device)
+        mpart = torch.empty(b, hq, sq, splits, dtype=torch.float32, device=q.device)
+        lpart = torch.empty(b, hq, sq, splits, dtype=torch.float32, device=q.device)
+        count = torch.zeros(b * hkv * tq, dtype=torch.int32, device=q.device)
+    else:
+        opart = mpart = lpart = lse  # not read with one split
+        count = qs.tok
     _decode_kernel[(splits, b * hkv, tq)](
-        q, k, v, opart, mpart, lpart,
+        q, k, v, out, lse, opart, mpart, lpart, count,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        qs.tok, qs.dom, qs.idx, qs.rank, k_dom, k_idx, k_rank, kinds,
-        hq, hkv, sq, nk, tq, tk, hm, splits, per,
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        qs.tok, qs.dom, qs.idx, qs.rank, k_dom, k_idx, k_rank,
+        hq, hkv, sq, nq, nk, tq, tk, splits, per,
         scale * LOG2E,
         REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp,
         PAT=tables.pattern_constants, HAS_PAT=tables.has_pattern, GROUP=group, QT=qt, ROWS=rows, HEAD_DIM=d, BLOCK_N=block_n, PREC=dot_precision(q),
-        num_warps=num_warps, num_stages=num_stages,
-    )
-    out = torch.empty_like(q)
-    lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
-    _combine_kernel[(sq, b * hq)](
-        opart, mpart, lpart, out, lse,
-        out.stride(0), out.stride(1), out.stride(2),
-        qs.tok, hq, sq, nq, splits,
-        HEAD_DIM=d, SPLITS_P2=triton.next_power_of_2(splits),
+        SPLITS_P2=triton.next_power_of_2(splits), num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse
 

@@ -133,7 +133,8 @@ def _calls():
         ("fp16 d64 GQA 4:1, patterns", train(patterned, torch.float16, 64, 4, 1)),
         ("fp32 d64 GQA 2:1", train(plain, torch.float32, 64, 2, 1)),
         ("fp32 d128 MHA", train(plain, torch.float32, 128, 2, 2)),
-        ("decode bf16 d128 GQA 3:1, patterns", decode(patterned, torch.bfloat16, 128, 3, 1)),
+        ("decode bf16 d128 GQA 3:1, patterns", decode(patterned, torch.bfloat16, 128, 3, 1)),  # 2 splits
+        ("decode fp16 d64 MHA, one query, one split", decode(plain, torch.float16, 64, 2, 2, n=100, new=1)),
     ]
 
 

@@ -1,6 +1,7 @@
 """dg.guard on tiny random Llama and BERT models: isolation, generate() with the KV cache, batches, refusals."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -149,6 +150,77 @@ def test_generate_with_kv_cache_matches_full_recompute_and_stays_isolated():
     # Poisoning the secret changes nothing the answer generates.
     out2 = g.generate(poisoned(ids, DOMS), domain_ids=DOMS, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(out2[:, ids.shape[1]:], new)
+
+
+def _layout_fields(lay):
+    return [getattr(lay, f) for f in ("domain_ids", "index", "position_ids", "domain_rank", "valid")]
+
+
+@pytest.mark.parametrize("positions", ["global", "per_domain", "reach"])
+@pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "mask"])
+def test_decoding_extends_the_previous_layout_only_when_it_equals_a_rebuild(monkeypatch, positions, with_mask):
+    """generate() steps reuse the previous step's layout, extended; every layout a step runs under
+    equals the one built from scratch, and anything that could make them differ (domain ids
+    changed in place, a padding mask that changes or marks a new token as padding) rebuilds."""
+    G = importlib.import_module("domainguard.guard")  # the package re-exports a function of that name
+
+    c = compiled(positions)
+    built, used = [], []
+    real_build = G.build_layout
+
+    def counting_build(*a, **kw):
+        built.append(a[2])
+        return real_build(*a, **kw)
+
+    monkeypatch.setattr(G, "build_layout", counting_build)
+    real_step = G._step_layout
+
+    def recording_step(state, ids, total, mask=None):
+        lay = real_step(state, ids, total, mask)
+        used.append((lay, ids.clone(), total, None if mask is None else mask.clone()))
+        return lay
+
+    monkeypatch.setattr(G, "_step_layout", recording_step)
+    pad = c.pad_id
+    doms = torch.tensor([[pad, SYSTEM, NOTES, SECRET, ANSWER], [SYSTEM, SECRET, NOTES, ANSWER, ANSWER]])
+    ids = ids_for(doms)
+    kw = {"attention_mask": (doms != pad).long()} if with_mask else {}
+    g = dg.guard(tiny_llama(), c)
+    out = g.generate(ids, domain_ids=doms, max_new_tokens=5, do_sample=False, pad_token_id=0, **kw)
+    # the prompt and the first generated token are built; the four later steps extend
+    assert built == [5, 6], built
+    for lay, d, total, mask in used:
+        fresh = real_build(c, d, total, mask)
+        assert all(torch.equal(a, b) for a, b in zip(_layout_fields(lay), _layout_fields(fresh)))
+    # the same tokens come out when every step rebuilds its layout
+    monkeypatch.setattr(G, "_RECENT_LAYOUTS", 0)
+    again = g.generate(ids, domain_ids=doms, max_new_tokens=5, do_sample=False, pad_token_id=0, **kw)
+    assert torch.equal(out, again)
+    monkeypatch.setattr(G, "_RECENT_LAYOUTS", 4)
+
+    # Direct steps: a remembered call is extended only when nothing it was built from changed.
+    state = guard_state(g)
+    state.recent.clear()
+    mask6 = torch.ones(2, 6, dtype=torch.long)
+    mask6[0, 0] = 0
+    m = (lambda k: torch.cat([mask6, torch.ones(2, k - 6, dtype=torch.long)], 1)) if with_mask else (lambda k: None)
+    G._step_layout(state, doms, 6, m(6))
+    built.clear()
+    G._step_layout(state, doms, 7, m(7))
+    assert built == []  # extended
+    changed = doms.clone()
+    changed[1, 1] = NOTES  # the caller's ids changed: rebuilt
+    lay = G._step_layout(state, changed, 8, m(8))
+    assert built == [8] and lay.domain_ids[1, 1] == NOTES
+    if with_mask:
+        bad = m(9)
+        bad[1, 8] = 0  # a new token marked as padding: rebuilt, and padded as asked
+        lay = G._step_layout(state, changed, 9, bad)
+        assert built == [8, 9] and not bool(lay.valid[1, 8])
+        prefix = m(10)
+        prefix[1, 2] = 0  # the remembered prefix's padding changed: rebuilt
+        lay = G._step_layout(state, changed, 10, prefix)
+        assert built == [8, 9, 10] and not bool(lay.valid[1, 2])
 
 
 def test_generate_refuses_a_prompt_not_ending_in_the_generation_domain():

@@ -443,51 +443,69 @@ def test_forged_full_tiles_cannot_see_the_future(compiled, cfg, monkeypatch):
     assert not torch.equal(a[:, :, early], b[:, :, early])
 
 
-def test_forged_decode_kinds_are_refused(compiled):
-    """A decode plan whose tile kinds are rewritten (every tile FULL) is refused with the
-    first differing tile named."""
-    import dataclasses
-
-    n, new = 60, 2
+def _decode_case(compiled, new=2):
+    n = 60
     ids = _ids(1, n, seed=29)
-    ids[0, -new:] = 4
-    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
-    q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=3, nq=new)
-    guard = GuardedAttention(compiled)
-    plan = guard.decode_plan(layout, 0, new, heads=2, kv_heads=1)
-    forged = dataclasses.replace(plan, kinds=torch.full_like(plan.kinds, 2))
-    with torch.no_grad(), pytest.raises(KernelError) as e:
-        guard(q, k, v, layout, 0, q_slice=new, plan=forged)
-    assert e.value.code == "DG319" and "decode plan tile table differs" in str(e.value)
-    with torch.no_grad():
-        guard(q, k, v, layout, 0, q_slice=new, plan=plan)  # the honest one runs
-
-
-def test_forged_decode_labels_are_refused(compiled, monkeypatch):
-    import dataclasses
-
-    att = importlib.import_module("domainguard.attention")  # the package re-exports a function of that name
-
-    n, new = 60, 2
-    ids = _ids(1, n, seed=29)
-    ids[0, -new:] = 4
+    ids[0, -new:] = 4  # the new queries are `answer`, which may not read secret
     layout = dg.Layout.from_ids(compiled, ids).to(DEV)
     secret = (ids == SECRET).to(DEV)
     q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=3, nq=new)
-    guard = GuardedAttention(compiled)
-    plan = guard.decode_plan(layout, 0, new, heads=2, kv_heads=1)
-    k_dom = plan.k_dom.clone()
-    k_dom[secret] = 0  # secret keys claimed to be sys, which `answer` may read
-    forged = dataclasses.replace(plan, k_dom=k_dom, kinds=torch.full_like(plan.kinds, 1))
     v2 = v.detach().clone()
     v2[:, :, secret[0]] = 1e4
-    run = lambda v_: guard(q, k, v_, layout, 0, q_slice=new, plan=forged)  # noqa: E731
-    with torch.no_grad(), pytest.raises(KernelError) as e:
-        run(v)
-    assert e.value.code == "DG319"
+    return layout, q, k, v, v2
+
+
+@pytest.mark.parametrize("new", [1, 2])
+def test_forged_decode_labels_are_refused(compiled, monkeypatch, new):
+    """A decode plan whose query slots claim the `answer` queries are `secret` (which reads secret)
+    is refused (DG319) before any kernel runs; with that check switched off the same plan lets
+    secret values through, so the refusal is what stops it. Key labels are not in a decode plan
+    at all: the kernel reads them from the layout."""
+    att = importlib.import_module("domainguard.attention")  # the package re-exports a function of that name
+
+    layout, q, k, v, v2 = _decode_case(compiled, new)
+    guard = GuardedAttention(compiled)
+    plan = guard.decode_plan(layout, 0, new, heads=2, kv_heads=1)
+    forged = dataclasses.replace(plan, qs=dataclasses.replace(plan.qs, dom=torch.full_like(plan.qs.dom, SECRET)))
+    run = lambda v_, p: guard(q, k, v_, layout, 0, q_slice=new, plan=p)  # noqa: E731
+    with torch.no_grad():
+        assert torch.equal(run(v, plan), run(v2, plan))  # the honest plan runs and is exact
+        with pytest.raises(KernelError) as e:
+            run(v, forged)
+    assert e.value.code == "DG319" and "query slot domains differ from the layout's" in str(e.value)
     monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
     with torch.no_grad():
-        assert not torch.equal(run(v), run(v2))
+        assert not torch.equal(run(v, forged), run(v2, forged))
+
+
+def test_decode_plans_of_another_shape_or_group_are_refused(compiled):
+    layout, q, k, v, _ = _decode_case(compiled)
+    guard = GuardedAttention(compiled)
+    with torch.no_grad(), pytest.raises(KernelError) as e:
+        guard(q[:, :, 1:], k, v, layout, 0, q_slice=1, plan=guard.decode_plan(layout, 0, 2, heads=2, kv_heads=1))
+    assert e.value.code == "DG318"
+    with torch.no_grad(), pytest.raises(KernelError) as e:
+        guard(q, k, v, layout, 0, q_slice=2, plan=guard.decode_plan(layout, 0, 2, heads=4, kv_heads=1))
+    assert e.value.code == "DG319" and "GQA groups of 4, not 2" in str(e.value)
+
+
+def test_one_query_decode_slots_equal_sort_slots(compiled):
+    """The sync-free slots of a one-query decode step are sort_slots' own, for every domain and padding."""
+    att = importlib.import_module("domainguard.attention")
+    from domainguard.kernels.plan import sort_slots
+
+    ids = _ids(3, 40, seed=31)
+    ids[1, -1] = compiled.pad_id  # a right-padded row: its query is padding
+    ids[2, -1] = SECRET
+    layout = dg.Layout.from_ids(compiled, ids)
+    for qt in (1, 5, 16):
+        qa = layout.attrs(1)
+        fast = att._decode_slots(qa, compiled.pad_id, qt)
+        slow = sort_slots(qa.domain, qa.index, qa.rank, compiled.pad_id, qt, query=True)
+        for name in ("tok", "dom", "idx", "rank"):
+            a, b = getattr(fast, name), getattr(slow, name)
+            assert a.dtype == b.dtype and a.is_contiguous() and torch.equal(a, b), (qt, name)
+        assert fast.block == slow.block == qt
 
 
 @pytest.mark.parametrize("check_full", [True, False], ids=["checked", "unchecked"])
@@ -857,6 +875,37 @@ def test_decode_matches_reference_with_causal_alignment(compiled, hq, hkv, hd):
     with torch.no_grad():
         out2 = guard(q, k2, v2, layout, 1, q_slice=new)
     assert torch.equal(out, out2)
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 1), (6, 2)])
+def test_decode_splits_merge_exactly(compiled, hq, hkv):
+    """The split-KV decode kernel with 1..5 splits of the keys (the last split of a query tile to
+    finish merges them): every split count matches the reference, and each is bitwise unmoved by
+    NaN in the keys and values of the domain no new query may read."""
+    from domainguard.kernels.decode import launch_decode
+    from domainguard.kernels.tables import freeze
+
+    n, new = 200, 4
+    ids = _ids(1, n, seed=37)
+    ids[0, -new:] = torch.tensor([4, 1, 4, 2])  # three query tiles' worth of domains
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    q, k, v = _qkv(1, hq, hkv, n, 64, torch.float32, seed=8, nq=new)
+    guard = GuardedAttention(compiled)
+    plan = guard.decode_plan(layout, 1, new, heads=hq, kv_heads=hkv)
+    tables = freeze(compiled, 1)
+    secret = (ids == SECRET).to(DEV)
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    for t in (k2, v2):
+        t.masked_fill_(secret[:, None, :, None], float("nan"))
+    labels = (layout.domain_ids, layout.index, layout.domain_rank)
+    with torch.no_grad():
+        ref, ref_lse = attention_reference(q, k, v, layout, compiled, 1, q_slice=new, return_lse=True)
+        for splits in (1, 2, 3, 5):
+            out, lse = launch_decode(q, k, v, plan.qs, *labels, tables, 0.125, block_n=16, splits=splits)
+            assert _rel_err(out, ref) < 1e-4, splits
+            assert torch.allclose(lse, ref_lse, atol=1e-4), splits
+            out2, lse2 = launch_decode(q, k2, v2, plan.qs, *labels, tables, 0.125, block_n=16, splits=splits)
+            assert torch.equal(out, out2) and torch.equal(lse, lse2), splits
 
 
 def test_decode_mixed_query_domains(compiled):

@@ -184,3 +184,25 @@ def test_q_slice_forms():
     assert lay.attrs(slice(1, 3)).index.tolist() == [[1, 2]]
     with pytest.raises(LayoutError):
         lay.attrs(9)
+
+
+@pytest.mark.parametrize("positions", ["global", "per_domain", "reach"])
+def test_extend_equals_building_the_longer_layout(positions):
+    """Every field of an extended layout equals the one built from all ids at once (padding, all
+    three position modes, several steps), so decoding may extend instead of rebuilding."""
+    c = compiled(positions)
+    an, pad = c.id_of("answer"), c.pad_id
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, pad, (3, 17), generator=g)
+    ids[0, 3:6] = pad  # padding inside a row
+    ids[1, :4] = pad  # left padding
+    ids[:, -1] = an
+    lay = dg.Layout.from_ids(c, ids)
+    full = ids
+    for n_new in (1, 1, 3, 0, 2):
+        lay = lay.extend(n_new)
+        full = torch.cat([full, torch.full((3, n_new), an)], 1)
+        direct = dg.Layout.from_ids(c, full)
+        for name in ("domain_ids", "index", "position_ids", "domain_rank", "valid"):
+            a, b = getattr(lay, name), getattr(direct, name)
+            assert a.dtype == b.dtype and torch.equal(a, b), (positions, n_new, name)
