@@ -669,6 +669,8 @@ class GuardedAttention:
             raise KernelError(
                 f"layout has {n} tokens (queries {qsl.start}..{qsl.stop - 1}) but q has {nq} and k/v {nk}", code="DG311"
             )
+        if layout.domain_ids.shape[0] != b:  # the kernels read one row of labels per batch row
+            raise KernelError(f"layout has {layout.domain_ids.shape[0]} batch rows but q/k/v have {b}", code="DG311")
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         if isinstance(plan, DecodePlan) or (plan is None and nq <= DECODE_MAX_QUERIES and not needs_grad):

@@ -160,8 +160,8 @@ def _layout_fields(lay):
 @pytest.mark.parametrize("with_mask", [False, True], ids=["no-mask", "mask"])
 def test_decoding_extends_the_previous_layout_only_when_it_equals_a_rebuild(monkeypatch, positions, with_mask):
     """generate() steps reuse the previous step's layout, extended; every layout a step runs under
-    equals the one built from scratch, and anything that could make them differ (domain ids
-    changed in place, a padding mask that changes or marks a new token as padding) rebuilds."""
+    equals the one built from scratch, and anything that could make them differ (other domain ids,
+    a padding mask that changes or marks a new token as padding) rebuilds."""
     G = importlib.import_module("domainguard.guard")  # the package re-exports a function of that name
 
     c = compiled(positions)
@@ -209,18 +209,21 @@ def test_decoding_extends_the_previous_layout_only_when_it_equals_a_rebuild(monk
     G._step_layout(state, doms, 7, m(7))
     assert built == []  # extended
     changed = doms.clone()
-    changed[1, 1] = NOTES  # the caller's ids changed: rebuilt
+    changed[1, 1] = NOTES  # other ids of the same shape: rebuilt
     lay = G._step_layout(state, changed, 8, m(8))
     assert built == [8] and lay.domain_ids[1, 1] == NOTES
+    changed[1, 1] = SYSTEM  # the caller's tensor changed in place since: compared by value, rebuilt
+    lay = G._step_layout(state, changed, 9, m(9))
+    assert built == [8, 9] and lay.domain_ids[1, 1] == SYSTEM
     if with_mask:
-        bad = m(9)
-        bad[1, 8] = 0  # a new token marked as padding: rebuilt, and padded as asked
-        lay = G._step_layout(state, changed, 9, bad)
-        assert built == [8, 9] and not bool(lay.valid[1, 8])
-        prefix = m(10)
+        bad = m(10)
+        bad[1, 9] = 0  # a new token marked as padding: rebuilt, and padded as asked
+        lay = G._step_layout(state, changed, 10, bad)
+        assert built == [8, 9, 10] and not bool(lay.valid[1, 9])
+        prefix = m(11)
         prefix[1, 2] = 0  # the remembered prefix's padding changed: rebuilt
-        lay = G._step_layout(state, changed, 10, prefix)
-        assert built == [8, 9, 10] and not bool(lay.valid[1, 2])
+        lay = G._step_layout(state, changed, 11, prefix)
+        assert built == [8, 9, 10, 11] and not bool(lay.valid[1, 2])
 
 
 def test_generate_refuses_a_prompt_not_ending_in_the_generation_domain():

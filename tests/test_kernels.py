@@ -908,6 +908,37 @@ def test_decode_splits_merge_exactly(compiled, hq, hkv):
             assert torch.equal(out, out2) and torch.equal(lse, lse2), splits
 
 
+@pytest.mark.parametrize("nq", [1, 3])
+def test_a_layout_of_another_batch_is_refused(compiled, nq):
+    """The kernels read one row of labels per batch row: a layout of batch 1 under q/k/v of batch 2
+    is refused before any kernel runs (it would read labels past the layout's end)."""
+    layout = dg.Layout.from_ids(compiled, _ids(1, 40, seed=3)).to(DEV)
+    q, k, v = _qkv(2, 2, 1, 40, 64, torch.float32, seed=1, nq=nq)
+    with torch.no_grad(), pytest.raises(KernelError) as e:
+        GuardedAttention(compiled)(q, k, v, layout, 0, q_slice=nq)
+    assert e.value.code == "DG311" and "1 batch rows but q/k/v have 2" in str(e.value)
+
+
+@pytest.mark.skipif(not CUDA, reason="the merge's ordering only shows with programs running concurrently")
+def test_decode_split_merge_is_repeatable_on_the_gpu(compiled):
+    """Many splits merged by whichever finishes last: 300 repeats give bitwise the first result."""
+    from domainguard.kernels.decode import launch_decode
+    from domainguard.kernels.tables import freeze
+
+    n, new = 20000, 2
+    ids = _ids(2, n, seed=41)
+    ids[:, -new:] = 4
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    q, k, v = _qkv(2, 8, 2, n, 128, torch.bfloat16, seed=9, nq=new)
+    plan = GuardedAttention(compiled).decode_plan(layout, 0, new, heads=8, kv_heads=2)
+    args = (q.detach(), k.detach(), v.detach(), plan.qs, layout.domain_ids, layout.index, layout.domain_rank,
+            freeze(compiled, 0), 0.088)
+    first = launch_decode(*args, block_n=64, splits=48)
+    for _ in range(300):
+        out, lse = launch_decode(*args, block_n=64, splits=48)
+        assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
+
+
 def test_decode_mixed_query_domains(compiled):
     n, new = 90, 6
     ids = _ids(1, n, seed=23)
