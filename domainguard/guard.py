@@ -365,6 +365,23 @@ class _LayoutStep:
 _RECENT_LAYOUTS = 4
 
 
+def _continues(step: _LayoutStep, ids, total: int, mask) -> bool:
+    """Is a call with ``ids``, ``total`` tokens and padding ``mask`` the remembered ``step`` plus
+    generated tokens only (see ``_step_layout``)?"""
+    if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and ids.dtype in (torch.int64, torch.int32)):
+        return False
+    if not (ids.shape[1] < step.total < total and step.ids.shape == ids.shape and step.ids.device == ids.device):
+        return False
+    if (step.mask is None) != (mask is None):
+        return False
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.shape == (step.mask.shape[0], total)
+                                 and mask.device == step.mask.device and mask.dtype == step.mask.dtype):
+        return False
+    if not torch.equal(step.ids, ids):
+        return False
+    return mask is None or (torch.equal(mask[:, : step.total], step.mask) and bool(mask[:, step.total :].all()))
+
+
 def _step_layout(state: GuardState, domain_ids: torch.Tensor, total: int, attention_mask=None):
     """``build_layout``, or, for a decoding step, the previous step's layout extended by the new tokens.
 
@@ -373,21 +390,11 @@ def _step_layout(state: GuardState, domain_ids: torch.Tensor, total: int, attent
     generation-domain check of ``full_domain_ids`` passed for this prompt), and a padding mask
     that is absent both times or equal on the remembered tokens and all ones on the new.
     """
-    if isinstance(domain_ids, torch.Tensor) and domain_ids.dim() == 2 and domain_ids.dtype in (torch.int64, torch.int32):
-        mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
-        for i, step in enumerate(state.recent):
-            if not (domain_ids.shape[1] < step.total < total and step.ids.shape == domain_ids.shape
-                    and step.ids.device == domain_ids.device and (step.mask is None) == (attention_mask is None)):
-                continue
-            if attention_mask is not None and (mask is None or mask.shape != (step.mask.shape[0], total)
-                                               or mask.device != step.mask.device or mask.dtype != step.mask.dtype):
-                continue
-            if not torch.equal(step.ids, domain_ids):
-                continue
-            if mask is not None and not (torch.equal(mask[:, : step.total], step.mask) and bool(mask[:, step.total :].all())):
-                continue
+    for i, step in enumerate(state.recent):
+        if _continues(step, domain_ids, total, attention_mask):
             layout = step.layout.extend(total - step.total)
-            state.recent[i] = _LayoutStep(step.ids, None if mask is None else mask.clone(), total, layout)
+            state.recent[i] = _LayoutStep(step.ids, None if attention_mask is None else attention_mask.clone(), total,
+                                          layout)
             return layout
     layout = build_layout(state.compiled, domain_ids, total, attention_mask)
     state.recent.insert(0, _LayoutStep(domain_ids.clone(), None if attention_mask is None else attention_mask.clone(),

@@ -93,7 +93,7 @@ def _decode_kernel(
     o_rows = O + b.to(tl.int64) * sob + h.to(tl.int64)[:, None] * soh + q_row[:, None] * son + d[None, :]
     lse_rows = Lse + (b * Hq + h).to(tl.int64) * Nq + q_row
     if SPLITS == 1:
-        _finish(acc, l_i, m_i, o_rows, lse_rows, q_ok)
+        _store_rows(acc, l_i, tl.where(m_i == float("-inf"), 0.0, m_i), o_rows, lse_rows, q_ok)
     else:
         part = ((b * Hq + h).to(tl.int64) * Sq + slot) * SPLITS + split  # [ROWS]
         tl.store(Mpart + part, m_i, mask=row_ok)
@@ -120,12 +120,6 @@ def _decode_kernel(
                               cache_modifier=".cg")
                 o_tot += tl.where(w_s[:, None] > 0.0, w_s[:, None] * o_s, 0.0)
             _store_rows(o_tot, l_tot, m_use, o_rows, lse_rows, q_ok)
-
-
-@triton.jit
-def _finish(acc, l_i, m_i, o_rows, lse_rows, q_ok):
-    """One split: the rows' output and log-sum-exp straight from the online softmax's state."""
-    _store_rows(acc, l_i, tl.where(m_i == float("-inf"), 0.0, m_i), o_rows, lse_rows, q_ok)
 
 
 @triton.jit
