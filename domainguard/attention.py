@@ -203,6 +203,7 @@ class KernelConfig:
     fwd_gluon_per: int = 2  # its 64-key tiles per step of a trusted run (2: 128-key products)
     dq_tma: bool = True  # the dq kernel reads K/V through tensor descriptors
     bwd_concurrent: bool = True  # dq on a side stream beside dk/dv (a GPU only)
+    head_group: int = 0  # heads per group of a launch (kernels.forward._schedule); 0: by the GPU's L2 cache
 
     @property
     def block_kt(self) -> int:
@@ -234,7 +235,8 @@ class AttentionPlan:
     ks: "Slots"
     runs: tuple  # (full, partial) plan.Runs, query-major: [B, Hm, Tq, R]
     runs_t: tuple  # the same, key-major, for dk/dv
-    order: torch.Tensor  # int32 [B, Tq]: launch order of query tiles
+    order: torch.Tensor  # int32 [B, Tq]: launch order of query tiles (forward, dq), heaviest first
+    order_t: torch.Tensor  # int32 [B, Tkt]: launch order of key tiles of runs_t (dk/dv), heaviest first
     q_inv: torch.Tensor  # int32 [B, Nq]: slot of each query token
     mask_key: tuple  # (rel_bits, causal_bits, num_domains, pattern): the mask the tables were built for
     config: KernelConfig
@@ -423,8 +425,11 @@ def check_plan(plan, layout, q_slice: slice, pad_id: int, device, *, hq: int, hk
                                    ("key-major FULL", plan.runs_t[0], tkt, tq), ("key-major PARTIAL", plan.runs_t[1], tkt, tq)):
         refuse(_runs_problem(what, runs, b, rows, cols, device))
     refuse(_tensor_problem("plan.order", plan.order, (b, tq), torch.int32, device))
+    refuse(_tensor_problem("plan.order_t", plan.order_t, (b, tkt), torch.int32, device))
     refuse(_plan_problem([
         (torch.sort(plan.order.long(), dim=1).values == torch.arange(tq, device=device), "plan.order is not an order of the query tiles"),
+        (torch.sort(plan.order_t.long(), dim=1).values == torch.arange(tkt, device=device),
+         "plan.order_t is not an order of the key tiles"),
         (isinstance(plan.q_inv, torch.Tensor) and plan.q_inv.shape == (b, nq) and torch.equal(plan.q_inv, inverse(plan.qs, nq)),
          "plan.q_inv is not the inverse of the query slots"),
     ]))
@@ -472,7 +477,7 @@ class _GuardedAttentionFn(torch.autograd.Function):
             q, k, v, plan.qs, plan.ks, plan.runs, plan.order, tables, scale,
             block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             check_full=cfg.check_full, use_tma=cfg.use_tma, warp_specialize=cfg.warp_specialize, kv_slots=(kp, vp),
-            gluon=cfg.fwd_gluon and cfg.fwd_gluon_per,
+            gluon=cfg.fwd_gluon and cfg.fwd_gluon_per, head_group=cfg.head_group,
         )
         ctx.save_for_backward(q, kp, vp, out, lse2)
         ctx.kv_shapes = (k.shape, v.shape)
@@ -494,10 +499,10 @@ class _GuardedAttentionFn(torch.autograd.Function):
         dq = torch.empty_like(q)
         dk, dv = (torch.empty(shape, dtype=kp.dtype, device=kp.device) for shape in ctx.kv_shapes)
         launch_backward(
-            qp, dop, lse2, delta_s, kp, vp, dq, dk, dv, plan.qs, plan.ks, plan.runs, plan.runs_t,
-            ctx.tables, ctx.scale, block_m=cfg.block_m, block_n=cfg.block_n, block_kt=cfg.block_kt,
+            qp, dop, lse2, delta_s, kp, vp, dq, dk, dv, plan.qs, plan.ks, plan.runs, plan.runs_t, plan.order,
+            plan.order_t, ctx.tables, ctx.scale, block_m=cfg.block_m, block_n=cfg.block_n, block_kt=cfg.block_kt,
             dkdv_cfg=dict(cfg.dkdv), dq_cfg=dict(cfg.dq), check_full=cfg.check_full, dq_tma=cfg.dq_tma,
-            concurrent=cfg.bwd_concurrent,
+            concurrent=cfg.bwd_concurrent, head_group=cfg.head_group,
         )
         return dq, dk, dv, None, None, None
 
@@ -578,7 +583,7 @@ class GuardedAttention:
 
     def plan(self, layout, layer: int = 0, *, q_slice=None, heads: int = 1, dtype=torch.bfloat16, head_dim: int = 128) -> AttentionPlan:
         """Slot order and tile lists for ``layout`` at ``layer`` (reusable across calls and layers with equal tables)."""
-        from domainguard.kernels.plan import FULL, PARTIAL, inverse, merge_key_tiles, sort_slots, tile_runs
+        from domainguard.kernels.plan import FULL, PARTIAL, inverse, launch_order, merge_key_tiles, sort_slots, tile_runs
 
         tables = self.tables(layer)
         cfg = self.config or default_config(dtype, head_dim)
@@ -598,12 +603,9 @@ class GuardedAttention:
         kinds_t = merge_key_tiles(kinds, cfg.block_kt // cfg.block_n).transpose(-1, -2).contiguous()
         runs = (tile_runs(kinds, FULL), tile_runs(kinds, PARTIAL))
         runs_t = (tile_runs(kinds_t, FULL), tile_runs(kinds_t, PARTIAL))
-        # Launch order of query tiles: descending slot order, so the tiles of one domain run
-        # together (they read the same key runs: L2 reuse) with the heaviest (latest) first.
-        tq = kinds.shape[2]
-        order = torch.arange(tq - 1, -1, -1, dtype=torch.int32, device=qs.tok.device).expand(qs.tok.shape[0], tq).contiguous()
         return AttentionPlan(
-            qs=qs, ks=ks, runs=runs, runs_t=runs_t, order=order, q_inv=inverse(qs, qsl.stop - qsl.start),
+            qs=qs, ks=ks, runs=runs, runs_t=runs_t, order=launch_order(*runs), order_t=launch_order(*runs_t),
+            q_inv=inverse(qs, qsl.stop - qsl.start),
             mask_key=_mask_key(tables), config=cfg, nq=qsl.stop - qsl.start, nk=n,
             heads=kinds.shape[1],
         )

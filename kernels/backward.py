@@ -37,7 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .forward import LOG2E, _dot, _key_attrs, _masked_run, dot_precision, launch_query_trust
+from .forward import (
+    LOG2E, _dot, _group_for_kv, _key_attrs, _masked_run, _schedule, dot_precision, launch_query_trust, pick_head_group,
+)
 from .masks import _domain_pair_allowed, _key_readable, _tile_mask
 
 
@@ -102,8 +104,8 @@ def _dkdv_kernel(
     Qp, DOp, Lse2, Delta, Kp, Vp, DK, DV,
     sdkb, sdkh, sdkn,
     QDom, QIdx, QRank, KTok, KDom, KIdx, KRank,
-    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd, Trust,
-    Hq, Hkv, Sq, Sk, Tk, RF, RP, Hm,
+    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd, Order, Trust,
+    Hq, Hkv, Sq, Sk, Tk, RF, RP, Hm, HG,
     qk_scale, sm_scale,
     REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -112,12 +114,12 @@ def _dkdv_kernel(
 ):
     tl.static_assert(BLOCK_N % SUB_N == 0, "SUB_N must divide BLOCK_N")
     tl.static_assert(BLOCK_M % SUB_M == 0, "SUB_M must divide BLOCK_M")
-    # Key blocks vary fastest so that programs running together share one head's Q/dO in L2.
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hkv
-    hk = pid_bh % Hkv
-    pid_n = tl.program_id(0)
-    u = pid_n // (BLOCK_N // SUB_N)  # key tile of the run tables
+    # Key blocks of the key tiles in Order (heaviest first), KV heads in groups of HG (``_schedule``):
+    # programs running together share at most HG heads' Q/dO in L2.
+    b = tl.program_id(1)
+    rank, hk = _schedule(tl.program_id(0), Sk // SUB_N, HG)
+    u = tl.load(Order + b * Tk + rank // (BLOCK_N // SUB_N))  # key tile of the run tables
+    pid_n = u * (BLOCK_N // SUB_N) + rank % (BLOCK_N // SUB_N)
     cols = pid_n * SUB_N + tl.arange(0, SUB_N)
     d = tl.arange(0, HEAD_DIM)
     kv_off = (b * Hkv + hk).to(tl.int64) * Sk * HEAD_DIM
@@ -306,8 +308,8 @@ def _dq_kernel(
     Qp, DOp, Lse2, Delta, Kp, Vp, Kd, Vd, DQ,
     sdqb, sdqh, sdqn,
     QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
-    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd, Trust,
-    Hq, Hkv, Sq, Sk, Tq, RF, RP, Hm,
+    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd, Order, Trust,
+    Hq, Hkv, Sq, Sk, Tq, RF, RP, Hm, HG,
     qk_scale, sm_scale,
     REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -316,14 +318,13 @@ def _dq_kernel(
 ):
     tl.static_assert(BLOCK_M % SUB_M == 0, "SUB_M must divide BLOCK_M")
     tl.static_assert(BLOCK_N % SUB_N == 0, "SUB_N must divide BLOCK_N")
-    # Query blocks vary fastest (L2 reuse of K/V); the last, heaviest blocks of a domain first.
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    # Query blocks of the query tiles in Order (heaviest first), heads in groups of HG (``_schedule``).
+    b = tl.program_id(1)
+    rank, h = _schedule(tl.program_id(0), Sq // SUB_M, HG)
     hk = h // GROUP
     hm = h % Hm
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    t = pid_m // (BLOCK_M // SUB_M)
+    t = tl.load(Order + b * Tq + rank // (BLOCK_M // SUB_M))
+    pid_m = t * (BLOCK_M // SUB_M) + rank % (BLOCK_M // SUB_M)
     rows = pid_m * SUB_M + tl.arange(0, SUB_M)
     d = tl.arange(0, HEAD_DIM)
     q_off = (b * Hq + h).to(tl.int64) * Sq
@@ -392,8 +393,9 @@ def launch_key_trust(qs, ks, runs_t, tables, *, block_m, block_kt, check_full):
 
 
 def launch_backward(
-    qp, dop, lse2, delta, kp, vp, dq, dk, dv, qs, ks, runs, runs_t, tables, scale,
+    qp, dop, lse2, delta, kp, vp, dq, dk, dv, qs, ks, runs, runs_t, order, order_t, tables, scale,
     *, block_m, block_n, dkdv_cfg, dq_cfg, check_full=True, block_kt=None, dq_tma=False, concurrent=False,
+    head_group=0,
 ):
     """Fill dq [B, Hq, Nq, D], dk/dv [B, Hkv, Nk, D] (caller's order) from slot-order inputs.
 
@@ -405,6 +407,8 @@ def launch_backward(
     pointer loads in bf16; the dk/dv kernel reading Q/dO that way was 23-32% slower, so it does not).
     ``concurrent``: the dq kernel (and its table check) runs on a side stream beside dk/dv (the two
     read the same inputs and write different outputs); the caller's stream waits for it.
+    ``order`` / ``order_t``: query / key tiles (of ``runs`` / ``runs_t``) in launch order
+    (``plan.launch_order``); ``head_group``: heads per group of each launch (0: by the L2 cache).
     """
     b, hq, sq, d = qp.shape
     hkv, sk = kp.shape[1], kp.shape[2]
@@ -418,7 +422,9 @@ def launch_backward(
         main, side = torch.cuda.current_stream(qp.device), _side_stream(qp.device)
         side.wait_stream(main)
     c = dict(dkdv_cfg)
-    grid = (sk // c["SUB_N"], b * hkv)
+    grid = (sk // c["SUB_N"] * hkv, b)
+    # A KV head's programs share the Q and dO rows of its GQA group's query heads.
+    hg = pick_head_group(hkv, 2 * sq * d * qp.element_size() * (hq // hkv), qp.device, head_group)
     common_kt = dict(common, BLOCK_N=block_kt or block_n)
     key_trust = launch_key_trust(qs, ks, runs_t, tables, block_m=block_m, block_kt=block_kt or block_n,
                                  check_full=check_full)
@@ -426,14 +432,14 @@ def launch_backward(
         qp, dop, lse2, delta, kp, vp, dk, dv,
         dk.stride(0), dk.stride(1), dk.stride(2),
         qs.dom, qs.idx, qs.rank, ks.tok, ks.dom, ks.idx, ks.rank,
-        full_t.num, full_t.start, full_t.end, part_t.num, part_t.start, part_t.end, key_trust,
-        hq, hkv, sq, sk, tk, full_t.start.shape[-1], part_t.start.shape[-1], hm,
+        full_t.num, full_t.start, full_t.end, part_t.num, part_t.start, part_t.end, order_t, key_trust,
+        hq, hkv, sq, sk, tk, full_t.start.shape[-1], part_t.start.shape[-1], hm, hg,
         scale * LOG2E, scale,
         SUB_N=c["SUB_N"], SUB_M=c["SUB_M"], num_warps=c["num_warps"], num_stages=c["num_stages"], **common_kt,
     )
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        _launch_dq(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, tables, scale, common, dict(dq_cfg), block_m,
-                   block_n, check_full, dq_tma)
+        _launch_dq(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, order, tables, scale, common, dict(dq_cfg),
+                   block_m, block_n, check_full, dq_tma, head_group)
     if side is not None:
         main.wait_stream(side)
 
@@ -449,14 +455,15 @@ def _side_stream(device):
     return _SIDE_STREAMS[idx]
 
 
-def _launch_dq(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, tables, scale, common, c, block_m, block_n, check_full,
-               dq_tma):
+def _launch_dq(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, order, tables, scale, common, c, block_m, block_n,
+               check_full, dq_tma, head_group):
     """The dq half of ``launch_backward`` (its table check, then ``_dq_kernel``), on the current stream."""
     b, hq, sq, d = qp.shape
     hkv, sk = kp.shape[1], kp.shape[2]
     full, part = runs
     hm, tq = full.num.shape[1], full.num.shape[2]
-    grid = (sq // c["SUB_M"], b * hq)
+    grid = (sq // c["SUB_M"] * hq, b)
+    hg = _group_for_kv(hq, hkv, sk, d, kp, head_group)
     if dq_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -468,8 +475,8 @@ def _launch_dq(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, tables, scale, co
         qp, dop, lse2, delta, kp, vp, kd, vd, dq,
         dq.stride(0), dq.stride(1), dq.stride(2),
         qs.tok, qs.dom, qs.idx, qs.rank, ks.dom, ks.idx, ks.rank,
-        full.num, full.start, full.end, part.num, part.start, part.end, trust,
-        hq, hkv, sq, sk, tq, full.start.shape[-1], part.start.shape[-1], hm,
+        full.num, full.start, full.end, part.num, part.start, part.end, order, trust,
+        hq, hkv, sq, sk, tq, full.start.shape[-1], part.start.shape[-1], hm, hg,
         scale * LOG2E, scale,
         SUB_M=c["SUB_M"], SUB_N=c["SUB_N"], num_warps=c["num_warps"], num_stages=c["num_stages"], USE_TMA=dq_tma,
         **common,

@@ -32,6 +32,7 @@ model lists this as not covered).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -42,6 +43,19 @@ from .masks import _key_readable, _tile_mask, pair_mask_reference
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _schedule(pid, T, HG):
+    """Program ``pid`` of a launch over T ranks x H heads -> (rank in the launch order, head).
+
+    Heads go in groups of HG (a divisor of H); inside a group the ranks vary slowest and the HG
+    heads fastest. So every head's heavy tiles (the first ranks) start early, instead of the last
+    head's starting when the GPU is nearly done, while the programs running together read the K/V
+    of at most HG heads (``pick_head_group`` picks HG so those fit in L2)."""
+    per = T * HG
+    r = pid % per
+    return r // HG, (pid // per) * HG + r % HG
 
 
 @triton.jit
@@ -280,7 +294,7 @@ def _fwd_kernel(
     sob, soh, son,
     QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
     FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd, Order, Trust, Merged,
-    Hq, Hkv, Sq, Sk, Tq, RF, RP, Hm,
+    Hq, Hkv, Sq, Sk, Tq, RF, RP, Hm, HG,
     qk_scale,
     REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -288,14 +302,12 @@ def _fwd_kernel(
     USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M % 16 == 0, "BLOCK_M must be a multiple of 16")
-    # Query tiles vary fastest: programs running together share one head's K/V in L2
-    # (and tiles of one domain share the same key runs). Order lists heavy tiles first.
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    # Query tiles in Order (heaviest first), heads in groups of HG (``_schedule``).
+    b = tl.program_id(1)
+    rank, h = _schedule(tl.program_id(0), Tq, HG)
     hk = h // GROUP
     hm = h % Hm  # Hm is 1 (heads share the mask) or Hq
-    t = tl.load(Order + b * Tq + tl.program_id(0))
+    t = tl.load(Order + b * Tq + rank)
 
     rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, HEAD_DIM)
@@ -380,6 +392,24 @@ def dot_precision(q: torch.Tensor) -> int:
     return 1 if q.dtype == torch.float32 else 0
 
 
+_L2_DEFAULT = 50 * 2**20  # an H100's L2; what the interpreter and stand-in targets assume
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or _L2_DEFAULT
+    return _L2_DEFAULT
+
+
+def pick_head_group(heads: int, bytes_per_head: int, device: torch.device, want: int = 0) -> int:
+    """Heads per group of a launch (``_schedule``): ``want`` if positive, otherwise as many as keep
+    what a group's programs share (``bytes_per_head`` each: K/V for the forward and dq, Q/dO for
+    dk/dv) within half the GPU's L2 cache; rounded down to a divisor of ``heads``."""
+    target = want if want > 0 else (_l2_bytes(device) // 2) // max(1, bytes_per_head)
+    return max(g for g in range(1, heads + 1) if heads % g == 0 and g <= max(1, target))
+
+
 def _sm90(q, *, block_m, block_n, use_tma) -> bool:
     """Whether the Gluon forward (``forward_sm90``) takes this call: an sm_90 target (the GPU, or the
     stand-in driver of ``tests/sm90_compile.py``), never the interpreter, and a shape it supports."""
@@ -398,9 +428,15 @@ def _sm90(q, *, block_m, block_n, use_tma) -> bool:
     return target.backend == "cuda" and target.arch == 90
 
 
+def _group_for_kv(hq: int, hkv: int, sk: int, d: int, kv: torch.Tensor, want: int) -> int:
+    """``head_group`` for programs over query heads that read K/V rows [sk, d] of their KV head
+    (the forward, dq): a query head's share is its KV head's K and V over the heads of a GQA group."""
+    return pick_head_group(hq, 2 * sk * d * kv.element_size() // (hq // hkv), kv.device, want)
+
+
 def launch_forward(
     q, k, v, qs, ks, runs, order, tables, scale, *, block_m, block_n, num_warps, num_stages,
-    check_full=True, use_tma=False, warp_specialize=False, out=None, kv_slots=None, gluon=True,
+    check_full=True, use_tma=False, warp_specialize=False, out=None, kv_slots=None, gluon=True, head_group=0,
 ):
     """Run ``_fwd_kernel`` on the caller's q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (last dims contiguous).
 
@@ -409,6 +445,8 @@ def launch_forward(
     ``gluon``: on an sm_90 GPU, run the warp-specialised Gluon kernel (``forward_sm90``) where it
     supports the call, with that many 64-key tiles per step (1 or 2; 0 or False: never); same
     tables, same results contract.
+    ``order``: the query tiles in launch order (``plan.launch_order``); ``head_group``: heads per
+    group of the launch (0: ``pick_head_group`` picks by the L2 cache).
     Returns (out [B, Hq, Nq, D] in q's order, lse2 [B, Hq, Sq] in log2 units, slot order).
     """
     from .permute import gather_rows
@@ -422,13 +460,14 @@ def launch_forward(
     lse2 = torch.empty(b, hq, qs.size, dtype=torch.float32, device=q.device)
     kp, vp = kv_slots if kv_slots is not None else gather_rows(k, ks.tok, v)
     kp, vp = kp.view(b * hkv * sk, d), vp.view(b * hkv * sk, d)
+    hg = _group_for_kv(hq, hkv, sk, d, kp, head_group)
     trust, merged = launch_query_trust(qs, ks, runs, tables, block_m=block_m, block_n=block_n,
                                        check_full=check_full, merge=True)
     if gluon and _sm90(q, block_m=block_m, block_n=block_n, use_tma=use_tma):
         from .forward_sm90 import launch_forward_sm90
 
         launch_forward_sm90(q, kp, vp, out, lse2, qs, ks, runs, order, trust, merged, tables, scale * LOG2E,
-                            per=int(gluon))
+                            per=int(gluon), head_group=hg)
         return out, lse2
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -437,14 +476,14 @@ def launch_forward(
         vd = TensorDescriptor.from_tensor(vp, [block_n, d])
     else:
         kd = vd = kp  # unused
-    grid = (tq, b * hq)
+    grid = (tq * hq, b)
     _fwd_kernel[grid](
         q, kp, vp, kd, vd, out, lse2,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         qs.tok, qs.dom, qs.idx, qs.rank, ks.dom, ks.idx, ks.rank,
         full.num, full.start, full.end, part.num, part.start, part.end, order, trust, merged,
-        hq, hkv, qs.size, sk, tq, full.start.shape[-1], part.start.shape[-1], hm,
+        hq, hkv, qs.size, sk, tq, full.start.shape[-1], part.start.shape[-1], hm, hg,
         scale * LOG2E,
         REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp,
         PAT=tables.pattern_constants, HAS_PAT=tables.has_pattern,

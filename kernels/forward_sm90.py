@@ -279,19 +279,21 @@ def _fwd_sm90_kernel(
     sob, soh, son,
     QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
     FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd, Order, Trust, Merged,
-    Hq, Hkv, Sq, Sk, Tq, RF, RP, Hm,
+    Hq, Hkv, Sq, Sk, Tq, RF, RP, Hm, HG,
     qk_scale,
     REL: gl.constexpr, CAUSAL: gl.constexpr, DP: gl.constexpr, PAT: gl.constexpr, HAS_PAT: gl.constexpr,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PER: gl.constexpr, STAGES: gl.constexpr,
     CONSUMER_NREG: gl.constexpr, LOADER_NREG: gl.constexpr,
 ):
-    # Programs as in the Triton kernel: query tiles fastest, heavy tiles first (Order).
-    pid_bh = gl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
+    # Programs as in the Triton kernel (``forward._schedule``): query tiles in Order (heaviest
+    # first), heads in groups of HG, the heads of a group fastest.
+    b = gl.program_id(1)
+    pid = gl.program_id(0)
+    r = pid % (Tq * HG)
+    h = (pid // (Tq * HG)) * HG + r % HG
     hk = h // GROUP
     hm = h % Hm
-    t = gl.load(Order + b * Tq + gl.program_id(0))
+    t = gl.load(Order + b * Tq + r // HG)
     tile_dom = gl.load(QDom + b * Sq + t * (2 * ROWS))
     kv_row0 = (b * Hkv + hk) * Sk
     kslot0 = b * Sk
@@ -361,9 +363,10 @@ def _zero_tile(like: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def launch_forward_sm90(q, kp, vp, out, lse2, qs, ks, runs, order, trust, merged, tables, qk_scale, *, per=2,
-                        stages=2):
+                        stages=2, head_group=1):
     """Launch ``_fwd_sm90_kernel``; kp/vp are K/V in slot order as [B * Hkv * Sk, D] views. ``per``:
-    64-key tiles per step of the trusted runs (2: 128-key steps)."""
+    64-key tiles per step of the trusted runs (2: 128-key steps); ``head_group``: heads per group of
+    the launch (a divisor of the query heads)."""
     if per not in (1, 2):
         raise ValueError(f"per must be 1 or 2 tiles per step, got {per!r}")
     b, hq, _, d = q.shape
@@ -375,13 +378,15 @@ def launch_forward_sm90(q, kp, vp, out, lse2, qs, ks, runs, order, trust, merged
     kd = TensorDescriptor.from_tensor(kp, [block_n, d], lay)
     vd = TensorDescriptor.from_tensor(vp, [block_n, d], lay)
     zd = TensorDescriptor.from_tensor(_zero_tile(kp, block_n), [block_n, d], lay)
-    _fwd_sm90_kernel[(tq, b * hq)](
+    if hq % head_group:
+        raise ValueError(f"head_group {head_group} does not divide {hq} heads")
+    _fwd_sm90_kernel[(tq * hq, b)](
         q, kp, vp, kd, vd, zd, out, lse2,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         qs.tok, qs.dom, qs.idx, qs.rank, ks.dom, ks.idx, ks.rank,
         full.num, full.start, full.end, part.num, part.start, part.end, order, trust, merged,
-        hq, hkv, qs.size, ks.size, tq, full.start.shape[-1], part.start.shape[-1], hm,
+        hq, hkv, qs.size, ks.size, tq, full.start.shape[-1], part.start.shape[-1], hm, head_group,
         qk_scale,
         REL=tables.rel_bits, CAUSAL=tables.causal_bits, DP=tables.dp,
         PAT=tables.pattern_constants, HAS_PAT=tables.has_pattern,

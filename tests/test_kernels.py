@@ -127,6 +127,78 @@ def test_float32_default_config_at_head_dim_128_matches_reference(compiled):
         assert _rel_err(g, r) < TOL[torch.float32] * 2, name
 
 
+def test_launch_order_takes_heavy_tiles_first():
+    """Tiles by work (2 per FULL tile, 3 per PARTIAL, 2 per run, summed over heads), ties later first."""
+    from domainguard.kernels.plan import EMPTY, launch_order
+
+    F, P, E = FULL, PARTIAL, EMPTY
+    kinds = torch.tensor([[[  # [B=1, H=2, T=4, U=5]
+        [F, E, E, E, E],  # 2 + 2 (one run)            = 4
+        [F, F, P, E, E],  # 4 + 3 + 2 runs * 2         = 11
+        [P, E, F, E, P],  # 3 + 3 + 2 + 3 runs * 2     = 14
+        [F, E, F, E, E],  # 4 + 2 runs * 2             = 8
+    ], [
+        [F, E, E, E, E],  # 4 again
+        [E, E, E, E, E],  # 0
+        [E, E, E, E, E],  # 0
+        [F, E, F, E, E],  # 8 again
+    ]]], dtype=torch.uint8)
+    order = launch_order(tile_runs(kinds, FULL), tile_runs(kinds, PARTIAL))
+    # totals 8, 11, 14, 16
+    assert order.dtype == torch.int32 and order.tolist() == [[3, 2, 1, 0]]
+    ties = torch.full((1, 1, 3, 2), FULL, dtype=torch.uint8)
+    assert launch_order(tile_runs(ties, FULL), tile_runs(ties, PARTIAL)).tolist() == [[2, 1, 0]]
+
+
+def test_pick_head_group_divides_the_heads_and_fits_half_the_l2():
+    from domainguard.kernels.forward import _L2_DEFAULT, pick_head_group
+
+    cpu = torch.device("cpu")
+    assert pick_head_group(16, 4 * 2**20, cpu) == 4  # 25 MiB / 4 MiB = 6 -> the divisor 4
+    assert pick_head_group(16, 16 * 2**20, cpu) == 1
+    assert pick_head_group(16, 64 * 2**20, cpu) == 1  # more than the L2 holds: one head at a time
+    assert pick_head_group(12, 1, cpu) == 12
+    assert pick_head_group(12, _L2_DEFAULT // 10, cpu) == 4  # 5 fit; 4 divides 12
+    assert pick_head_group(16, 1, cpu, want=3) == 2
+    assert pick_head_group(16, 1, cpu, want=64) == 16
+
+
+@pytest.mark.parametrize("head_group", [1, 2, 4])
+def test_results_do_not_depend_on_the_launch_schedule(compiled, head_group):
+    """Any head grouping and any launch order of the tiles give the same bits: outputs and
+    gradients, GQA, a batch of two layouts. (Each program owns its outputs; nothing is accumulated
+    across programs, so the schedule can only change which program runs when.)"""
+    n = 70 if not CUDA else 900
+    ids = _ids(2, n, seed=21)
+    ids[1, -9:] = compiled.pad_id
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    cfg = SMALL if not CUDA else default_config(torch.bfloat16, 64)
+    dtype = torch.float32 if not CUDA else torch.bfloat16
+    q, k, v = _qkv(2, 4, 2, n, 64, dtype, seed=8)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(DEV, dtype)
+    base = GuardedAttention(compiled, dataclasses.replace(cfg, head_group=1))
+    plan = base.plan(layout, 1, heads=4, dtype=dtype, head_dim=64)
+    assert plan.order[0].tolist() != list(range(plan.order.shape[1] - 1, -1, -1))  # not the slot order
+
+    def run(guard, p):
+        qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        out = guard(qq, kk, vv, layout, 1, plan=p)
+        return (out.detach(), *torch.autograd.grad(out, (qq, kk, vv), do))
+
+    want = run(base, plan)
+    ref = attention_reference(q, k, v, layout, compiled, 1)
+    assert _rel_err(want[0], ref) < TOL[dtype]
+    g = torch.Generator().manual_seed(head_group)
+    shuffled = dataclasses.replace(
+        plan, config=dataclasses.replace(plan.config, head_group=head_group),
+        order=torch.stack([r[torch.randperm(r.numel(), generator=g).to(r.device)] for r in plan.order]),
+        order_t=torch.stack([r[torch.randperm(r.numel(), generator=g).to(r.device)] for r in plan.order_t]),
+    )
+    guard = GuardedAttention(compiled, dataclasses.replace(cfg, head_group=head_group))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), want, run(guard, shuffled)):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("poison,cfg", [("random", SMALL), ("nan", SMALL), ("inf", SMALL), ("-inf", SMALL),
                                         ("1e30", SMALL), ("nan", SMALL_KT), ("1e30", SMALL_KT)],
                          ids=lambda x: CONFIG_IDS.get(id(x), x))
@@ -718,7 +790,7 @@ def test_forged_mixed_key_block_takes_nothing_from_non_readers(compiled, cfg, ch
         assert torch.equal(a[:, :, secret], b[:, :, secret]), name
 
 
-@pytest.mark.parametrize("field", ["order", "run_end", "q_inv", "dtype"])
+@pytest.mark.parametrize("field", ["order", "order_t", "order_t_repeat", "run_end", "q_inv", "dtype"])
 def test_plan_tables_out_of_bounds_are_refused(compiled, field):
     import dataclasses
 
@@ -730,6 +802,10 @@ def test_plan_tables_out_of_bounds_are_refused(compiled, field):
     full, part = plan.runs
     if field == "order":
         forged = dataclasses.replace(plan, order=plan.order + 1)
+    elif field == "order_t":
+        forged = dataclasses.replace(plan, order_t=plan.order_t[:, :-1].contiguous())
+    elif field == "order_t_repeat":  # a key tile twice, another never: its dk/dv would stay unwritten
+        forged = dataclasses.replace(plan, order_t=torch.zeros_like(plan.order_t))
     elif field == "run_end":
         forged = dataclasses.replace(plan, runs=(full, Runs(part.num, part.start, part.end + 1000)))
     elif field == "q_inv":
