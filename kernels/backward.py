@@ -155,12 +155,13 @@ def _dkdv_kernel(
         for r in range(n_fast):
             t0 = tl.load(FS + r)
             t1 = tl.load(FE + r)
-            # Nested loops (tile, then SUB_M rows), as tuned; see BENCHMARKS.md for the flat variant.
-            for t in range(t0, t1):
-                for sub in range(BLOCK_M // SUB_M):
-                    dk, dv = _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0,
-                                        t * BLOCK_M + sub * SUB_M, k_dom, k_idx, k_rank, None, None, qk_scale, REL,
-                                        CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, SUB_M, False, False, PREC)
+            # One flat loop over the run's query slots in steps of SUB_M (not tile, then SUB_M rows):
+            # the pipeline fills once per run instead of once per 128-query tile. H100: dk/dv 4-7%
+            # faster at 8K-64K (BENCHMARKS.md).
+            for row0 in range(t0 * BLOCK_M, t1 * BLOCK_M, SUB_M):
+                dk, dv = _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0, row0,
+                                    k_dom, k_idx, k_rank, None, None, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT,
+                                    HEAD_DIM, SUB_M, False, False, PREC)
         for r in range(n_part_fast):
             # PARTIAL runs whose query tiles were all found domain-pure: no row select needed.
             dk, dv = _dkdv_masked_run(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0,
