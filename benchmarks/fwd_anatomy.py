@@ -88,16 +88,17 @@ def main():
                       HAS_PAT=tables.has_pattern, GROUP=1, HEAD_DIM=HEAD_DIM, BLOCK_M=cfg.block_m,
                       BLOCK_N=cfg.block_n, PREC=dot_precision(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-        def runs_launch(f, p, check=True, grid_x=None):
-            trust = launch_query_trust(qs, ks, (f, p), tables, block_m=cfg.block_m, block_n=cfg.block_n, check_full=check)
+        def runs_launch(f, p, check=True):
+            trust, merged = launch_query_trust(qs, ks, (f, p), tables, block_m=cfg.block_m, block_n=cfg.block_n,
+                                               check_full=check, merge=True)
 
-            def go():
-                _fwd_kernel[(grid_x or tq, HEADS)](
+            def go():  # one head at a time (head group 1), the plan's launch order
+                _fwd_kernel[(tq * HEADS, 1)](
                     q, kp, vp, kd, vd, out, lse2, q.stride(0), q.stride(1), q.stride(2),
                     out.stride(0), out.stride(1), out.stride(2),
                     qs.tok, qs.dom, qs.idx, qs.rank, ks.dom, ks.idx, ks.rank,
-                    f.num, f.start, f.end, p.num, p.start, p.end, plan.order, trust,
-                    HEADS, HEADS, qs.size, ks.size, tq, f.start.shape[-1], p.start.shape[-1], f.num.shape[1],
+                    f.num, f.start, f.end, p.num, p.start, p.end, plan.order, trust, merged,
+                    HEADS, HEADS, qs.size, ks.size, tq, f.start.shape[-1], p.start.shape[-1], f.num.shape[1], 1,
                     plan_scale, USE_TMA=True, WARP_SPEC=False, **common)
             return go
 

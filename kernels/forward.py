@@ -402,12 +402,18 @@ def _l2_bytes(device: torch.device) -> int:
     return _L2_DEFAULT
 
 
+@functools.lru_cache(maxsize=256)
 def pick_head_group(heads: int, bytes_per_head: int, device: torch.device, want: int = 0) -> int:
     """Heads per group of a launch (``_schedule``): ``want`` if positive, otherwise as many as keep
     what a group's programs share (``bytes_per_head`` each: K/V for the forward and dq, Q/dO for
     dk/dv) within half the GPU's L2 cache; rounded down to a divisor of ``heads``."""
     target = want if want > 0 else (_l2_bytes(device) // 2) // max(1, bytes_per_head)
     return max(g for g in range(1, heads + 1) if heads % g == 0 and g <= max(1, target))
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple:
+    return torch.cuda.get_device_capability(device)
 
 
 def _sm90(q, *, block_m, block_n, use_tma) -> bool:
@@ -420,7 +426,7 @@ def _sm90(q, *, block_m, block_n, use_tma) -> bool:
     if block_m != 128 or block_n != 64 or not use_tma:
         return False
     if q.is_cuda:
-        return torch.cuda.get_device_capability(q.device) == (9, 0)
+        return _capability(q.device) == (9, 0)
     try:
         target = triton.runtime.driver.active.get_current_target()
     except Exception:  # no GPU driver: nothing to compile for
