@@ -483,6 +483,8 @@ class _GuardedAttentionFn(torch.autograd.Function):
         ctx.kv_shapes = (k.shape, v.shape)
         ctx.plan, ctx.tables, ctx.scale = plan, tables, scale
         ctx.mark_non_differentiable(lse2)
+        # lse2 never has a gradient: without this autograd would launch a fill of zeros for it.
+        ctx.set_materialize_grads(False)
         return out, lse2
 
     @staticmethod
@@ -490,6 +492,8 @@ class _GuardedAttentionFn(torch.autograd.Function):
         from domainguard.kernels.backward import launch_backward
         from domainguard.kernels.permute import backward_inputs
 
+        if dout is None:  # no gradient reached the output (grads are not materialised): none flows back
+            return None, None, None, None, None, None
         q, kp, vp, out, lse2 = ctx.saved_tensors
         plan, cfg = ctx.plan, ctx.plan.config
         if dout.stride(-1) != 1:
