@@ -8,7 +8,7 @@ timed by turns (``attention.bench_group``). Usage (from the repository root)::
 Variants: ``old``; ``new`` (head group picked by the L2 cache); ``hgK`` (head group K). Writes
 ``$OUT/sched_ab_<sizes>.json`` (``OUT`` defaults to the current directory).
 """
-import dataclasses, json, sys, torch
+import dataclasses, json, os, sys, torch
 sys.path.insert(0, "benchmarks")
 import attention as A
 import domainguard as dg
@@ -54,7 +54,6 @@ for n in sizes:
             print(json.dumps({"N": n, "seg": seg, "reads": reads,
                               "fwd_graph": {k_: round(x, 4) for k_, x in mf.items()},
                               "fb": {k_: round(x, 3) for k_, x in mb.items()}}), flush=True)
-import os
 json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": __import__("triton").__version__, "rows": out_rows},
           open(os.path.join(os.environ.get("OUT", "."), f"sched_ab_{sys.argv[1].replace(',', '_')}.json"), "w"), indent=1)

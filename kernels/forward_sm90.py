@@ -34,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .forward import _masked_run
+from .forward import _masked_run, _schedule
 from .masks import _key_readable, _tile_mask
 
 # Gluon is experimental and renames things between releases: a barrier across a partition's
@@ -285,15 +285,12 @@ def _fwd_sm90_kernel(
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PER: gl.constexpr, STAGES: gl.constexpr,
     CONSUMER_NREG: gl.constexpr, LOADER_NREG: gl.constexpr,
 ):
-    # Programs as in the Triton kernel (``forward._schedule``): query tiles in Order (heaviest
-    # first), heads in groups of HG, the heads of a group fastest.
+    # Programs as in the Triton kernel: query tiles in Order (heaviest first), heads in groups of HG.
     b = gl.program_id(1)
-    pid = gl.program_id(0)
-    r = pid % (Tq * HG)
-    h = (pid // (Tq * HG)) * HG + r % HG
+    rank, h = _schedule(gl.program_id(0), Tq, HG)
     hk = h // GROUP
     hm = h % Hm
-    t = gl.load(Order + b * Tq + r // HG)
+    t = gl.load(Order + b * Tq + rank)
     tile_dom = gl.load(QDom + b * Sq + t * (2 * ROWS))
     kv_row0 = (b * Hkv + hk) * Sk
     kslot0 = b * Sk
