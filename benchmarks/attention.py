@@ -157,10 +157,19 @@ def graphed(fn):
 
 
 # --- contenders --------------------------------------------------------------------------------
+def _fresh_grads(*xs):
+    """Drop the inputs' ``.grad`` before a backward, as a training step does (``zero_grad()`` sets
+    them to None by default): the gradients are then stored, not added to the last call's, and the
+    three elementwise additions (0.39 ms at 32K) are not timed as part of any contender."""
+    for x in xs:
+        x.grad = None
+
+
 def run_ours(guard, plan, q, k, v, layout, do):
     fwd = lambda: guard(q, k, v, layout, plan=plan)  # noqa: E731
 
     def fwd_bwd():
+        _fresh_grads(q, k, v)
         out = guard(q, k, v, layout, plan=plan)
         out.backward(do)
 
@@ -171,6 +180,7 @@ def run_flex(block_mask, q, k, v, do, flex):
     fwd = lambda: flex(q, k, v, block_mask=block_mask)  # noqa: E731
 
     def fwd_bwd():
+        _fresh_grads(q, k, v)
         out = flex(q, k, v, block_mask=block_mask)
         out.backward(do)
 
@@ -183,6 +193,7 @@ def run_sdpa(q, k, v, do, *, causal: bool, mask=None):
     fwd = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # noqa: E731
 
     def fwd_bwd():
+        _fresh_grads(q, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         out.backward(do)
 

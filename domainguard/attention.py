@@ -224,6 +224,10 @@ def default_config(dtype: torch.dtype, head_dim: int) -> KernelConfig:
             dkdv=(("SUB_N", 32), ("SUB_M", 32), ("num_warps", 4), ("num_stages", 1)),
             dq=(("SUB_M", 32), ("SUB_N", 32), ("num_warps", 4), ("num_stages", 1)),
         )
+    if head_dim > 64:
+        # dq programs of a whole 128-query tile, 8 warps, 3 stages: on an H100 forward+backward 2-4%
+        # faster at 32K-128K (repeated A/B, BENCHMARKS.md); level at 8K. Head dim 64 not measured.
+        return KernelConfig(dq=(("SUB_M", 128), ("SUB_N", 64), ("num_warps", 8), ("num_stages", 3)))
     return KernelConfig()
 
 

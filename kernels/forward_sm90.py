@@ -351,12 +351,25 @@ _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 _ZEROS: dict = {}
 
 
-def _zero_tile(like: torch.Tensor, rows: int) -> torch.Tensor:
-    """A [rows, D] tile of zeros on ``like``'s device and dtype (what a run's odd last tile is paired with)."""
+def _zero_tile(like: torch.Tensor, rows: int):
+    """A [rows, D] tile of zeros on ``like``'s device and dtype (what a run's odd last tile is paired
+    with), and its tensor descriptor; both made once per (device, dtype, D, rows) and kept."""
     key = (like.device, like.dtype, like.shape[-1], rows)
     if key not in _ZEROS:
-        _ZEROS[key] = torch.zeros(rows, like.shape[-1], dtype=like.dtype, device=like.device)
+        zeros = torch.zeros(rows, like.shape[-1], dtype=like.dtype, device=like.device)
+        _ZEROS[key] = (zeros, TensorDescriptor.from_tensor(zeros, [rows, like.shape[-1]], _smem_layout(rows, like)))
     return _ZEROS[key]
+
+
+_LAYOUTS: dict = {}
+
+
+def _smem_layout(rows: int, like: torch.Tensor):
+    """The shared-memory layout of a [rows, D] tile of ``like``'s dtype (made once per shape and dtype)."""
+    key = (rows, like.shape[-1], like.dtype)
+    if key not in _LAYOUTS:
+        _LAYOUTS[key] = gl.NVMMASharedLayout.get_default_for([rows, like.shape[-1]], _GL_DTYPE[like.dtype])
+    return _LAYOUTS[key]
 
 
 def launch_forward_sm90(q, kp, vp, out, lse2, qs, ks, runs, order, trust, merged, tables, qk_scale, *, per=2,
@@ -371,10 +384,10 @@ def launch_forward_sm90(q, kp, vp, out, lse2, qs, ks, runs, order, trust, merged
     full, part = runs
     hm, tq = full.num.shape[1], full.num.shape[2]
     block_n = 64
-    lay = gl.NVMMASharedLayout.get_default_for([block_n, d], _GL_DTYPE[q.dtype])
+    lay = _smem_layout(block_n, kp)
     kd = TensorDescriptor.from_tensor(kp, [block_n, d], lay)
     vd = TensorDescriptor.from_tensor(vp, [block_n, d], lay)
-    zd = TensorDescriptor.from_tensor(_zero_tile(kp, block_n), [block_n, d], lay)
+    zd = _zero_tile(kp, block_n)[1]
     if hq % head_group:
         raise ValueError(f"head_group {head_group} does not divide {hq} heads")
     _fwd_sm90_kernel[(tq * hq, b)](
