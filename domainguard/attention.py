@@ -471,16 +471,15 @@ class _GuardedAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: AttentionPlan, tables, scale: float):
         from domainguard.kernels.forward import launch_forward
-        from domainguard.kernels.permute import gather_rows
 
         cfg = plan.config
-        # K/V in slot order: copied once, read by the forward and kept for the backward (in place
-        # of k and v, so no more memory is held than before and the backward does not copy again).
-        kp, vp = gather_rows(k, plan.ks.tok, v)  # one launch for both
-        out, lse2 = launch_forward(
+        # K/V in slot order: copied once (in the launch that checks the tables), read by the forward
+        # and kept for the backward in place of k and v, so no more memory is held than before and
+        # the backward does not copy again.
+        out, lse2, (kp, vp) = launch_forward(
             q, k, v, plan.qs, plan.ks, plan.runs, plan.order, tables, scale,
             block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            check_full=cfg.check_full, use_tma=cfg.use_tma, warp_specialize=cfg.warp_specialize, kv_slots=(kp, vp),
+            check_full=cfg.check_full, use_tma=cfg.use_tma, warp_specialize=cfg.warp_specialize, keep_kv=True,
             gluon=cfg.fwd_gluon and cfg.fwd_gluon_per, head_group=cfg.head_group,
         )
         ctx.save_for_backward(q, kp, vp, out, lse2)

@@ -24,9 +24,10 @@ run skips the row select only if that check found its query tiles all pure (read
 masked per key there). Otherwise the tiles run masked, with Q and dO rows of another domain
 than their tile's replaced by zeros before the products (they sum over query rows), and the
 update of a key its query tile may not read is discarded by a select (never by multiplying
-with 0). The checks are kernels of their own, one program per (batch, mask head, tile), so
-heads that share a mask check once; they are launched by ``launch_backward`` itself, on the
-tables it passes on, so no caller can skip them.
+with 0). Both checks run in one launch of their own (``_bwd_checks_kernel``), one program per
+(batch, mask head, tile), so heads that share a mask check once; it is launched by
+``launch_backward`` itself, on the tables it passes on, before dk/dv and dq, so no caller can
+skip it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .forward import (
-    LOG2E, _dot, _group_for_kv, _key_attrs, _masked_run, _schedule, dot_precision, launch_query_trust, pick_head_group,
+    LOG2E, _dot, _group_for_kv, _key_attrs, _masked_run, _query_trust, _schedule, dot_precision, pick_head_group,
 )
 from .masks import _domain_pair_allowed, _key_readable, _tile_mask
 
@@ -229,15 +230,47 @@ def _key_trust_kernel(
     Sq, Sk, Tk, RF, RP, Hm,
     REL: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_FULL: tl.constexpr,
 ):
+    """``_key_trust`` as a launch of its own: program (key tile, batch * Hm + mask head)."""
+    _key_trust(tl.program_id(0), tl.program_id(1), Trust, QDom, KDom, FullRuns, FullStart, FullEnd, PartRuns, PartStart,
+               PartEnd, Sq, Sk, Tk, RF, RP, Hm, REL, DP, BLOCK_M, BLOCK_N, CHECK_FULL)
+
+
+@triton.jit
+def _bwd_checks_kernel(
+    KTrust, QTrust, QDom, KDom, KIdx,
+    FullRunsT, FullStartT, FullEndT, PartRunsT, PartStartT, PartEndT,
+    FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd,
+    Sq, Sk, Tk, Tq, RFT, RPT, RF, RP, Hm,
+    REL: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KT: tl.constexpr,
+    CHECK_FULL: tl.constexpr,
+):
+    """Both table checks of a backward in one launch (one launch less of host time): programs
+    [0, Tk) check the key-major tables for dk/dv (``_key_trust``), programs [Tk, Tk + Tq) the
+    query-major tables for dq (``forward._query_trust``); axis 1 is batch * Hm + mask head."""
+    pid = tl.program_id(0)
+    bm = tl.program_id(1)
+    if pid < Tk:
+        _key_trust(pid, bm, KTrust, QDom, KDom, FullRunsT, FullStartT, FullEndT, PartRunsT, PartStartT, PartEndT,
+                   Sq, Sk, Tk, RFT, RPT, Hm, REL, DP, BLOCK_M, BLOCK_KT, CHECK_FULL)
+    else:
+        _query_trust(pid - Tk, bm, QTrust, QTrust, QDom, KDom, KIdx, FullRuns, FullStart, FullEnd, PartRuns, PartStart,
+                     PartEnd, Sq, Sk, Tq, RF, RP, Hm, REL, DP, BLOCK_M, BLOCK_N, CHECK_FULL, False)
+
+
+@triton.jit
+def _key_trust(
+    u, bm, Trust, QDom, KDom, FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd,
+    Sq, Sk, Tk, RF, RP, Hm,
+    REL: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_FULL: tl.constexpr,
+):
     """What the dk/dv kernel launched right after it may trust in each key tile's key-major run
     tables, one program per (batch, mask head, key tile): Trust [B * Hm * Tk, 2] int32, both 0/1.
     FULL: with ``CHECK_FULL``, every listed query tile is domain-pure and its domain may read the
     key tile's (its first slot's) domain — the kernel adds that its own block of keys is all of
     that domain. PARTIAL: with ``CHECK_FULL``, every listed query tile is domain-pure (readability
     is masked per key on that path); unchecked tables: never. Runs not trusted run masked, with
-    rows of another domain replaced by zeros."""
-    u = tl.program_id(0)
-    bm = tl.program_id(1)  # b * Hm + hm
+    rows of another domain replaced by zeros. One program's share: key tile ``u`` of ``bm`` =
+    batch * Hm + mask head."""
     b = bm // Hm
     qslot0 = b * Sq
     k_tile_dom = tl.load(KDom + b * Sk + u * BLOCK_N)
@@ -393,6 +426,28 @@ def launch_key_trust(qs, ks, runs_t, tables, *, block_m, block_kt, check_full):
     return trust
 
 
+def launch_backward_checks(qs, ks, runs, runs_t, tables, *, block_m, block_n, block_kt, check_full):
+    """Launch ``_bwd_checks_kernel``: (key trust [B * Hm * Tk, 2], query trust [B * Hm * Tq, 2]),
+    int32, what ``launch_key_trust`` and ``forward.launch_query_trust`` return, from one launch."""
+    full_t, part_t = runs_t
+    full, part = runs
+    b, hm, tk = full_t.num.shape
+    tq = full.num.shape[2]
+    dev = full_t.num.device
+    key_trust = torch.empty(b * hm * tk, 2, dtype=torch.int32, device=dev)
+    q_trust = torch.empty(b * hm * tq, 2, dtype=torch.int32, device=dev)
+    _bwd_checks_kernel[(tk + tq, b * hm)](
+        key_trust, q_trust, qs.dom, ks.dom, ks.idx,
+        full_t.num, full_t.start, full_t.end, part_t.num, part_t.start, part_t.end,
+        full.num, full.start, full.end, part.num, part.start, part.end,
+        qs.size, ks.size, tk, tq, full_t.start.shape[-1], part_t.start.shape[-1], full.start.shape[-1],
+        part.start.shape[-1], hm,
+        REL=tables.rel_bits, DP=tables.dp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KT=block_kt, CHECK_FULL=check_full,
+        num_warps=4, num_stages=1,
+    )
+    return key_trust, q_trust
+
+
 def launch_backward(
     qp, dop, lse2, delta, kp, vp, dq, dk, dv, qs, ks, runs, runs_t, order, order_t, tables, scale,
     *, block_m, block_n, dkdv_cfg, dq_cfg, check_full=True, block_kt=None, dq_tma=False, concurrent=False,
@@ -421,14 +476,15 @@ def launch_backward(
     side = None
     if concurrent and qp.is_cuda:
         main, side = torch.cuda.current_stream(qp.device), _side_stream(qp.device)
-        side.wait_stream(main)
     c = dict(dkdv_cfg)
     grid = (sk // c["SUB_N"] * hkv, b)
     # A KV head's programs share the Q and dO rows of its GQA group's query heads.
     hg = pick_head_group(hkv, 2 * sq * d * qp.element_size() * (hq // hkv), qp.device, head_group)
     common_kt = dict(common, BLOCK_N=block_kt or block_n)
-    key_trust = launch_key_trust(qs, ks, runs_t, tables, block_m=block_m, block_kt=block_kt or block_n,
-                                 check_full=check_full)
+    key_trust, q_trust = launch_backward_checks(qs, ks, runs, runs_t, tables, block_m=block_m, block_n=block_n,
+                                                block_kt=block_kt or block_n, check_full=check_full)
+    if side is not None:
+        side.wait_stream(main)  # dq reads the checks' results
     _dkdv_kernel[grid](
         qp, dop, lse2, delta, kp, vp, dk, dv,
         dk.stride(0), dk.stride(1), dk.stride(2),
@@ -439,8 +495,8 @@ def launch_backward(
         SUB_N=c["SUB_N"], SUB_M=c["SUB_M"], num_warps=c["num_warps"], num_stages=c["num_stages"], **common_kt,
     )
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        _launch_dq(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, order, tables, scale, common, dict(dq_cfg),
-                   block_m, block_n, check_full, dq_tma, head_group)
+        _launch_dq(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, order, q_trust, common, dict(dq_cfg), scale,
+                   dq_tma, head_group)
     if side is not None:
         main.wait_stream(side)
 
@@ -456,9 +512,9 @@ def _side_stream(device):
     return _SIDE_STREAMS[idx]
 
 
-def _launch_dq(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, order, tables, scale, common, c, block_m, block_n,
-               check_full, dq_tma, head_group):
-    """The dq half of ``launch_backward`` (its table check, then ``_dq_kernel``), on the current stream."""
+def _launch_dq(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, order, trust, common, c, scale, dq_tma, head_group):
+    """The dq half of ``launch_backward`` (``_dq_kernel``, on the tables ``trust`` was computed from
+    just before), on the current stream."""
     b, hq, sq, d = qp.shape
     hkv, sk = kp.shape[1], kp.shape[2]
     full, part = runs
@@ -471,7 +527,6 @@ def _launch_dq(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, order, tables, sc
         kd, vd = (TensorDescriptor.from_tensor(x.view(-1, d), [c["SUB_N"], d]) for x in (kp, vp))
     else:
         kd = vd = kp  # unused
-    trust = launch_query_trust(qs, ks, runs, tables, block_m=block_m, block_n=block_n, check_full=check_full)
     _dq_kernel[grid](
         qp, dop, lse2, delta, kp, vp, kd, vd, dq,
         dq.stride(0), dq.stride(1), dq.stride(2),

@@ -11,8 +11,9 @@ loop (merged by ``_trust_kernel`` from the runs it has checked). EMPTY tiles are
 
 What is checked on the GPU, whatever the plan says: a query tile whose rows are not all of
 its first row's domain runs every tile masked, and rows of another domain read nothing; before
-the tables are trusted, ``_trust_kernel`` (launched by ``launch_forward`` itself right before
-the forward, on the same tables, one program per batch, mask head and query tile, so heads
+the tables are trusted, the query-side check ``_query_trust`` (launched by ``launch_forward``
+itself right before the forward, on the same tables, in the launch that copies K/V into slot
+order, ``_kv_checks_kernel``; one program per batch, mask head and query tile, so heads
 sharing a mask check once) reads the key domain of every FULL and PARTIAL tile listed (a FULL
 tile's first slot, as check_plan has found key tiles domain-pure) and every slot of every
 PARTIAL tile listed, and if any tile is of a domain the frozen relation does not let the query
@@ -40,6 +41,7 @@ import triton
 import triton.language as tl
 
 from .masks import _key_readable, _tile_mask, pair_mask_reference
+from .permute import _gather_rows, gather_block_rows
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -225,6 +227,18 @@ def _trust_kernel(
     REL: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_FULL: tl.constexpr,
     MERGE: tl.constexpr,
 ):
+    """``_query_trust`` as a launch of its own: program (query tile, batch * Hm + mask head)."""
+    _query_trust(tl.program_id(0), tl.program_id(1), Trust, Merged, QDom, KDom, KIdx, FullRuns, FullStart, FullEnd,
+                 PartRuns, PartStart, PartEnd, Sq, Sk, Tq, RF, RP, Hm, REL, DP, BLOCK_M, BLOCK_N, CHECK_FULL, MERGE)
+
+
+@triton.jit
+def _query_trust(
+    t, bm, Trust, Merged, QDom, KDom, KIdx, FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd,
+    Sq, Sk, Tq, RF, RP, Hm,
+    REL: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_FULL: tl.constexpr,
+    MERGE: tl.constexpr,
+):
     """How many of its FULL and PARTIAL runs each query tile may take as its run tables say, for the
     forward and dq kernels launched right after it on the same tables: one program per (batch, mask
     head, query tile), so heads that share a mask check once. Trust [B * Hm * Tq, 2] int32.
@@ -235,9 +249,8 @@ def _trust_kernel(
     padding (index < 0; such tiles are masked by index alone); otherwise none, and every tile runs
     masked with unreadable rows replaced. Unchecked tables: no PARTIAL run skips its select. With
     ``MERGE`` (the forward's launch) it also writes the runs the forward walks, made from the runs it
-    trusts (``_merge_runs``; none for an untrusted tile)."""
-    t = tl.program_id(0)
-    bm = tl.program_id(1)  # b * Hm + hm
+    trusts (``_merge_runs``; none for an untrusted tile). One program's share: query tile ``t`` of
+    ``bm`` = batch * Hm + mask head."""
     b = bm // Hm
     tile_dom = tl.load(QDom + b * Sq + t * BLOCK_M)
     rows_dom = tl.load(QDom + b * Sq + t * BLOCK_M + tl.arange(0, BLOCK_M))
@@ -266,6 +279,55 @@ def _trust_kernel(
     tl.store(Trust + lrow * 2, n_fast)
     if MERGE:
         _merge_runs(Merged + lrow * (1 + 3 * (RF + RP)), RF + RP, FS, FE, n_fast, PS, PE, n_part_fast)
+
+
+@triton.jit
+def _kv_checks_kernel(
+    K, V, Kp, Vp, KTok, skb, skh, skn, svb, svh, svn, Hkv, NK, R,
+    Trust, Merged, QDom, KDom, KIdx, FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd,
+    Sq, Sk, Tq, RF, RP, Hm, BHm,
+    REL: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_FULL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """The forward's two preparations in one launch (one launch less of host time): programs
+    [0, Tq * BHm) are ``_query_trust`` with merged runs (BHm = batch * Hm), the rest move K and V
+    into slot order (``permute._gather_rows``, R programs per (batch, KV head))."""
+    pid = tl.program_id(0)
+    if pid < Tq * BHm:
+        _query_trust(pid % Tq, pid // Tq, Trust, Merged, QDom, KDom, KIdx, FullRuns, FullStart, FullEnd, PartRuns,
+                     PartStart, PartEnd, Sq, Sk, Tq, RF, RP, Hm, REL, DP, BLOCK_M, BLOCK_N, CHECK_FULL, True)
+    else:
+        g = pid - Tq * BHm
+        _gather_rows(g // R, g % R, K, Kp, KTok, skb, skh, skn, Hkv, Sk, NK, V, Vp, svb, svh, svn, HEAD_DIM, BLOCK_R,
+                     True)
+
+
+def launch_kv_checks(k, v, qs, ks, runs, tables, *, block_m, block_n, check_full):
+    """K and V [B, Hkv, N, D] in slot order (``permute.gather_rows(k, ks.tok, v)``) and the forward's
+    table check with merged runs (``launch_query_trust(..., merge=True)``), from one launch:
+    (kp, vp, trust, merged)."""
+    full, part = runs
+    b, hm, tq = full.num.shape
+    rf, rp = full.start.shape[-1], part.start.shape[-1]
+    hkv, n, d = k.shape[1], k.shape[2], k.shape[3]
+    s = ks.size
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or v.shape != k.shape or v.dtype != k.dtype:
+        raise ValueError(f"launch_kv_checks: k {tuple(k.shape)} and v {tuple(v.shape)} must match, last dim contiguous")
+    dev = full.num.device
+    kp = torch.empty(b, hkv, s, d, dtype=k.dtype, device=k.device)
+    vp = torch.empty_like(kp)
+    trust = torch.empty(b * hm * tq, 2, dtype=torch.int32, device=dev)
+    merged = torch.empty(b * hm * tq, 1 + 3 * (rf + rp), dtype=torch.int32, device=dev)
+    block_r = gather_block_rows(d)
+    r = triton.cdiv(s, block_r)
+    _kv_checks_kernel[(tq * b * hm + b * hkv * r,)](
+        k, v, kp, vp, ks.tok, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), hkv, n, r,
+        trust, merged, qs.dom, ks.dom, ks.idx, full.num, full.start, full.end, part.num, part.start, part.end,
+        qs.size, s, tq, rf, rp, hm, b * hm,
+        REL=tables.rel_bits, DP=tables.dp, BLOCK_M=block_m, BLOCK_N=block_n, CHECK_FULL=check_full,
+        HEAD_DIM=d, BLOCK_R=block_r, num_warps=4, num_stages=1,
+    )
+    return kp, vp, trust, merged
 
 
 def launch_query_trust(qs, ks, runs, tables, *, block_m, block_n, check_full, merge=False):
@@ -442,12 +504,13 @@ def _group_for_kv(hq: int, hkv: int, sk: int, d: int, kv: torch.Tensor, want: in
 
 def launch_forward(
     q, k, v, qs, ks, runs, order, tables, scale, *, block_m, block_n, num_warps, num_stages,
-    check_full=True, use_tma=False, warp_specialize=False, out=None, kv_slots=None, gluon=True, head_group=0,
+    check_full=True, use_tma=False, warp_specialize=False, out=None, keep_kv=False, gluon=True, head_group=0,
 ):
     """Run ``_fwd_kernel`` on the caller's q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (last dims contiguous).
 
-    ``runs`` = (full, partial) ``plan.Runs``. ``kv_slots``: k and v already in slot order
-    (``permute.gather_rows(k, ks.tok, v)``), when the caller keeps them; otherwise copied here.
+    ``runs`` = (full, partial) ``plan.Runs``. K and V are copied into slot order in the launch that
+    checks the tables (``launch_kv_checks``); ``keep_kv``: those copies [B, Hkv, Sk, D] are returned
+    too, as a third item (kp, vp), for a caller that keeps them (the backward reads them).
     ``gluon``: on an sm_90 GPU, run the warp-specialised Gluon kernel (``forward_sm90``) where it
     supports the call, with that many 64-key tiles per step (1 or 2; 0 or False: never); same
     tables, same results contract.
@@ -455,8 +518,6 @@ def launch_forward(
     group of the launch (0: ``pick_head_group`` picks by the L2 cache).
     Returns (out [B, Hq, Nq, D] in q's order, lse2 [B, Hq, Sq] in log2 units, slot order).
     """
-    from .permute import gather_rows
-
     b, hq, nq, d = q.shape
     hkv, sk = k.shape[1], ks.size
     full, part = runs
@@ -464,17 +525,17 @@ def launch_forward(
     if out is None:
         out = torch.empty_like(q)
     lse2 = torch.empty(b, hq, qs.size, dtype=torch.float32, device=q.device)
-    kp, vp = kv_slots if kv_slots is not None else gather_rows(k, ks.tok, v)
-    kp, vp = kp.view(b * hkv * sk, d), vp.view(b * hkv * sk, d)
+    kv_slots = launch_kv_checks(k, v, qs, ks, runs, tables, block_m=block_m, block_n=block_n, check_full=check_full)
+    kp, vp = kv_slots[0].view(b * hkv * sk, d), kv_slots[1].view(b * hkv * sk, d)
+    trust, merged = kv_slots[2:]
+    done = (out, lse2, kv_slots[:2]) if keep_kv else (out, lse2)
     hg = _group_for_kv(hq, hkv, sk, d, kp, head_group)
-    trust, merged = launch_query_trust(qs, ks, runs, tables, block_m=block_m, block_n=block_n,
-                                       check_full=check_full, merge=True)
     if gluon and _sm90(q, block_m=block_m, block_n=block_n, use_tma=use_tma):
         from .forward_sm90 import launch_forward_sm90
 
         launch_forward_sm90(q, kp, vp, out, lse2, qs, ks, runs, order, trust, merged, tables, scale * LOG2E,
                             per=int(gluon), head_group=hg)
-        return out, lse2
+        return done
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -497,7 +558,7 @@ def launch_forward(
         PREC=dot_precision(q), USE_TMA=use_tma, WARP_SPEC=warp_specialize,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return out, lse2
+    return done
 
 
 def forward_reference(q, k, v, qs, ks, tables, scale):

@@ -22,8 +22,16 @@ def _gather_rows_kernel(
     BLOCK_R: tl.constexpr,
     PAIR: tl.constexpr = False,
 ):
-    pid_bh = tl.program_id(0)
-    pid_r = tl.program_id(1)
+    _gather_rows(tl.program_id(0), tl.program_id(1), X, Y, Src, sxb, sxh, sxn, H, S, N, X2, Y2, s2b, s2h, s2n,
+                 HEAD_DIM, BLOCK_R, PAIR)
+
+
+@triton.jit
+def _gather_rows(
+    pid_bh, pid_r, X, Y, Src, sxb, sxh, sxn, H, S, N, X2, Y2, s2b, s2h, s2n,
+    HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, PAIR: tl.constexpr,
+):
+    """One program's share of ``_gather_rows_kernel``: rows [pid_r * BLOCK_R, ...) of (batch, head) ``pid_bh``."""
     b = pid_bh // H
     h = pid_bh % H
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -48,6 +56,11 @@ def _gather_rows_kernel(
         tl.store(Y2 + y_off, x2, mask=in_range[:, None])
 
 
+def gather_block_rows(head_dim: int) -> int:
+    """Rows per program of a gather."""
+    return 64 if head_dim <= 64 else 32
+
+
 def gather_rows(x: torch.Tensor, src: torch.Tensor, x2: torch.Tensor | None = None):
     """x [B, H, N, D] (last dim contiguous), src int32 [B, S] → contiguous [B, H, S, D].
 
@@ -67,7 +80,7 @@ def gather_rows(x: torch.Tensor, src: torch.Tensor, x2: torch.Tensor | None = No
     else:
         x2, y2 = x, y
     if b * h * s:
-        block_r = 64 if d <= 64 else 32
+        block_r = gather_block_rows(d)
         grid = (b * h, triton.cdiv(s, block_r))
         _gather_rows_kernel[grid](
             x, y, src, x.stride(0), x.stride(1), x.stride(2), h, s, n,

@@ -404,7 +404,7 @@ def test_table_checks_trust_exactly_the_tiles_they_should(compiled, check_full):
     domain, in one batch row only. Every tile of both batch rows must match, and the forgeries must
     take trust away from some tiles (else they would test nothing)."""
     from domainguard.attention import GuardedAttention, KernelConfig
-    from domainguard.kernels.backward import launch_key_trust
+    from domainguard.kernels.backward import launch_backward_checks, launch_key_trust
     from domainguard.kernels.forward import launch_query_trust
 
     bm = bn = 16
@@ -422,6 +422,11 @@ def test_table_checks_trust_exactly_the_tiles_they_should(compiled, check_full):
         want_k = _key_trust_expected(qs, ks, plan.runs_t, tables, bm, bkt, check_full)
         assert torch.equal(got_q.cpu().view_as(want_q), want_q)
         assert torch.equal(got_k.cpu().view_as(want_k), want_k)
+        # The backward's single launch of both checks gives the same answers.
+        fused_k, fused_q = launch_backward_checks(qs, ks, plan.runs, plan.runs_t, tables, block_m=bm, block_n=bn,
+                                                  block_kt=bkt, check_full=check_full)
+        assert torch.equal(fused_q.cpu().view_as(want_q), want_q)
+        assert torch.equal(fused_k.cpu().view_as(want_k), want_k)
         return want_q, want_k
 
     honest_q, honest_k = both(plan.qs, plan.ks)
@@ -478,9 +483,10 @@ def test_merged_runs_cover_each_trusted_tile_once_with_its_kind(compiled, check_
     from dataclasses import replace
 
     from domainguard.attention import GuardedAttention, KernelConfig
-    from domainguard.kernels.forward import launch_query_trust
+    from domainguard.kernels.forward import launch_kv_checks, launch_query_trust
 
     bm = bn = 16
+    gen_kv = torch.Generator().manual_seed(17)
     cfg = KernelConfig(block_m=bm, block_n=bn, num_warps=4, num_stages=1, use_tma=False)
     guard = GuardedAttention(compiled, cfg)
     tables = guard.tables(0)
@@ -493,6 +499,16 @@ def test_merged_runs_cover_each_trusted_tile_once_with_its_kind(compiled, check_
         trust, merged = launch_query_trust(qs, ks, runs, tables, block_m=bm, block_n=bn, check_full=check_full,
                                            merge=True)
         assert torch.equal(trust.cpu(), trust_only.cpu())
+        # The forward's single launch (K/V into slot order beside the check) gives the same tables
+        # and the same copies as the two launches it replaces.
+        k, v = (torch.randn(qs.tok.shape[0], 2, 90, 64, generator=gen_kv).to(DEV) for _ in range(2))
+        kp, vp, trust_kv, merged_kv = launch_kv_checks(k, v, qs, ks, runs, tables, block_m=bm, block_n=bn,
+                                                       check_full=check_full)
+        assert torch.equal(trust_kv.cpu(), trust.cpu())
+        # (a merged row is written up to its count only: compared by what it covers)
+        got_kv, got = (_merged_cover(m, runs[0].num.shape, cols) for m in (merged_kv, merged))
+        assert torch.equal(got_kv[0], got[0]) and torch.equal(got_kv[1], got[1]) and got_kv[2] == got[2]
+        assert torch.equal(kp, gather_rows(k, ks.tok)) and torch.equal(vp, gather_rows(v, ks.tok))
         want = _query_trust_expected(qs, ks, runs, tables, bm, bn, check_full)
         assert torch.equal(trust.cpu().view_as(want), want)
         got_full, got_part, both = _merged_cover(merged, runs[0].num.shape, cols)
