@@ -416,7 +416,10 @@ def _guarded_forward(self, input_ids=None, *, domain_ids=None, **kwargs):
     if tokens is None:
         raise ModelError("pass input_ids or inputs_embeds", code="DG503")
     n_new = tokens.shape[1]
-    total = _past_length(kwargs.get("past_key_values")) + n_new
+    # transformers >= 5.24 passes the KV cache to the model as ``cache``; earlier versions as
+    # ``past_key_values``.
+    past = kwargs.get("past_key_values")
+    total = _past_length(past if past is not None else kwargs.get("cache")) + n_new
     if isinstance(domain_ids, torch.Tensor):
         domain_ids = domain_ids.to(tokens.device)
     layout = _step_layout(state, domain_ids, total, kwargs.get("attention_mask"))
