@@ -10,14 +10,14 @@ Exactness mirrors the forward: probabilities and dS of masked pairs are selected
 exactly 0 (a NaN in an unreadable key's V reaches only its own column of dP, which the
 select drops); in the dq kernel K rows the query tile may not read are replaced by zeros
 before dS @ K unless the table check run on the same tables just before it
-(``forward._trust_kernel``) has read the key domain of every tile the run tables list and
+(``forward._query_trust``) has read the key domain of every tile the run tables list and
 found it readable, and every slot of every PARTIAL tile listed and found it of its tile's
 domain or padding (then every key is readable or a zero padding row: for FULL tiles because
 check_plan has found key tiles domain-pure, for PARTIAL ones by that reading, and those mask
 padding by its index alone), and a query tile whose rows are not all of its first row's
 domain runs masked with the foreign rows reading nothing. The dk/dv kernel mirrors this from
 the key side: its key block runs a FULL query tile unmasked only if the block's keys are all
-of one domain and (with the table check on, ``check_full``) ``_key_trust_kernel``, run just
+of one domain and (with the table check on, ``check_full``) ``_key_trust``, run just
 before it, has read every row's domain of every query tile the key-major tables list, found
 each tile domain-pure and, for FULL tiles, its domain allowed to read the key tile; a PARTIAL
 run skips the row select only if that check found its query tiles all pure (readability is
@@ -74,7 +74,7 @@ def _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qsl
             q_rank = q_idx
         # Relation of the query tile's domain (``readable``); rows of another domain (never in a
         # checked plan) read nothing. Without ``SELECT_Q`` the kernel has found every row of the
-        # tile of its domain (``_key_trust_kernel``), so no row's domain is loaded again.
+        # tile of its domain (``_key_trust``), so no row's domain is loaded again.
         if SELECT_Q:
             row_ok = tl.load(QDom + qslot0 + rows) == q_tile_dom
             q = tl.where(row_ok[:, None], q, 0.0)
@@ -150,7 +150,7 @@ def _dkdv_kernel(
         PE = PartEnd + lrow * RP
         n_full = tl.load(FullRuns + lrow)
         n_part = tl.load(PartRuns + lrow)
-        # What these run tables may be trusted with (``_key_trust_kernel``, run on them just before).
+        # What these run tables may be trusted with (``_key_trust``, run on them just before).
         n_fast = tl.where(key_pure & (tl.load(Trust + lrow * 2) != 0), n_full, 0)
         n_part_fast = tl.where(tl.load(Trust + lrow * 2 + 1) != 0, n_part, 0)
         for r in range(n_fast):
@@ -306,7 +306,7 @@ def _dq_step(dq, q, do, lse2, delta, Kp, Vp, Kd, Vd, kv_off, kv_row0, KDom, KIdx
         k = tl.load(Kp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
         v = tl.load(Vp + kv_off + cols[:, None] * HEAD_DIM + d[None, :])
     if MASKED:
-        # BY_INDEX: slots checked (``forward._trust_kernel``), keys of a readable domain or padding (index < 0)
+        # BY_INDEX: slots checked (``forward._query_trust``), keys of a readable domain or padding (index < 0)
         readable, k_idx, k_rank = _key_attrs(KDom, KIdx, KRank, kslot0 + col0, tile_dom, REL, DP, SUB_N, HAS_PAT,
                                              BY_INDEX)
         if SELECT_K:
@@ -388,7 +388,7 @@ def _dq_kernel(
     n_full = tl.load(FullRuns + lrow)
     n_part = tl.load(PartRuns + lrow)
     # As in the forward: the run tables are followed only for a pure tile whose listed key
-    # domains the frozen relation lets it read (``forward._trust_kernel``, run just before).
+    # domains the frozen relation lets it read (``forward._query_trust``, run just before).
     n_fast = tl.load(Trust + lrow * 2)
     n_part_fast = tl.load(Trust + lrow * 2 + 1)
     for r in range(n_fast):
@@ -461,8 +461,9 @@ def launch_backward(
     dkdv_cfg / dq_cfg: dicts with SUB_N, SUB_M, num_warps, num_stages.
     ``dq_tma``: the dq kernel reads K/V rows through tensor descriptors (on an H100 4-9% faster than
     pointer loads in bf16; the dk/dv kernel reading Q/dO that way was 23-32% slower, so it does not).
-    ``concurrent``: the dq kernel (and its table check) runs on a side stream beside dk/dv (the two
-    read the same inputs and write different outputs); the caller's stream waits for it.
+    ``concurrent``: the dq kernel runs on a side stream beside dk/dv (the two read the same inputs
+    and write different outputs), after both table checks (one launch on the caller's stream); the
+    caller's stream waits for it.
     ``order`` / ``order_t``: query / key tiles (of ``runs`` / ``runs_t``) in launch order
     (``plan.launch_order``); ``head_group``: heads per group of each launch (0: by the L2 cache).
     """

@@ -7,7 +7,7 @@ gather rows); Q is gathered and O scattered in the kernel, so the caller's tenso
 their order. For each query tile the kernel walks its FULL key tiles (no element mask:
 every pair allowed) and its PARTIAL key tiles (relation, causal and pattern mask from the
 frozen constants), a FULL run and the PARTIAL run that starts where it ends as one pipelined
-loop (merged by ``_trust_kernel`` from the runs it has checked). EMPTY tiles are never touched.
+loop (merged by ``_query_trust`` from the runs it has checked). EMPTY tiles are never touched.
 
 What is checked on the GPU, whatever the plan says: a query tile whose rows are not all of
 its first row's domain runs every tile masked, and rows of another domain read nothing; before
@@ -404,7 +404,7 @@ def _fwd_kernel(
     n_full = tl.load(FullRuns + lrow)
     n_part = tl.load(PartRuns + lrow)
     # Whatever the run tables say, they are followed only for a pure tile whose listed key
-    # domains the frozen relation lets it read (``_trust_kernel``, run on these tables just
+    # domains the frozen relation lets it read (``_query_trust``, run on these tables just
     # before); otherwise every tile runs masked, V selected.
     n_fast = tl.load(Trust + lrow * 2)
     n_part_fast = tl.load(Trust + lrow * 2 + 1)
@@ -525,10 +525,10 @@ def launch_forward(
     if out is None:
         out = torch.empty_like(q)
     lse2 = torch.empty(b, hq, qs.size, dtype=torch.float32, device=q.device)
-    kv_slots = launch_kv_checks(k, v, qs, ks, runs, tables, block_m=block_m, block_n=block_n, check_full=check_full)
-    kp, vp = kv_slots[0].view(b * hkv * sk, d), kv_slots[1].view(b * hkv * sk, d)
-    trust, merged = kv_slots[2:]
-    done = (out, lse2, kv_slots[:2]) if keep_kv else (out, lse2)
+    k_slots, v_slots, trust, merged = launch_kv_checks(k, v, qs, ks, runs, tables, block_m=block_m, block_n=block_n,
+                                                       check_full=check_full)
+    kp, vp = k_slots.view(b * hkv * sk, d), v_slots.view(b * hkv * sk, d)
+    done = (out, lse2, (k_slots, v_slots)) if keep_kv else (out, lse2)
     hg = _group_for_kv(hq, hkv, sk, d, kp, head_group)
     if gluon and _sm90(q, block_m=block_m, block_n=block_n, use_tma=use_tma):
         from .forward_sm90 import launch_forward_sm90

@@ -4,7 +4,7 @@ Same contract, inputs and outputs as ``forward._fwd_kernel`` (read its docstring
 how the trusted runs are walked differs. Each 128-query tile is one program of three parts:
 
 * a loader warp issues TMA loads of the K and V tiles of the tile's trusted runs (the runs
-  ``_trust_kernel`` merged from the runs it checked, and nothing else) into a ring of shared
+  ``forward._query_trust`` merged from the runs it checked, and nothing else) into a ring of shared
   memory slots, each guarded by a "ready" and a "free" mbarrier;
 * two consumer warpgroups, 64 query rows each, walk the same tiles: ``Q Kᵀ`` of a tile is issued
   before the previous tile's ``P V`` and waited for first, so the softmax of one tile runs while
@@ -21,6 +21,8 @@ default tile sizes; everything else, and the CPU interpreter, runs the Triton ke
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from triton.experimental import gluon
@@ -348,28 +350,18 @@ def _fwd_sm90_kernel(
 _GL_DTYPE = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
-_ZEROS: dict = {}
+@functools.lru_cache(maxsize=None)
+def _smem_layout(rows: int, head_dim: int, dtype: torch.dtype):
+    """The shared-memory layout of a [rows, head_dim] tile of ``dtype`` (made once per shape and dtype)."""
+    return gl.NVMMASharedLayout.get_default_for([rows, head_dim], _GL_DTYPE[dtype])
 
 
-def _zero_tile(like: torch.Tensor, rows: int):
-    """A [rows, D] tile of zeros on ``like``'s device and dtype (what a run's odd last tile is paired
-    with), and its tensor descriptor; both made once per (device, dtype, D, rows) and kept."""
-    key = (like.device, like.dtype, like.shape[-1], rows)
-    if key not in _ZEROS:
-        zeros = torch.zeros(rows, like.shape[-1], dtype=like.dtype, device=like.device)
-        _ZEROS[key] = (zeros, TensorDescriptor.from_tensor(zeros, [rows, like.shape[-1]], _smem_layout(rows, like)))
-    return _ZEROS[key]
-
-
-_LAYOUTS: dict = {}
-
-
-def _smem_layout(rows: int, like: torch.Tensor):
-    """The shared-memory layout of a [rows, D] tile of ``like``'s dtype (made once per shape and dtype)."""
-    key = (rows, like.shape[-1], like.dtype)
-    if key not in _LAYOUTS:
-        _LAYOUTS[key] = gl.NVMMASharedLayout.get_default_for([rows, like.shape[-1]], _GL_DTYPE[like.dtype])
-    return _LAYOUTS[key]
+@functools.lru_cache(maxsize=None)
+def _zero_tile(device: torch.device, dtype: torch.dtype, head_dim: int, rows: int) -> TensorDescriptor:
+    """The tensor descriptor of a [rows, head_dim] tile of zeros (what a run's odd last tile is paired
+    with); made once per device, dtype and shape and kept (the descriptor keeps its tensor alive)."""
+    zeros = torch.zeros(rows, head_dim, dtype=dtype, device=device)
+    return TensorDescriptor.from_tensor(zeros, [rows, head_dim], _smem_layout(rows, head_dim, dtype))
 
 
 def launch_forward_sm90(q, kp, vp, out, lse2, qs, ks, runs, order, trust, merged, tables, qk_scale, *, per=2,
@@ -384,10 +376,10 @@ def launch_forward_sm90(q, kp, vp, out, lse2, qs, ks, runs, order, trust, merged
     full, part = runs
     hm, tq = full.num.shape[1], full.num.shape[2]
     block_n = 64
-    lay = _smem_layout(block_n, kp)
+    lay = _smem_layout(block_n, d, kp.dtype)
     kd = TensorDescriptor.from_tensor(kp, [block_n, d], lay)
     vd = TensorDescriptor.from_tensor(vp, [block_n, d], lay)
-    zd = _zero_tile(kp, block_n)[1]
+    zd = _zero_tile(kp.device, kp.dtype, d, block_n)
     if hq % head_group:
         raise ValueError(f"head_group {head_group} does not divide {hq} heads")
     _fwd_sm90_kernel[(tq * hq, b)](
