@@ -5,6 +5,7 @@
     python benchmarks/attention.py --sizes 32768 --window 4096          # policies with a sliding window
     python benchmarks/attention.py --sizes 8192 --graph                 # forwards replayed from CUDA graphs
     python benchmarks/attention.py --sizes 8192 --host                  # host time of each eager call
+    python benchmarks/attention.py --power-log smi.csv                  # also SM clock / power cap per contender
 
 Layouts: 8 domains in random segments (geometric lengths, mean 1000 or 64 tokens),
 each segment's domain drawn uniformly; policies where each domain reads 1 or 3 other
@@ -97,13 +98,16 @@ def bench(fn, reps: int = REPS) -> float:
     return float(do_bench(fn, warmup=max(50.0, 2 * est), rep=max(100.0, reps * est), return_mode="median"))
 
 
-def bench_group(fns: dict, reps: int = REPS, rounds: int = ROUNDS, warmup_ms: float = 25.0) -> tuple[dict, dict]:
+def bench_group(fns: dict, reps: int = REPS, rounds: int = ROUNDS, warmup_ms: float = 25.0,
+                window=None) -> tuple[dict, dict]:
     """Time several contenders against each other: ``rounds`` turns each, in alternating order; each
     turn first calls its contender untimed for ``warmup_ms`` (at least once), then times it (CUDA
     events, a 256 MiB L2 flush before each call, as do_bench does), ``reps`` runs per contender at
     least and 100 ms of runs at least. Returns (median ms, {quartiles, per-turn medians}) per name.
     Taking turns keeps a drift of the GPU's clocks over a long run from favouring whichever
-    contender was timed first."""
+    contender was timed first. ``window(name)``: a context manager around each turn's timed calls
+    (``gpu_power.PowerLog.window``)."""
+    import contextlib
     import statistics
 
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
@@ -121,12 +125,13 @@ def bench_group(fns: dict, reps: int = REPS, rounds: int = ROUNDS, warmup_ms: fl
                 fn()
             events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                       for _ in range(count[name])]
-            for start, end in events:
-                flush.zero_()
-                start.record()
-                fn()
-                end.record()
-            torch.cuda.synchronize()
+            with window(name) if window else contextlib.nullcontext():
+                for start, end in events:
+                    flush.zero_()
+                    start.record()
+                    fn()
+                    end.record()
+                torch.cuda.synchronize()
             got = [a.elapsed_time(b) for a, b in events]
             samples[name] += got
             turns[name].append(round(statistics.median(got), 4))
@@ -221,6 +226,9 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="per-kernel GPU time of one forward+backward instead")
     ap.add_argument("--host", action="store_true",
                     help="host time of each contender's eager call (enqueue only, GPU drained between calls) instead")
+    ap.add_argument("--power-log", default=None, metavar="CSV",
+                    help="sample nvidia-smi (SM clock, power, clock-limit reasons) into CSV while timing, and add "
+                         "each contender's median clock and power-capped share to its row")
     ap.add_argument("--graph", action="store_true",
                     help="every contender's forward captured in a CUDA graph and replayed (no host cost); implies "
                          "--no-backward")
@@ -231,6 +239,13 @@ def main(argv=None) -> int:
     HEAD_DIM = args.head_dim
     dtype = getattr(torch, args.dtype)
     dev = torch.device("cuda")
+    power = None
+    if args.power_log:
+        from gpu_power import PowerLog
+
+        power = PowerLog.start(args.power_log)
+        if power is None:
+            print("--power-log: nvidia-smi not found; no power samples", file=sys.stderr)
     warm_up(dev)
     torch.manual_seed(0)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -314,8 +329,10 @@ def main(argv=None) -> int:
                     row["max_abs_diff_vs_flex"] = err
                     fwd_fns["flex"], fb_fns["flex"] = g(f_f), f_fb
                 fwd_fns["sdpa_causal"], fb_fns["sdpa_causal"] = g(s_f), s_fb
-                med_f, spread_f = bench_group(fwd_fns)
-                med_fb, spread_fb = bench_group(fb_fns) if not args.no_backward else ({}, {})
+                label = (n, seg, r)
+                win = (lambda phase: (lambda who: power.window(label, phase, who))) if power else (lambda phase: None)
+                med_f, spread_f = bench_group(fwd_fns, window=win("fwd"))
+                med_fb, spread_fb = bench_group(fb_fns, window=win("fwdbwd")) if not args.no_backward else ({}, {})
                 for who in fwd_fns:
                     row[who] = {"fwd": med_f[who], "fwdbwd": med_fb.get(who)}
                     row[f"{who}_spread"] = {"fwd": spread_f[who], "fwdbwd": spread_fb.get(who)}
@@ -338,6 +355,12 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 torch.cuda.empty_cache()
+    if power is not None:
+        power.stop()
+        info["power_log"] = args.power_log
+        for (label, phase, who), summary in power.summaries().items():
+            row = next(x for x in rows if (x["N"], x["segment"], x["reads"]) == label)
+            row.setdefault("power", {}).setdefault(phase, {})[who] = summary
     if args.profile:
         info["kernels"] = kernel_resources()
         print(json.dumps(info["kernels"]), flush=True)
@@ -540,6 +563,17 @@ def print_table(info, rows):
             f"{_fmt(ot['fwd'] / st['fwd'] if st['fwd'] else None)} | {_fmt(sm_f) if sm_f else 'skip'} | {_fmt(o.get('fwdbwd'))} | "
             f"{_fmt(ot.get('fwdbwd'),0)} | {_fmt(fl.get('fwdbwd'))} | {_fmt(vsb)}× | {_fmt(sd.get('fwdbwd'))} |"
         )
+    powered = [r for r in rows if "power" in r]
+    if powered:
+        who = ("ours", "flex", "sdpa_causal")
+        print("\nSM clock (median MHz) and share of nvidia-smi samples with the power cap active, per contender's turns:")
+        print("| N | seg | reads | phase | " + " | ".join(who) + " |")
+        print("|" + "---|" * (4 + len(who)))
+        for r in powered:
+            for phase, by in r["power"].items():
+                cells = [f"{by[w]['sm_mhz']:.0f} MHz, {100 * by[w]['power_capped']:.0f}%" if by.get(w, {}).get("samples")
+                         else "—" for w in who]
+                print(f"| {r['N']//1024}K | {r['segment']} | {r['reads']} | {phase} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
