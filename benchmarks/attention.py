@@ -18,6 +18,7 @@ Effective TFLOP/s count allowed (query, key) pairs only: 4·D·H per pair forwar
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -329,8 +330,7 @@ def main(argv=None) -> int:
                     row["max_abs_diff_vs_flex"] = err
                     fwd_fns["flex"], fb_fns["flex"] = g(f_f), f_fb
                 fwd_fns["sdpa_causal"], fb_fns["sdpa_causal"] = g(s_f), s_fb
-                label = (n, seg, r)
-                win = (lambda phase: (lambda who: power.window(label, phase, who))) if power else (lambda phase: None)
+                win = (lambda phase: functools.partial(power.window, (n, seg, r), phase)) if power else (lambda phase: None)
                 med_f, spread_f = bench_group(fwd_fns, window=win("fwd"))
                 med_fb, spread_fb = bench_group(fb_fns, window=win("fwdbwd")) if not args.no_backward else ({}, {})
                 for who in fwd_fns:

@@ -94,9 +94,6 @@ class PowerLog:
                 self._proc.kill()
         self._proc = None
 
-    def __del__(self):
-        self.stop()
-
     def samples(self) -> list[dict]:
         with open(self.path) as fh:
             return [s for s in map(parse_line, fh) if s is not None]
