@@ -99,6 +99,12 @@ def bench(fn, reps: int = REPS) -> float:
     return float(do_bench(fn, warmup=max(50.0, 2 * est), rep=max(100.0, reps * est), return_mode="median"))
 
 
+def turn_order(names, turn: int) -> list:
+    """The order in which contenders take turn ``turn``: as given on even turns, reversed on odd
+    ones, so none is always timed first (or always right after the same one)."""
+    return list(names) if turn % 2 == 0 else list(reversed(names))
+
+
 def bench_group(fns: dict, reps: int = REPS, rounds: int = ROUNDS, warmup_ms: float = 25.0,
                 window=None) -> tuple[dict, dict]:
     """Time several contenders against each other: ``rounds`` turns each, in alternating order; each
@@ -120,7 +126,7 @@ def bench_group(fns: dict, reps: int = REPS, rounds: int = ROUNDS, warmup_ms: fl
     samples = {name: [] for name in fns}
     turns = {name: [] for name in fns}
     for turn in range(rounds):
-        for name in list(fns) if turn % 2 == 0 else list(reversed(fns)):
+        for name in turn_order(fns, turn):
             fn = fns[name]
             for _ in range(warm[name]):
                 fn()
@@ -544,7 +550,7 @@ def time_configs(guard, layout, q, k, v, pairs, names=tuple(SWEEP), totals=False
             print(json.dumps({name: out[name]}), flush=True)
     per_round = {name: {} for name in ready}
     for turn in range(rounds):
-        for name in list(ready) if turn % 2 == 0 else list(reversed(ready)):
+        for name in turn_order(ready, turn):
             g, plan = ready[name]
             for kk, vv in profile_kernels(g, plan, q, k, v, layout, do, iters=3, totals=False).items():
                 if kk.startswith("_"):
