@@ -128,7 +128,11 @@ def _depth(policy: Policy, num_layers: int | None) -> tuple[int, bool]:
             raise _policy_error(policy, f"num_layers must be at most {MAX_LAYERS}, got {policy.num_layers}",
                                 ("num_layers",), "DG107", "Give the model's number of transformer layers.")
         return policy.num_layers, True
-    # No depth named: tables cover every layer the policy mentions; verdicts are for any depth.
+    # No depth named: verdicts are for a model of any depth. The tables cover every layer the
+    # policy's overrides name and one layer more, without overrides: it stands for every layer
+    # a deeper model has beyond them, where the base reads (and profile) apply. Without it, a
+    # reader whose base entry every named layer overrides would leave that entry out of the
+    # any-depth closure and of the profile proofs, though every deeper layer uses it.
     top = 0
     for i, ov in enumerate(policy.layers):
         try:
@@ -139,7 +143,7 @@ def _depth(policy: Policy, num_layers: int | None) -> tuple[int, bool]:
         if top > MAX_LAYERS:
             raise _policy_error(policy, f"layer range {ov.layers!r} goes past layer {MAX_LAYERS - 1}",
                                 ("layers", i, "layers"), "DG107", f"Use layers within 0-{MAX_LAYERS - 1}.")
-    return max(top, 1), False
+    return top + 1, False
 
 
 def resolve(policy: Policy, num_layers: int | None = None, profile: str | None = None, source: str | None = None) -> FlowSpec:
@@ -161,7 +165,11 @@ def resolve(policy: Policy, num_layers: int | None = None, profile: str | None =
     # Which overrides cover each layer; two covering one layer may not name the same reader.
     covering: list[list[int]] = [[] for _ in range(L)]
     for i, ov in enumerate(policy.layers):
-        rng = parse_layer_range(ov.layers, L)
+        try:
+            rng = parse_layer_range(ov.layers, L)
+        except ValueError as exc:
+            raise _policy_error(policy, f"{exc} (the model has layers 0..{L - 1})", ("layers", i, "layers"), "DG107",
+                                f"Use layers within 0-{L - 1} or pass the right --layers.") from None
         if rng.stop > L:
             raise _policy_error(policy, f"layer range {ov.layers!r} lies outside the model's layers 0..{L - 1}",
                                 ("layers", i, "layers"), "DG107", f"Use layers within 0-{L - 1} or pass the right --layers.")

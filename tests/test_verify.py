@@ -1,6 +1,7 @@
 """Verifier: witnesses on hand-made cases, and a brute-force token-level simulation in both directions."""
 
 import numpy as np
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -171,3 +172,68 @@ def test_verifier_matches_token_level_simulation(pl, data):
                 if y.via == "attention":
                     assert compiled.relations[y.level - 1, compiled.id_of(y.domain), compiled.id_of(x.domain)]
                     assert y.level > x.level or x.via == "decode"
+
+
+# --- any depth ------------------------------------------------------------------------------
+LAST_OVERRIDE_HIDES_BASE = {
+    "domainguard": 1, "name": "overrides-then-base",
+    "domains": {"instr": {}, "secret": {}, "answer": {}},
+    "reads": {"answer": ["instr", "secret"]},
+    "layers": [{"layers": "0-1", "reads": {"answer": ["instr"]}}],
+    "forbid": [{"flow": {"from": "secret", "to": "answer"}}],
+}
+
+
+def test_any_depth_counts_the_base_reads_beyond_the_overridden_layers():
+    """Overrides name layers 0-1 only: every deeper layer of a model of unknown depth reads with the base
+    entry, which lets answer read secret. No depth given means any depth, so this must be REFUTED."""
+    for layers in (3, 4, 10):
+        assert dg.verify(_compile(LAST_OVERRIDE_HIDES_BASE, layers=layers)).status is Status.REFUTED
+    v = dg.verify(_compile(LAST_OVERRIDE_HIDES_BASE))
+    assert v.status is Status.REFUTED and v.result("forbid[0]").witness
+    assert explain_flow(_compile(LAST_OVERRIDE_HIDES_BASE), "secret", "answer").status is Status.REFUTED
+    # At a depth the overrides cover entirely, the base entry never applies: PROVED there.
+    assert dg.verify(_compile(LAST_OVERRIDE_HIDES_BASE, layers=2)).status is Status.PROVED
+
+
+def test_a_profile_hidden_by_an_override_is_still_seen_to_widen_at_any_depth():
+    doc = {**LAST_OVERRIDE_HIDES_BASE, "reads": {"answer": ["instr"]},
+           "layers": [{"layers": "0", "reads": {"answer": ["instr"]}}],
+           "profiles": {"public": {"reads": {"answer": ["instr", "secret"]}}}}
+    assert dg.verify(_compile(doc)).result("profile[public]").status is Status.REFUTED
+    assert dg.verify(_compile(doc, profile="public")).status is Status.REFUTED
+
+
+def test_an_open_layer_range_beyond_the_model_is_a_policy_error():
+    doc = {**LAST_OVERRIDE_HIDES_BASE, "layers": [{"layers": "3-", "reads": {"answer": ["instr"]}}]}
+    with pytest.raises(dg.PolicyError) as e:
+        _compile(doc, layers=2)
+    assert e.value.code == "DG107" and e.value.location is not None and e.value.location.line
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(policies(), st.data())
+def test_any_depth_verdict_is_sound_for_every_depth(pl, data):
+    """Without a depth, PROVED must hold at every depth the policy can be compiled for (a deeper model
+    reads with the base entries past the overridden layers), and a profile PROVED to only tighten must
+    tighten at every such depth."""
+    doc, _ = pl
+    names = [n for n in _compile(doc).domains]
+    a, b = data.draw(st.sampled_from(names)), data.draw(st.sampled_from(names))
+    kind = data.draw(st.sampled_from(["flow", "combine"]))
+    rule = {"flow": {"from": a, "to": b}} if kind == "flow" else {"combine": [a, b]}
+    wide = data.draw(st.lists(st.sampled_from(names), max_size=2, unique=True))
+    doc = {**doc, "forbid": [rule], "profiles": {"p": {"reads": {data.draw(st.sampled_from(names)): wide}}}}
+    try:
+        any_depth = dg.verify(_compile(doc), explain=False)
+    except dg.PolicyError:
+        return  # a rule over overlapping subtrees: refused the same way at every depth
+    top = _compile(doc).num_layers
+    for layers in range(top - 1 if top > 1 else 1, top + len(names) + 2):
+        try:
+            at = dg.verify(_compile(doc, layers=layers), explain=False)
+        except dg.PolicyError:
+            continue  # fewer layers than an override names
+        for rid in ("forbid[0]", "profile[p]"):
+            if any_depth.result(rid).status is Status.PROVED:
+                assert at.result(rid).status is Status.PROVED, (doc, rid, layers)
