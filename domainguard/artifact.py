@@ -91,6 +91,33 @@ def table_claims(compiled) -> list[dict]:
     return [prove_patterns_within_policy(compiled), prove_tile_rules_sound(compiled)]
 
 
+def _not_compiled_output(target: Path) -> str | None:
+    """Why ``target`` may not be replaced by a compiled directory (None: absent, empty, or one written by
+    ``write_compiled`` holding nothing else). A certified bundle, or any folder with files of its own, is kept."""
+    if not target.exists():
+        return None
+    if not target.is_dir():
+        return "exists and is not a folder"
+    if not any(target.iterdir()):
+        return None
+    try:
+        cert = json.loads((target / "certificate.json").read_bytes())
+        ours = isinstance(cert, dict) and cert.get("format") == "domainguard-certificate/1"
+    except (OSError, ValueError, RecursionError):
+        ours = False
+    if not ours:
+        return "exists and is not a compiled directory"
+    if (target / "manifest.json").exists() or "bundle" in (cert.get("subject") or {}):
+        return "is a certified bundle"
+    files = cert.get("subject", {}).get("files")
+    known = set(files) if isinstance(files, dict) else set()
+    for p in sorted(target.rglob("*")):
+        rel = p.relative_to(target).as_posix()
+        if p.is_symlink() or (p.is_file() and rel not in known | {"certificate.json", "signature.json"}):
+            return f"holds {rel}, which is not part of a compiled directory"
+    return None
+
+
 def write_compiled(compiled, verdict, target: str | Path, *, key: str | None = None):
     """Write the compiled directory ``target`` (everything lands, or nothing changes); returns (file digests,
     certificate). The certificate adds the kernel digest and translation-validation claims to ``verdict``.
@@ -100,8 +127,9 @@ def write_compiled(compiled, verdict, target: str | Path, *, key: str | None = N
     from .certificate import from_verdict, sha256_file
 
     target = Path(target).resolve()
-    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / "certificate.json").is_file())):
-        raise BundleError(f"{target}: exists and is not a compiled directory; refusing to replace it", code="DG451",
+    foreign = _not_compiled_output(target)
+    if foreign:
+        raise BundleError(f"{target}: {foreign}; refusing to replace it", code="DG451",
                           hint="Choose a new or empty output folder.")
     if key is not None:
         from .signing import load_private_key
@@ -143,12 +171,31 @@ def load_dir(path: Path):
     from .compiled import compile
     from .parse import load_policy, loads_policy
 
+    from .bundle import MANIFEST, _inside, check_bundle_files
+
     path = Path(path)
     cert = Certificate.load(path)
     problems: list[str] = []
-    for name, digest in cert.subject.get("files", {}).items():
+    named = cert.subject.get("files", {})
+    if (path / MANIFEST).exists() or "bundle" in cert.subject:
+        # A bundle: its manifest covers every file (model, report, ...), not only those the certificate names.
+        try:
+            check_bundle_files(path)
+        except BundleError as exc:
+            problems.append(f"{exc.location or path}: {exc.message.split(': ', 1)[-1]}")
+    elif not (path / "signature.json").exists():
+        # (A signed directory's signature lists every file it covers, added ones too: signing checks those.)
+        for p in sorted(path.rglob("*")):
+            rel = p.relative_to(path).as_posix()
+            if p.is_symlink() or not (p.is_file() or p.is_dir()):
+                problems.append(f"{p}: a link or special file has no place in a compiled directory")
+            elif p.is_file() and rel not in named and rel not in ("certificate.json", "signature.json"):
+                problems.append(f"{p}: not part of the certified directory (added after certification)")
+    for name, digest in named.items():
         p = path / name
-        if not p.is_file():
+        if not _inside(name):
+            problems.append(f"{path / 'certificate.json'}: names {name!r}, which is not a path inside the directory")
+        elif not p.is_file() or p.is_symlink():
             problems.append(f"{p}: listed in the certificate but missing")
         elif sha256_file(p) != digest:
             problems.append(f"{p}: contents changed since certification (sha256 mismatch)")
@@ -164,7 +211,7 @@ def load_dir(path: Path):
     compiled = compile(policy, layers=layers if isinstance(layers, int) else None, profile=cert.scope.get("profile"),
                        source=str(src))
     canonical = path / "policy.json"
-    if canonical.is_file() and canonical.read_text(encoding="utf-8") != compiled.canonical_policy + "\n":
+    if canonical.is_file() and canonical.read_bytes() != (compiled.canonical_policy + "\n").encode():
         problems.append(f"{canonical}: not the canonical form of {src.name}")
     if cert.subject.get("policy", {}).get("sha256") not in (None, compiled.policy_digest):
         problems.append(f"{src}: policy digest differs from the certificate's")

@@ -26,7 +26,15 @@ DG442 manifest not canonical, DG443 a file's digest changed, DG444 an extra file
 DG445 a missing file, DG446 a link or special file, DG447 certificate not canonical or
 disagreeing with the manifest, DG448 policy/tables do not match the certificate,
 DG449 weights do not match, DG450 certification refused (verdict not PROVED, audit
-findings or a leak), DG451 refusing to replace a folder that is not a bundle.
+findings or a leak) or a certificate whose verdict does not follow from its claims, or that lacks
+one a bundle must carry, DG451 refusing to replace a folder that is not a bundle, DG452 the
+certified policy does not prove when re-verified, DG453 the installed kernels are not the
+certified ones.
+
+Without a signature (or without ``pubkey``) the checks show that the bundle is consistent,
+not who made it: anyone can write a consistent unsigned bundle. What they cannot do is make
+one load whose policy does not prove, whose tables are not that policy's, whose certificate
+claims less than a certification checks, or whose kernels are not the ones installed here.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ __all__ = [
     "save_certified",
     "load_certified",
     "check_bundle",
+    "check_bundle_files",
     "certify_cli",
     "load_model_dir",
     "plain_model",
@@ -263,7 +272,7 @@ def save_certified(model, path, *, certificate=None, tokenizer=None, key=None, *
         raise BundleError(f"certification refused: {why}", code="DG450",
                           hint="See the certificate's claims; nothing was written.")
     target = Path(path).resolve()
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file())):
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not is_bundle(target))):
         raise _bad(target, "exists and is not a bundle; refusing to replace it", "DG451",
                    hint="Choose a new or empty output folder.")
     try:
@@ -316,29 +325,62 @@ def _manifest_bytes(files: dict[str, str]) -> bytes:
     return _canonical({**body, "sha256": hashlib.sha256(_canonical(body)).hexdigest()})
 
 
+# Files every bundle holds (listed in its manifest); weights are safetensors only (nothing pickled is loaded).
+REQUIRED = ("policy.yaml", "policy.json", "relations.npy", CERTIFICATE, f"{MODEL_DIR}/config.json")
+WEIGHT_DTYPES = ("float32", "float16", "bfloat16")
+# Claims a bundle's certificate must carry besides its policy's own (``verify``), whatever else it holds.
+REQUIRED_CLAIMS = ("graph-audit", "leak-test", "patterns-within-policy", "tile-rules-sound")
+
+
+def load_json(raw: bytes | str):
+    """``json.loads`` that reports input nested too deeply for the parser as a ValueError."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _inside(rel: str) -> bool:
+    """``rel`` is a plain relative POSIX path that stays inside its folder."""
+    parts = rel.split("/")
+    return bool(rel) and not rel.startswith("/") and "\\" not in rel and all(x not in ("", ".", "..") for x in parts)
+
+
 def _read_manifest(root: Path) -> dict[str, str]:
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise _bad(mpath, "missing; not a certified bundle", "DG445")
     raw = mpath.read_bytes()
     try:
-        manifest = json.loads(raw)
+        manifest = load_json(raw)
         listed = manifest["files"]
         if manifest.get("format") != BUNDLE_FORMAT or not isinstance(listed, dict):
             raise ValueError(f"format {manifest.get('format')!r}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
+            raise ValueError("files must map paths to sha256 digests")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise _bad(mpath, f"unreadable manifest ({exc})", "DG441") from None
+    outside = sorted(rel for rel in listed if not _inside(rel))
+    if outside:
+        raise _bad(mpath, f"names a path that is not inside the bundle: {outside[0]!r}", "DG441")
     if _manifest_bytes(listed) != raw:
         raise _bad(mpath, "changed since it was written (not canonical, or its own digest differs)", "DG442")
     return listed
 
 
-def check_bundle(path) -> tuple[object, object]:
-    """Re-check every byte of a bundle; return (certificate, compiled policy). BundleError names the file."""
-    from .certificate import Certificate
-    from .compiled import compile as compile_policy
-    from .parse import loads_policy
+def is_bundle(root: Path) -> bool:
+    """``root`` holds a manifest in this module's format (what ``save_certified`` may replace)."""
+    try:
+        manifest = load_json((Path(root) / MANIFEST).read_bytes())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == BUNDLE_FORMAT
 
+
+def check_bundle_files(path) -> dict[str, str]:
+    """The byte-level checks of a bundle: the manifest is intact, lists exactly the files present
+    (no links or special files, every required file) with their digests, and a signature that is
+    there holds. Returns the manifest's files; BundleError names the first file that fails."""
     root = Path(path)
     if not root.is_dir():
         raise _bad(root, "no such bundle folder", "DG440")
@@ -347,6 +389,9 @@ def check_bundle(path) -> tuple[object, object]:
     for rel in present:
         if rel not in listed and rel not in (MANIFEST, SIGNATURE):
             raise _bad(root / rel, "not part of the certified bundle (added after certification)", "DG444")
+    for rel in REQUIRED:
+        if rel not in listed:
+            raise _bad(root / rel, "not in the manifest; every bundle holds it", "DG445")
     for rel, digest in sorted(listed.items()):
         if rel not in present:
             raise _bad(root / rel, "listed in the manifest but missing", "DG445")
@@ -356,7 +401,41 @@ def check_bundle(path) -> tuple[object, object]:
         from .signing import check_signature_integrity
 
         check_signature_integrity(root)  # a signature that is there must hold (BundleError names the file)
+    return listed
 
+
+def claim_problems(cert, verdict) -> list[str]:
+    """How a bundle's certificate falls short of a certification of its policy: a claim of the
+    re-run ``verdict`` (``verify`` of the bundle's policy) or of ``REQUIRED_CLAIMS`` missing or not
+    PROVED, or the certificate's verdict not what its claims give."""
+    from .certificate import overall
+
+    have = {c.id: c.status for c in cert.claims}
+    problems = []
+    if cert.claims and cert.verdict != overall(cert.claims):
+        problems.append(f"its verdict {cert.verdict} does not follow from its claims ({overall(cert.claims)})")
+    for cid in [r.id for r in verdict.results] + list(REQUIRED_CLAIMS):
+        if cid not in have:
+            problems.append(f"claim {cid!r} is missing")
+        elif have[cid] != "PROVED":
+            problems.append(f"claim {cid!r} is {have[cid]}")
+    return problems
+
+
+def check_bundle(path) -> tuple[object, object]:
+    """Re-check every byte of a bundle and re-prove its policy; return (certificate, compiled policy).
+
+    BundleError names the file: the files (``check_bundle_files``), the certificate (canonical, in
+    agreement with the manifest, verdict PROVED and following from claims that include every one a
+    certification makes), the policy (compiles to the certified digest and tables, and proves again
+    here: ``verify``)."""
+    from .certificate import Certificate
+    from .compiled import compile as compile_policy
+    from .parse import loads_policy
+    from .verify import verify
+
+    root = Path(path)
+    listed = check_bundle_files(root)
     cpath = root / CERTIFICATE
     cert = Certificate.load(cpath)
     if cert.to_json().encode() != cpath.read_bytes():
@@ -368,13 +447,18 @@ def check_bundle(path) -> tuple[object, object]:
         raise _bad(cpath, f"verdict {cert.verdict}; only PROVED bundles load", "DG450")
 
     ppath = root / "policy.yaml"
-    policy = loads_policy(ppath.read_text(encoding="utf-8"), str(ppath))
+    try:
+        text = ppath.read_text(encoding="utf-8")
+        canonical = (root / "policy.json").read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise _bad(ppath, f"not UTF-8 text ({exc})", "DG448") from None
+    policy = loads_policy(text, str(ppath))
     layers = cert.scope.get("layers")
     compiled = compile_policy(policy, layers=layers if isinstance(layers, int) else None,
                               profile=cert.scope.get("profile"), source=str(ppath))
     if compiled.policy_digest != cert.subject.get("policy", {}).get("sha256"):
         raise _bad(ppath, "policy digest differs from the certificate's", "DG448")
-    if (root / "policy.json").read_text(encoding="utf-8") != compiled.canonical_policy + "\n":
+    if canonical != compiled.canonical_policy + "\n":
         raise _bad(root / "policy.json", "not the canonical form of policy.yaml", "DG448")
     if compiled.tables_digest != cert.subject.get("tables", {}).get("sha256"):
         raise _bad(ppath, "compiles to tables other than the certified ones", "DG448")
@@ -385,6 +469,13 @@ def check_bundle(path) -> tuple[object, object]:
         raise _bad(rpath, f"unreadable ({exc})", "DG448") from None
     if stored.shape != compiled.relations.shape or not np.array_equal(stored, compiled.relations):
         raise _bad(rpath, "tables differ from what the policy compiles to", "DG448")
+    verdict = verify(compiled)
+    if verdict.status.value != "PROVED":
+        bad = [f"{r.id} {r.status.value}" for r in verdict.results if r.status.value != "PROVED"]
+        raise _bad(ppath, f"re-verified here, the policy is {verdict.status.value} ({', '.join(bad[:5])})", "DG452")
+    problems = claim_problems(cert, verdict)
+    if problems:
+        raise _bad(cpath, "falls short of a certification: " + "; ".join(problems[:5]), "DG450")
     return cert, compiled
 
 
@@ -392,9 +483,9 @@ def _model_class(config_path: Path):
     import transformers
 
     try:
-        config = json.loads(config_path.read_text())
+        config = load_json(config_path.read_bytes())
         name = config["architectures"][0]
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError) as exc:
         raise _bad(config_path, f"no model architecture ({exc})", "DG448") from None
     cls = getattr(transformers, str(name), None)
     if cls is None or not isinstance(cls, type):
@@ -416,16 +507,34 @@ def load_certified(path, *, pubkey: str | None = None, return_tokenizer: bool = 
 
         verify_bundle_signature(str(root), pubkey)
     cert, compiled = check_bundle(root)
+    from .artifact import kernel_subject
+
+    certified = cert.subject.get("kernels", {}).get("sha256")
+    installed = kernel_subject(compiled)["sha256"]
+    if certified != installed:
+        raise _bad(root / CERTIFICATE, f"certifies kernels {str(certified)[:12]}…, but the installed ones are "
+                   f"{installed[:12]}…: the code that would enforce the tables is not the certified code", "DG453",
+                   hint=f"Load it with the domainguard the certificate names ({cert.tools.get('domainguard')}), "
+                        "or certify the model again with this one.")
     model_dir = root / MODEL_DIR
+    weights = cert.subject.get("weights")
+    dtype = weights.get("dtype") if isinstance(weights, dict) else None
+    listed = sorted(rel for rel in cert.subject.get("files", {}) if rel.startswith(f"{MODEL_DIR}/"))
+    other = [rel for rel in listed if rel.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"))]
+    if not isinstance(weights, dict) or weights.get("format") != "safetensors" or dtype not in WEIGHT_DTYPES or other:
+        raise _bad(model_dir, "weights must be safetensors of " + "/".join(WEIGHT_DTYPES)
+                   + (f" (holds {other[0]})" if other else f" (certificate: {weights!r:.80})"), "DG449")
     cls = _model_class(model_dir / "config.json")
-    dtype = cert.subject.get("weights", {}).get("dtype")
-    model = cls.from_pretrained(str(model_dir), dtype=getattr(torch, dtype) if dtype else None)
+    model = cls.from_pretrained(str(model_dir), dtype=getattr(torch, dtype), use_safetensors=True)
     model.eval()
     # The files were checked above; this checks what was actually loaded (and closes the gap between the two).
-    if tensors_digest(model) != cert.subject.get("weights", {}).get("tensors_sha256"):
+    if tensors_digest(model) != weights.get("tensors_sha256"):
         raise _bad(model_dir, "loaded weights differ from the certified tensors", "DG449")
     guard(model, compiled)
-    guard_state(model).certificate = cert
+    state = guard_state(model)
+    state.certificate = cert
+    # Who made it: a signature checked against ``pubkey`` names the signer; otherwise nothing does.
+    state.authenticated = pubkey is not None
     if not return_tokenizer:
         return model
     from transformers import AutoTokenizer

@@ -21,8 +21,8 @@ from .errors import BundleError, DomainGuardError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compile domain policies into proved attention masks, kernels and certified models.")
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, soft_wrap=True)  # long paths and witnesses stay on one line (grep, CI logs)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT = {"PROVED": 0, "REFUTED": 1, "UNKNOWN": 3}
 STYLE = {"PROVED": "bold green", "REFUTED": "bold red", "UNKNOWN": "bold yellow"}
@@ -138,6 +138,27 @@ def _artifact_results(path: Path, compiled, cert, problems: list[str], pubkey: s
     return results
 
 
+def _certificate_result(path: Path, cert, verdict):
+    """Does the certificate claim what was just re-derived? Its verdict must follow from its claims; a
+    bundle's must also hold every claim a certification makes (the model's graph audit and leak test are
+    not re-run here: their recorded results count)."""
+    from .bundle import MANIFEST, claim_problems
+    from .certificate import overall
+    from .verdict import Result, Status
+
+    if (path / MANIFEST).exists() or "bundle" in cert.subject:
+        problems = claim_problems(cert, verdict)
+    elif cert.claims and cert.verdict != overall(cert.claims):
+        problems = [f"its verdict {cert.verdict} does not follow from its claims ({overall(cert.claims)})"]
+    else:
+        problems = []
+    return Result(
+        id="certificate", kind="certificate-consistent",
+        statement="the certificate's verdict follows from its claims, and it holds every claim a certification makes",
+        status=Status.REFUTED if problems else Status.PROVED, method={"name": "recorded-claims"}, scope={},
+        reason="; ".join(problems) or None)
+
+
 # --- commands ------------------------------------------------------------------------------
 @app.command("compile")
 def compile_cmd(
@@ -205,7 +226,7 @@ def verify_cmd(
             compiled, cert, problems = load_dir(path)
             extra = _artifact_results(path, compiled, cert, problems, pubkey)
             verdict = verify(compiled, suggest=suggest)
-            results = verdict.results + tuple(extra)
+            results = verdict.results + tuple(extra) + (_certificate_result(path, cert, verdict),)
             verdict = Verdict(combine_status(r.status for r in results), results, verdict.reach,
                               verdict.findings, verdict.suggestion)
         else:

@@ -172,4 +172,26 @@ def _canonical_policy_data(data: dict) -> dict:
 def compile(policy: Policy, layers: int | None = None, profile: str | None = None, *, source: str | None = None) -> CompiledPolicy:
     """Resolve ``policy`` for a model of ``layers`` layers under deployment ``profile``."""
     flow = resolve(policy, num_layers=layers, profile=profile, source=source)
+    _check_pattern_layers(policy, flow.num_layers)
     return CompiledPolicy(policy=policy, flow=flow, source=source)
+
+
+def _check_pattern_layers(policy: Policy, num_layers: int) -> None:
+    """Every pattern's ``layers:`` lies within the model's layers (as every override's must)."""
+    from .errors import PolicyError
+    from .parse import locate
+
+    for name, value in policy.patterns.items():
+        for j, pat in enumerate(value if isinstance(value, list) else [value]):
+            if pat.layers is None:
+                continue
+            path = ("patterns", name) + ((j,) if isinstance(value, list) else ()) + ("layers",)
+            try:
+                rng = parse_layer_range(pat.layers, num_layers)
+                problem = None if rng.stop <= num_layers else \
+                    f"layer range {pat.layers!r} lies outside the model's layers 0..{num_layers - 1}"
+            except ValueError as exc:
+                problem = str(exc)
+            if problem:
+                raise PolicyError(problem, code="DG107", location=locate(policy, path),
+                                  hint=f"Use layers within 0-{num_layers - 1} or pass the right --layers.")

@@ -264,6 +264,10 @@ def _reads_sources(value: list[str] | Reads) -> list[str]:
     return list(value.sources) if isinstance(value, Reads) else list(value)
 
 
+# Far beyond any policy a person writes; verification time and memory grow with the square of it.
+MAX_DOMAINS = 4096
+
+
 def _check_references(policy: Policy, smap: SourceMap) -> None:
     err = lambda msg, path, code, hint, key=False: PolicyError(  # noqa: E731
         msg, code=code, location=smap.locate(path, key=key), hint=hint
@@ -282,6 +286,9 @@ def _check_references(policy: Policy, smap: SourceMap) -> None:
                 True,
             )
         seen[name] = path
+        if len(seen) > MAX_DOMAINS:
+            raise err(f"more than {MAX_DOMAINS} domains", path, "DG116",
+                      "Group fine-grained sources under fewer domains (a rule on a domain covers its descendants).", True)
 
     def known(name: str, path: Path_, key: bool = False) -> None:
         if name not in seen:

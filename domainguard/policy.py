@@ -7,6 +7,7 @@ This is the raw, user-facing form of DESIGN §2. ``parse`` turns YAML into it an
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, field_validator
@@ -143,8 +144,9 @@ class Policy(_Model):
     @field_validator("name")
     @classmethod
     def _name_is_one_line(cls, v: str) -> str:
-        if "\n" in v:
-            raise ValueError("name must be one line")
+        # Printed in verdicts, reports and logs: no line breaks or terminal control sequences in it.
+        if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in v):
+            raise ValueError("name must be one line of printable text (no control characters)")
         return v
 
 
@@ -164,6 +166,8 @@ def parse_layer_range(text: str, num_layers: int | None = None) -> range:
     else:
         if num_layers is None:
             raise ValueError(f"open layer range {text!r} needs the model's layer count")
+        if lo > num_layers - 1:
+            raise ValueError(f"open layer range {text!r} starts past the model's last layer ({num_layers - 1})")
         hi = num_layers - 1
     if hi < lo:
         raise ValueError(f"layer range {text!r} runs backwards")

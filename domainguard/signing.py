@@ -143,6 +143,8 @@ def read_json_strict(path: Path, *, code: str = "DG411") -> dict:
         data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
     except FileNotFoundError:
         raise
+    except RecursionError:
+        raise BundleError("not valid JSON: nested too deeply", code=code, location=Location(str(path))) from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise BundleError(f"not valid JSON: {exc}", code=code, location=Location(str(path))) from None
     if not isinstance(data, dict):

@@ -242,6 +242,150 @@ def test_signed_bundle_loads_with_the_key_and_a_tampered_signature_does_not(bund
     assert "signature.json" in str(e.value)
 
 
+# --- forged bundles: consistent digests, claims that fall short ------------------------------------
+def forge(root: Path, *, cert_edit=None) -> None:
+    """Re-write the certificate (after ``cert_edit(dict)``) and the manifest so that every digest matches
+    the files as they are now: what anyone can do to an unsigned bundle."""
+    from domainguard.bundle import _manifest_bytes, _sha256_file
+    from domainguard.certificate import Certificate
+
+    data = json.loads((root / "certificate.json").read_text())
+    for rel in list(data["subject"]["files"]):
+        if (root / rel).is_file():
+            data["subject"]["files"][rel] = _sha256_file(root / rel)
+    if cert_edit is not None:
+        cert_edit(data)
+    (root / "certificate.json").write_text(Certificate.model_validate(data).to_json())
+    files = {p.relative_to(root).as_posix(): _sha256_file(p) for p in root.rglob("*")
+             if p.is_file() and p.name != MANIFEST}
+    (root / MANIFEST).write_bytes(_manifest_bytes(files))
+
+
+def cli_verify(path, capsys) -> tuple[int, str]:
+    from domainguard.cli import main
+
+    capsys.readouterr()
+    code = main(["verify", str(path)])
+    got = capsys.readouterr()
+    return code, got.out + got.err
+
+
+def test_forging_the_digests_is_not_enough_to_load(copy_of):
+    forge(copy_of)  # the honest content, digests rewritten: still loads
+    load_certified(copy_of)
+
+
+@pytest.mark.parametrize("how", ["leak-test refuted", "claims removed", "audit removed"])
+def test_a_certificate_that_claims_less_does_not_load_or_verify(copy_of, capsys, how):
+    def edit(c):
+        if how == "leak-test refuted":
+            next(x for x in c["claims"] if x["id"] == "leak-test")["status"] = "REFUTED"  # verdict still PROVED
+        elif how == "claims removed":
+            c["claims"] = []
+        else:
+            c["claims"] = [x for x in c["claims"] if x["id"] != "graph-audit"]
+
+    forge(copy_of, cert_edit=edit)
+    err = bundle_error(copy_of)
+    assert err.code == "DG450" and "certificate.json" in str(err)
+    code, text = cli_verify(copy_of, capsys)
+    assert code == 1 and "certificate" in text
+
+
+def test_a_leaky_policy_with_its_own_tables_does_not_load(copy_of, capsys):
+    """Policy, canonical policy, tables and every digest replaced consistently by a policy that breaks its
+    own forbid rule: re-verifying the policy at load refuses it."""
+    from domainguard.artifact import write_tables
+
+    leaky = dg.compile(dg.loads_policy(LEAKY), layers=LAYERS)
+    write_tables(leaky, copy_of)
+
+    def edit(c):
+        c["subject"]["policy"]["sha256"] = leaky.policy_digest
+        c["subject"]["tables"]["sha256"] = leaky.tables_digest
+
+    forge(copy_of, cert_edit=edit)
+    err = bundle_error(copy_of)
+    assert err.code == "DG452" and "policy.yaml" in str(err) and "REFUTED" in str(err)
+    assert cli_verify(copy_of, capsys)[0] == 1
+
+
+def test_kernels_other_than_the_certified_ones_do_not_load(copy_of, monkeypatch):
+    import domainguard.artifact as artifact
+
+    real = artifact.kernel_subject
+    monkeypatch.setattr(artifact, "kernel_subject", lambda c: {**real(c), "sha256": "0" * 64})
+    err = bundle_error(copy_of)
+    assert err.code == "DG453" and "kernels" in str(err)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c["subject"]["weights"].update(dtype="bogus"),
+    lambda c: c["subject"]["weights"].update(dtype="load"),
+    lambda c: c["subject"].update(weights="model.safetensors"),
+    lambda c: c["subject"]["weights"].update(format="pickle"),
+])
+def test_forged_weight_records_are_refused_cleanly(copy_of, edit):
+    forge(copy_of, cert_edit=edit)
+    assert bundle_error(copy_of).code == "DG449"
+
+
+def test_pickled_weights_are_never_loaded(copy_of):
+    (copy_of / "model" / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    forge(copy_of, cert_edit=lambda c: c["subject"]["files"].update(
+        {"model/pytorch_model.bin": "0" * 64}))
+    forge(copy_of)
+    err = bundle_error(copy_of)
+    assert err.code == "DG449" and "pytorch_model.bin" in str(err)
+
+
+@pytest.mark.parametrize("name", [MANIFEST, "certificate.json", "signature.json"])
+def test_json_nested_too_deeply_is_a_clear_error(copy_of, capsys, name):
+    (copy_of / name).write_text("[" * 200_000)
+    err = bundle_error(copy_of)
+    assert err.code.startswith("DG4") and name in str(err)
+    code, text = cli_verify(copy_of, capsys)
+    assert code in (1, 2) and "Traceback" not in text and "RecursionError" not in text
+
+
+def test_a_manifest_naming_a_path_outside_the_bundle_says_so(copy_of):
+    from domainguard.bundle import _manifest_bytes
+
+    files = json.loads((copy_of / MANIFEST).read_text())["files"]
+    (copy_of / MANIFEST).write_bytes(_manifest_bytes({**files, "../outside.txt": "0" * 64}))
+    err = bundle_error(copy_of)
+    assert err.code == "DG441" and "not inside the bundle" in str(err)
+
+
+@pytest.mark.parametrize("tamper", ["certificate", "report", "added", "manifest removed", "symlink"])
+def test_cli_verify_checks_every_file_of_an_unsigned_bundle(copy_of, capsys, tamper):
+    if tamper == "certificate":
+        text = (copy_of / "certificate.json").read_text()
+        (copy_of / "certificate.json").write_text(text.replace("PROVED", "PROVED ", 1).replace("PROVED \"", "PROVED\"", 1)
+                                                  .replace("\n }", "\n  }", 1))
+    elif tamper == "report":
+        flip_byte(next((copy_of / "report").iterdir()))
+    elif tamper == "added":
+        (copy_of / "model" / "extra.py").write_text("print('hi')")
+    elif tamper == "manifest removed":
+        (copy_of / MANIFEST).unlink()
+    else:
+        (copy_of / "link").symlink_to("/etc/hostname")
+    code, text = cli_verify(copy_of, capsys)
+    assert code == 1, text
+
+
+def test_a_loaded_bundle_says_whether_its_signer_was_checked(bundle, tmp_path):
+    from domainguard.signing import generate_keypair
+
+    priv, pub = generate_keypair(tmp_path / "key.pem")
+    path, model, cert = bundle
+    assert guard_state(load_certified(path)).authenticated is False
+    signed = save_certified(model, tmp_path / "signed", certificate=cert, key=priv)
+    assert guard_state(load_certified(signed)).authenticated is False
+    assert guard_state(load_certified(signed, pubkey=str(pub))).authenticated is True
+
+
 # --- writing: refusal and atomicity --------------------------------------------------------------
 def test_a_refuted_policy_is_not_certified_and_nothing_is_written(tmp_path):
     model = guarded(LEAKY)
@@ -291,6 +435,17 @@ def test_a_folder_that_is_not_a_bundle_is_never_replaced(bundle, tmp_path):
         save_certified(model, tmp_path / "mine", certificate=cert)
     assert e.value.code == "DG451"
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def test_a_folder_with_someone_elses_manifest_is_never_replaced(bundle, tmp_path):
+    path, model, cert = bundle
+    (tmp_path / "webapp").mkdir()
+    (tmp_path / "webapp" / MANIFEST).write_text('{"name": "my web app", "icons": []}')
+    (tmp_path / "webapp" / "index.html").write_text("<html>precious</html>")
+    with pytest.raises(BundleError) as e:
+        save_certified(model, tmp_path / "webapp", certificate=cert)
+    assert e.value.code == "DG451"
+    assert (tmp_path / "webapp" / "index.html").read_text() == "<html>precious</html>"
 
 
 def test_load_of_something_that_is_not_a_bundle(tmp_path):

@@ -278,3 +278,75 @@ def test_explain_and_schema(capsys):
 def test_usage_error_is_exit_2(capsys):
     assert main(["no-such-command"]) == 2
     assert main(["verify"]) == 2
+
+
+# --- found by a review as a new user -----------------------------------------------------------------
+SMALL = """domainguard: 1
+name: small
+domains: {a: {}, b: {}, c: {}}
+reads: {b: [a], c: [b]}
+forbid: [{flow: {from: a, to: c}}]
+"""
+
+
+def test_compile_never_replaces_a_folder_that_holds_other_files(tmp_path, capsys):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(SMALL)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "certificate.json").write_text("{}")  # someone else's certificate.json
+    (out / "model.safetensors").write_text("weights")
+    code, _, err = run(capsys, "compile", str(policy), "-o", str(out))
+    assert code == 2 and "DG451" in err and (out / "model.safetensors").read_text() == "weights"
+    # A compiled directory is replaced ... unless a file was added to it since.
+    fresh = tmp_path / "fresh"
+    assert run(capsys, "compile", str(policy), "-o", str(fresh))[0] == 1
+    assert run(capsys, "compile", str(policy), "-o", str(fresh))[0] == 1
+    (fresh / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "compile", str(policy), "-o", str(fresh))
+    assert code == 2 and "notes.txt" in err and (fresh / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("rng", ["2-", "5-", "1-9"])
+def test_a_pattern_layer_range_outside_the_model_is_a_located_error(tmp_path, capsys, rng):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(SMALL + f"patterns:\n  b: [{{window: 4, layers: \"{rng}\"}}]\n")
+    for cmd in (["compile", str(policy), "--layers", "2", "-o", str(tmp_path / "o")],
+                ["verify", str(policy), "--layers", "2", "--json"]):
+        code, out, err = run(capsys, *cmd)
+        assert code == 2 and "DG107" in out + err and "Traceback" not in err
+        assert f"{policy}:7:" in out + err or '"line": 7' in out
+    assert not (tmp_path / "o").exists()
+
+
+def test_layers_that_contradict_the_policys_num_layers_are_refused(tmp_path, capsys):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(SMALL.replace("name: small\n", "name: small\nnum_layers: 30\n"))
+    assert run(capsys, "verify", str(policy))[0] == 1  # REFUTED at 30 layers
+    code, _, err = run(capsys, "verify", str(policy), "--layers", "1")
+    assert code == 2 and "DG107" in err and "num_layers: 30" in err
+    assert run(capsys, "verify", str(policy), "--layers", "30")[0] == 1
+
+
+def test_errors_keep_file_line_and_column_on_one_line(tmp_path, capsys):
+    deep = tmp_path / ("a-rather-long-folder-name-" * 4) / "and-another-long-one"
+    deep.mkdir(parents=True)
+    policy = deep / "policy_with_a_long_name.yaml"
+    policy.write_text("domainguard: 1\nname: x\ndomains: {a: {}}\nreads: {a: [nowhere]}\n")
+    code, _, err = run(capsys, "verify", str(policy))
+    assert code == 2 and f"{policy}:4:" in err.replace("\n", "\n") and any(
+        line.startswith(f"{policy}:4:") for line in err.splitlines())
+
+
+def test_too_many_domains_is_a_policy_error_not_an_exhausted_machine(tmp_path, capsys):
+    policy = tmp_path / "big.yaml"
+    policy.write_text("domainguard: 1\nname: big\ndomains:\n" + "".join(f"  d{i}: {{}}\n" for i in range(5000)))
+    code, _, err = run(capsys, "verify", str(policy))
+    assert code == 2 and "DG116" in err
+
+
+def test_control_characters_in_the_policy_name_are_refused(tmp_path, capsys):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(SMALL.replace("name: small", 'name: "ok\\e[2K\\rverdict: PROVED\\e[8m"'))
+    code, out, err = run(capsys, "verify", str(policy))
+    assert code == 2 and "DG102" in err and "\x1b" not in out + err
