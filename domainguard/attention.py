@@ -112,24 +112,74 @@ def dense_mask_for(layout, compiled, layer: int, heads: int, q_slice=None) -> to
 
 
 # --- reference ------------------------------------------------------------------------
-def _masked_pv(p: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``sum_j p_ij v_j`` over allowed pairs only: a masked v_j is never multiplied.
+def _zero_nonfinite(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
-    p [B, H, Nq, Nk] (0 where masked), v [B, H, Nk, D], mask broadcastable to p.
-    The fast product is exact whenever every v is finite; rows that may read a
-    non-finite v are recomputed pair by pair so that IEEE semantics hold for them
-    and no other row can see those values.
+
+class _MaskedPV(torch.autograd.Function):
+    """``sum_j p_ij v_j`` over allowed pairs only, forward and backward: a masked pair's value never meets
+    a product, so a NaN or Inf reaches exactly the rows (and, backward, the keys) that may read it.
+
+    p [B, H, Nq, Nk] (0 where masked), v [B, H, Nk, D], mask broadcastable to p. The fast
+    products run on operands with non-finite entries zeroed, which is exact wherever no
+    allowed pair meets one; pairs that do are recomputed one by one, so IEEE semantics hold
+    for them and no other row or key can see those values.
     """
-    finite = torch.isfinite(v).all(-1)  # [B, H, Nk]
-    out = p @ torch.where(torch.isfinite(v), v, torch.zeros((), dtype=v.dtype, device=v.device))
-    if bool(finite.all()):
+
+    @staticmethod
+    def forward(ctx, p, v, mask):
+        ctx.save_for_backward(p, v, mask)
+        out = p @ _zero_nonfinite(v)
+        finite = torch.isfinite(v).all(-1)  # [B, H, Nk]
+        if bool(finite.all()):
+            return out
+        full = mask.expand_as(p)
+        needs = (full & ~finite[:, :, None, :]).any(-1)  # rows that legitimately read a non-finite v
+        for b, h, i in needs.nonzero().tolist():
+            terms = p[b, h, i, :, None] * v[b, h]
+            out[b, h, i] = torch.where(full[b, h, i, :, None], terms, torch.zeros_like(terms)).sum(0)
         return out
-    mask = mask.expand_as(p)
-    needs = (mask & ~finite[:, :, None, :]).any(-1)  # rows that legitimately read a non-finite v
-    for b, h, i in needs.nonzero().tolist():
-        terms = p[b, h, i, :, None] * v[b, h]
-        out[b, h, i] = torch.where(mask[b, h, i, :, None], terms, torch.zeros_like(terms)).sum(0)
-    return out
+
+    @staticmethod
+    def backward(ctx, g):
+        p, v, mask = ctx.saved_tensors
+        full = mask.expand_as(p)
+        grad_p = g @ _zero_nonfinite(v).transpose(-1, -2)
+        bad = full & ~torch.isfinite(v).all(-1)[:, :, None, :]  # allowed pairs whose v is not finite
+        if bool(bad.any()):
+            b, h, i, j = bad.nonzero(as_tuple=True)
+            grad_p = grad_p.index_put((b, h, i, j), (g[b, h, i] * v[b, h, j]).sum(-1))
+        gfin = torch.isfinite(g)
+        grad_v = p.transpose(-1, -2) @ torch.where(gfin, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        bad = full & ~gfin.all(-1)[:, :, :, None]  # allowed pairs whose row's gradient is not finite
+        if bool(bad.any()):
+            b, h, i, j = bad.nonzero(as_tuple=True)
+            rest = torch.where(gfin, torch.zeros((), dtype=g.dtype, device=g.device), g)[b, h, i]
+            grad_v = grad_v.index_put((b, h, j), p[b, h, i, j, None] * rest, accumulate=True)
+        return grad_p, grad_v, None
+
+
+def _masked_pv(p: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum_j p_ij v_j`` over allowed pairs only (``_MaskedPV``)."""
+    return _MaskedPV.apply(p, v, mask)
+
+
+def _masked_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * q_i . k_j`` where allowed (masked pairs: a finite value the caller replaces by -inf).
+
+    The product runs on q and k with non-finite entries zeroed, so no masked pair multiplies a NaN
+    or Inf — forward, nor backward, where dq = dS K and dk = dS^T Q would otherwise turn a masked
+    pair's exact 0 into 0 * NaN. Allowed pairs that meet a non-finite entry are recomputed one by
+    one (their score is not finite either way)."""
+    qfin, kfin = torch.isfinite(q).all(-1), torch.isfinite(k).all(-1)
+    s = (_zero_nonfinite(q) @ _zero_nonfinite(k).transpose(-1, -2)) * scale
+    if bool(qfin.all()) and bool(kfin.all()):
+        return s
+    bad = mask.expand_as(s) & ~(qfin[..., :, None] & kfin[..., None, :])
+    if bool(bad.any()):
+        b, h, i, j = bad.nonzero(as_tuple=True)
+        s = s.index_put((b, h, i, j), (q[b, h, i] * k[b, h, j]).sum(-1) * scale)
+    return s
 
 
 def reference_from_mask(
@@ -146,7 +196,7 @@ def reference_from_mask(
     if group > 1:
         kf = kf.repeat_interleave(group, dim=1)
         vf = vf.repeat_interleave(group, dim=1)
-    s = (qf @ kf.transpose(-1, -2)) * scale
+    s = _masked_scores(qf, kf, mask, scale)
     s = torch.where(mask, s, torch.full((), -math.inf, device=s.device))
     m = s.amax(-1, keepdim=True)
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()

@@ -110,7 +110,9 @@ class Certificate(BaseModel):
         if p.is_dir():
             p = p / "certificate.json"
         try:
-            data = json.loads(p.read_text())
+            data = json.loads(p.read_bytes())
+        except RecursionError:
+            raise BundleError(f"{p}: not a readable certificate (nested too deeply)", code="DG402") from None
         except FileNotFoundError:
             raise BundleError(
                 f"{p}: no certificate.json", code="DG401",
@@ -119,9 +121,10 @@ class Certificate(BaseModel):
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BundleError(f"{p}: not a readable certificate ({exc})", code="DG402") from None
         try:
-            return cls.model_validate(data)
+            cert = cls.model_validate(data)
         except Exception as exc:  # pydantic ValidationError: report it once, as a bundle problem
             raise BundleError(f"{p}: malformed certificate: {exc}", code="DG402") from None
+        return cert
 
 
 def overall(claims: list[Claim]) -> StatusName:
@@ -178,7 +181,8 @@ ASSUMPTIONS = [
 
 THREAT_MODEL = {
     "adversary": "controls the contents (tokens, embeddings, even NaN/Inf activations) of domains a protected domain may not read",
-    "protects": "outputs and gradients of protected tokens are independent of forbidden domains' contents",
+    "protects": "outputs of protected tokens, and the gradients of their inputs (queries, keys, values, "
+                "embeddings), are independent of forbidden domains' contents",
     "not_covered": [
         "side channels outside the model (timing, memory, batch composition)",
         "the length of forbidden segments when positions are global (reported as a finding)",
@@ -187,6 +191,10 @@ THREAT_MODEL = {
         "non-finite values (NaN, ±Inf) in tokens of domains a protected token may read, but that causality or a "
         "pattern excludes (later tokens, tokens outside a window): where they share a tile with allowed keys "
         "they can turn the row NaN, as in dense attention; only domains it may not read are excluded bitwise",
+        "gradients of weights, which every token shares: a NaN or Inf activation anywhere makes them non-finite, "
+        "guarded or not",
+        "gradients of tokens that a forbidden domain itself reads: they depend on its queries by design, and a "
+        "NaN or Inf there reaches them (as 0 × NaN) even when the loss ignores the forbidden domain's outputs",
     ],
 }
 

@@ -35,7 +35,10 @@ other than the layout's, DG507 a layer's attention bypassed the guard (output wi
 DG508 not guarded / already guarded, DG509 a non-causal pattern on a causal LM, DG510
 guarded attention called without a layout, DG511 an attention module the guard did not
 register, DG512 attention dropout or arguments the guard does not support, DG513 a
-prepared mask reached guarded attention, DG514 the KV cache out of step with the layout.
+prepared mask reached guarded attention, DG514 the KV cache out of step with the layout or
+not filled by the guard, DG515 a generation option that reads every prompt token (repetition
+penalties, n-gram bans, custom logits processors, prompt lookup): decoding would see tokens of
+domains the generation domain may not read.
 """
 
 from __future__ import annotations
@@ -172,6 +175,7 @@ class GuardState:
     original_implementation: str | None
     backend: str = "auto"  # "auto" | "reference" | "triton" (GuardedAttention's backends)
     certificate: object | None = None  # set by load_certified
+    authenticated: bool = False  # set by load_certified: its signature was checked against a given public key
     recent: list = field(default_factory=list)  # _LayoutStep of the latest calls (decoding extends them)
 
     @property
@@ -314,8 +318,17 @@ def full_domain_ids(compiled, domain_ids: torch.Tensor, total: int, valid: torch
     if given == 0:
         raise ModelError("domain_ids is empty", code="DG503")
     last = domain_ids[:, given - 1]
-    rows = torch.ones_like(last, dtype=torch.bool) if valid is None else valid[:, given - 1]
-    bad = ((last != gen) & rows).nonzero().flatten().tolist()
+    if valid is not None and not bool(valid[:, given - 1].all()):
+        # The first generated token comes from the last position's logits, and a masked position still
+        # carries its own token in the residual stream: it must be a real token of the generation domain.
+        row = int((~valid[:, given - 1]).nonzero()[0])
+        raise ModelError(
+            f"row {row}: the last prompt token is masked as padding, but tokens are generated from it",
+            code="DG505",
+            hint="Pad prompts on the left (tokenizer.padding_side = 'left') so every row ends in a real token "
+                 "of the generation domain.",
+        )
+    bad = (last != gen).nonzero().flatten().tolist()
     if bad:
         raise ModelError(
             f"row {bad[0]}: the last prompt token is of domain "
@@ -403,6 +416,32 @@ def _step_layout(state: GuardState, domain_ids: torch.Tensor, total: int, attent
     return layout
 
 
+_CACHE_MARK = "_domainguard_filled"
+
+
+def _check_cache(state: GuardState, cache, layout, cached: int) -> None:
+    """A KV cache that holds tokens must be one this guard filled, under the layout the new call extends:
+    keys and values computed outside the guard (or under other domain ids) carry whatever they read."""
+    if cache is None or cached == 0:
+        return
+    mark = getattr(cache, _CACHE_MARK, None)
+    ids = layout.domain_ids[:, :cached]
+    if mark is None or mark[0] is not state:
+        raise ModelError("the KV cache was not filled by this guarded model", code="DG514",
+                         hint="Start from an empty cache (or none) and let the guarded model fill it.")
+    if mark[1].shape != ids.shape or not torch.equal(mark[1].to(ids.device), ids):
+        raise ModelError("the KV cache was filled under other domain ids (or padding) than this call's",
+                         code="DG514", hint="Pass the same domain_ids (and attention_mask) for every step of a generation.")
+
+
+def _mark_cache(cache, state: GuardState, layout) -> None:
+    if cache is not None and _past_length(cache) == layout.domain_ids.shape[1]:
+        try:
+            setattr(cache, _CACHE_MARK, (state, layout.domain_ids.clone()))
+        except (AttributeError, TypeError):
+            pass  # a cache that cannot carry the mark is refused when it comes back
+
+
 def _guarded_forward(self, input_ids=None, *, domain_ids=None, **kwargs):
     """Run the wrapped model with its domain layout; refuse if any layer bypassed the guard."""
     state = guard_state(self)
@@ -419,10 +458,12 @@ def _guarded_forward(self, input_ids=None, *, domain_ids=None, **kwargs):
     # transformers >= 5.24 passes the KV cache to the model as ``cache``; earlier versions as
     # ``past_key_values``.
     past = kwargs.get("past_key_values")
-    total = _past_length(past if past is not None else kwargs.get("cache")) + n_new
+    cache = past if past is not None else kwargs.get("cache")
+    total = _past_length(cache) + n_new
     if isinstance(domain_ids, torch.Tensor):
         domain_ids = domain_ids.to(tokens.device)
     layout = _step_layout(state, domain_ids, total, kwargs.get("attention_mask"))
+    _check_cache(state, cache, layout, total - n_new)
     positions = layout.position_ids[:, total - n_new :].to(tokens.device)
     given = kwargs.get("position_ids")
     if given is not None and not torch.equal(given.to(positions.device).expand_as(positions), positions):
@@ -443,7 +484,57 @@ def _guarded_forward(self, input_ids=None, *, domain_ids=None, **kwargs):
             code="DG507",
             hint="The model bypasses transformers' attention interface; it cannot be guarded.",
         )
+    for filled in (cache, getattr(out, "past_key_values", None)):
+        _mark_cache(filled, state, layout)
     return out
+
+
+# Generation options whose logits processors (or candidate generators) read the prompt's token ids,
+# forbidden segments included: decoding would choose tokens by what the model may not read.
+_PROMPT_READERS = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "prompt_lookup_num_tokens": None,
+    "assistant_model": None,
+}
+
+
+def _check_generation(model, kwargs: dict) -> None:
+    """Refuse generate() options that look at prompt tokens outside the model (DG515)."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    for name, neutral in _PROMPT_READERS.items():
+        value = kwargs[name] if name in kwargs else getattr(config, name, None)
+        if value is not None and value != neutral:
+            raise ModelError(
+                f"generate({name}={value!r}) reads every prompt token, also those of domains the generation "
+                "domain may not read",
+                code="DG515",
+                hint=f"Leave {name} unset (check the model's generation_config too).",
+            )
+    for name in ("bad_words_ids", "sequence_bias"):
+        value = kwargs[name] if name in kwargs else getattr(config, name, None)
+        seqs = list(value) if isinstance(value, (list, tuple, dict)) else []
+        if any(isinstance(q, (list, tuple)) and len(q) > 1 for q in seqs):
+            raise ModelError(
+                f"generate({name}=...) with sequences of several tokens matches them against the prompt's last "
+                "tokens, also those of domains the generation domain may not read",
+                code="DG515",
+                hint="Use single-token entries only.",
+            )
+    if kwargs.get("logits_processor"):
+        raise ModelError(
+            "generate(logits_processor=...): a custom processor sees every prompt token, also those of "
+            "domains the generation domain may not read",
+            code="DG515",
+            hint="Apply it outside generate(), to the guarded model's logits.",
+        )
+
+
+def _guarded_generate(self, *args, **kwargs):
+    _check_generation(self, kwargs)
+    return type(self).generate(self, *args, **kwargs)
 
 
 # --- guard / unguard ---------------------------------------------------------------------
@@ -509,6 +600,8 @@ def guard(model: nn.Module, compiled, *, copy: bool = False, backend: str = "aut
     setattr(model, _STATE_ATTR, state)
     # An instance attribute shadows the class's forward, so __call__ and generate() go through it.
     model.forward = types.MethodType(_guarded_forward, model)
+    if hasattr(type(model), "generate"):
+        model.generate = types.MethodType(_guarded_generate, model)
     return model
 
 
@@ -516,6 +609,7 @@ def unguard(model: nn.Module) -> nn.Module:
     """Undo ``guard`` (for baselines in experiments): original forward and attention implementation."""
     state = guard_state(model)
     del model.forward
+    model.__dict__.pop("generate", None)
     delattr(model, _STATE_ATTR)
     for m in state.architecture.attention_modules(model):
         if hasattr(m, _LAYER_ATTR):

@@ -86,3 +86,54 @@ def test_bad_shapes_refused(compiled):
     with pytest.raises(KernelError) as e:
         attention(torch.randn(1, 3, 4, 8), torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), lay, compiled)
     assert e.value.code == "DG312"
+
+
+@pytest.mark.parametrize("poison", ["random", "nan", "inf", "-inf", "1e30"])
+def test_forbidden_domain_poison_is_invisible_to_gradients(compiled, poison):
+    """c reads only itself and nobody reads c: the gradients of every a and b token (q, k and v) are
+    bitwise the same whatever c holds, with an output gradient on every row, c's included."""
+    torch.manual_seed(3)
+    ids = torch.tensor([[0, 2, 1, 2, 0, 1, 2, 1, 1, 2, 0]])
+    lay = _layout(ids, compiled)
+    forb = ids[0] == 2
+    base = [torch.randn(1, 2, 11, 16) for _ in range(3)]
+    dout = torch.randn(1, 2, 11, 16)
+
+    def grads(poisoned: bool, dout=dout):
+        ts = [t.clone() for t in base]
+        if poisoned:
+            for t in ts:
+                t[:, :, forb] = torch.randn(1, 2, int(forb.sum()), 16) if poison == "random" else float(poison)
+        ts = [t.requires_grad_() for t in ts]
+        out = attention_reference(*ts, lay, compiled)
+        out.backward(dout)
+        return out.detach(), [t.grad for t in ts]
+
+    out, clean = grads(False)
+    out2, dirty = grads(True)
+    assert torch.equal(out[:, :, ~forb], out2[:, :, ~forb])
+    for g, g2 in zip(clean, dirty):
+        assert torch.isfinite(g[:, :, ~forb]).all()
+        assert torch.equal(g[:, :, ~forb], g2[:, :, ~forb])
+    if poison != "random":
+        # The poisoned rows' own output gradient is non-finite too (a loss over them): still invisible.
+        bad = dout.clone()
+        bad[:, :, forb] = float(poison)
+        _, dirty = grads(True, bad)
+        for g, g2 in zip(clean, dirty):
+            assert torch.equal(g[:, :, ~forb], g2[:, :, ~forb])
+
+
+def test_gradients_still_match_the_naive_ones(compiled):
+    torch.manual_seed(4)
+    ids = torch.randint(0, 3, (2, 23))
+    lay = _layout(ids, compiled)
+    ts = [torch.randn(2, 2, 23, 16, requires_grad=True) for _ in range(3)]
+    rel = compiled.relation(0)
+    idx = torch.arange(23)
+    mask = (rel[ids[:, :, None], ids[:, None, :]] & (idx[None, None, :] <= idx[None, :, None]))[:, None]
+    dout = torch.randn(2, 2, 23, 16)
+    got = torch.autograd.grad(attention_reference(*ts, lay, compiled), ts, dout)
+    want = torch.autograd.grad(_naive(*ts, mask), ts, dout)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)

@@ -234,6 +234,69 @@ def test_generate_refuses_a_prompt_not_ending_in_the_generation_domain():
     assert e.value.code == "DG505"
 
 
+def test_generate_refuses_a_masked_last_prompt_token():
+    """The first generated token comes from the last position, whose residual stream holds its own token even
+    when it is masked as padding: a masked secret there would choose the answer."""
+    g = dg.guard(tiny_llama(), compiled())
+    doms = torch.tensor([[SYSTEM, SYSTEM, NOTES, ANSWER, SECRET]])
+    mask = torch.tensor([[1, 1, 1, 1, 0]])
+    with pytest.raises(ModelError) as e:
+        g.generate(ids_for(doms), domain_ids=doms, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                   pad_token_id=0)
+    assert e.value.code == "DG505" and "masked" in str(e.value)
+
+
+@pytest.mark.parametrize("option", [
+    {"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2}, {"encoder_repetition_penalty": 1.2},
+    {"bad_words_ids": [[5, 6]]}, {"sequence_bias": {(5, 6): -1.0}}, {"prompt_lookup_num_tokens": 2},
+])
+def test_generation_options_that_read_the_prompt_are_refused(option):
+    """These logits processors look at every prompt token: with them the secret's contents choose the answer
+    (measured: repetition_penalty=1.3 changed 4 of 6 generated tokens with the secret)."""
+    g = dg.guard(tiny_llama(), compiled())
+    ids = ids_for(DOMS)
+    with pytest.raises(ModelError) as e:
+        g.generate(ids, domain_ids=DOMS, max_new_tokens=3, do_sample=False, pad_token_id=0, **option)
+    assert e.value.code == "DG515"
+    g.generation_config.repetition_penalty = 1.5  # shipped in a model's generation_config: refused too
+    with pytest.raises(ModelError) as e:
+        g.generate(ids, domain_ids=DOMS, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert e.value.code == "DG515"
+    g.generation_config.repetition_penalty = 1.0
+    out = g.generate(ids, domain_ids=DOMS, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                     bad_words_ids=[[5], [7]])  # single tokens read nothing
+    assert out.shape == (1, ids.shape[1] + 3)
+    plain = unguard(g)
+    assert "generate" not in plain.__dict__
+
+
+def test_a_kv_cache_the_guard_did_not_fill_is_refused():
+    g = dg.guard(tiny_llama(), compiled())
+    dense = tiny_llama()
+    ids = ids_for(DOMS)
+    nxt = torch.tensor([[3]])
+    full = torch.cat([DOMS, torch.tensor([[ANSWER]])], 1)
+    cache = dense(input_ids=ids, use_cache=True).past_key_values  # keys and values computed without the guard
+    with pytest.raises(ModelError) as e:
+        g(input_ids=nxt, domain_ids=full, past_key_values=cache)
+    assert e.value.code == "DG514" and "not filled" in str(e.value)
+    with pytest.raises(ModelError) as e:
+        g.generate(ids, domain_ids=DOMS, past_key_values=dense(input_ids=ids, use_cache=True).past_key_values,
+                   max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert e.value.code == "DG514"
+    # Filled by the guard under other domain ids (the secret labelled notes): refused as well.
+    relabelled = torch.where(DOMS == SECRET, NOTES, DOMS)
+    cache = g(input_ids=ids, domain_ids=relabelled, use_cache=True).past_key_values
+    with pytest.raises(ModelError) as e:
+        g(input_ids=nxt, domain_ids=full, past_key_values=cache)
+    assert e.value.code == "DG514" and "other domain ids" in str(e.value)
+    # The guard's own cache, same ids: decoding goes on, equal to a recompute.
+    cache = g(input_ids=ids, domain_ids=DOMS, use_cache=True).past_key_values
+    step = g(input_ids=nxt, domain_ids=full, past_key_values=cache).logits[:, -1]
+    again = g(input_ids=torch.cat([ids, nxt], 1), domain_ids=full, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(step, again, rtol=1e-5, atol=1e-5)
+
+
 def test_batches_of_different_layouts_match_rows_run_alone():
     g = dg.guard(tiny_llama(), compiled())
     pad = compiled().pad_id
