@@ -105,9 +105,21 @@ def _bert_attention(model: nn.Module) -> list[nn.Module]:
     return [block.attention.self for block in _bert_blocks(model)]
 
 
+def _rope_type(config) -> str | None:
+    for name in ("rope_parameters", "rope_scaling"):
+        value = getattr(config, name, None)
+        if isinstance(value, dict):
+            return value.get("rope_type") or value.get("type")
+    return None
+
+
 def _check_llama(config) -> str | None:
     if getattr(config, "sliding_window", None):
         return "sliding-window attention is not supported"
+    if _rope_type(config) in ("dynamic", "longrope"):
+        # Frequencies recomputed from the longest position in the batch: that length counts every domain.
+        return (f"rotary scaling {_rope_type(config)!r} is not supported: it rescales every token's frequencies "
+                "by the longest sequence in the batch, forbidden segments included")
     types_ = getattr(config, "layer_types", None)
     if types_ and any(t != "full_attention" for t in types_):
         return f"layer types {sorted(set(types_))} are not supported (only full attention)"

@@ -369,9 +369,50 @@ def verify(compiled, *, explain: bool = True, suggest: bool = False, timeout_ms:
             "message": "positions are global: a protected token can learn the length of an earlier forbidden "
                        "segment from its position id; set `positions: reach` (or `per_domain`) to close this channel",
         })
+    findings += index_pattern_findings(compiled, reach)
     suggestion = solver.suggest(compiled, timeout_ms=timeout_ms) if suggest else None
     status = combine_status(r.status for r in results) if results else Status.PROVED
     return Verdict(status, tuple(results), reach_report(flow, reach), tuple(findings), suggestion)
+
+
+INDEX_PATTERN_FIELDS = ("window", "dilation", "stride", "block_local", "random")
+
+
+def index_pattern_findings(compiled, reach: np.ndarray) -> list[dict]:
+    """DGF03: a domain whose pattern measures distance in sequence index (window, dilation, stride,
+    block-local, random links) while it may not read some domain. The index counts every token of
+    the row, so the length of a forbidden segment before its tokens moves the window (or blocks,
+    strides, links) over the tokens it may read: which of them it reads can depend on that length,
+    whatever ``positions`` says."""
+    from .policy import parse_layer_range
+
+    flow, names = compiled.flow, compiled.flow.tree.names
+    L = flow.num_layers
+    heads, layers = {0}, {0}
+    for value in compiled.policy.patterns.values():
+        for pat in value if isinstance(value, list) else [value]:
+            if pat.heads is not None:
+                heads.add(parse_layer_range(pat.heads, 1 << 30).start)
+            if pat.layers is not None:
+                rng = parse_layer_range(pat.layers, L)
+                layers |= {x for x in (rng.start, rng.stop) if x < L}  # patterns are constant between these
+    out = []
+    for d in range(len(names)):
+        forbidden = [names[x] for x in range(len(names)) if not reach[d, x]]
+        if not forbidden:
+            continue
+        kinds = sorted({f for layer in layers for h in heads
+                        for pat in [compiled.pattern(d, layer, h)] if pat is not None
+                        for f in INDEX_PATTERN_FIELDS if getattr(pat, f) is not None})
+        if kinds:
+            shown = ", ".join(forbidden[:4]) + (", …" if len(forbidden) > 4 else "")
+            out.append({
+                "code": "DGF03", "severity": "warning",
+                "message": f"the pattern of {names[d]!r} ({', '.join(kinds)}) measures distance in sequence index, "
+                           f"which counts tokens of domains it may not read ({shown}): the length of such a segment "
+                           f"placed before {names[d]!r} can change which tokens it reads",
+            })
+    return out
 
 
 def explain_flow(compiled, src: str, dst: str, *, timeout_ms: int = 20_000) -> Result:

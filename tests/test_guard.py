@@ -392,6 +392,17 @@ def test_layer_count_mismatch_is_refused():
     assert code_of(lambda: dg.guard(tiny_llama(layers=2), compiled())) == "DG502"
 
 
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0}])
+def test_rotary_scaling_by_batch_length_is_refused(rope):
+    """Dynamic rotary scaling rescales every token's frequencies by the batch's longest position, which
+    counts forbidden tokens too (measured: 3 against 20 secret tokens moved the answer's logits)."""
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_scaling=rope)
+    with pytest.raises(ModelError) as e:
+        dg.guard(LlamaForCausalLM(cfg), compiled())
+    assert e.value.code == "DG502" and "dynamic" in str(e.value)
+
+
 def test_bert_as_decoder_is_refused():
     cfg = BertConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
                      num_attention_heads=4, is_decoder=True)

@@ -237,3 +237,23 @@ def test_any_depth_verdict_is_sound_for_every_depth(pl, data):
         for rid in ("forbid[0]", "profile[p]"):
             if any_depth.result(rid).status is Status.PROVED:
                 assert at.result(rid).status is Status.PROVED, (doc, rid, layers)
+
+
+def test_index_patterns_of_a_domain_with_forbidden_sources_are_a_finding():
+    """A window counts every token of the row: the length of a forbidden segment before the answer moves
+    the window over what the answer may read (measured: logits moved by 0.13 under positions: per_domain)."""
+    doc = {"domainguard": 1, "name": "window", "positions": "per_domain",
+           "domains": {"system": {}, "secret": {}, "answer": {}},
+           "reads": {"answer": ["system"], "secret": ["system"]},
+           "patterns": {"default": {"causal": True}, "answer": {"causal": True, "window": 8}},
+           "forbid": [{"flow": {"from": "secret", "to": "answer"}}]}
+    found = [f for f in dg.verify(_compile(doc, layers=2)).findings if f["code"] == "DGF03"]
+    assert len(found) == 1 and "'answer'" in found[0]["message"] and "secret" in found[0]["message"]
+    plain = {**doc, "patterns": {"default": {"causal": True}}}
+    assert not [f for f in dg.verify(_compile(plain, layers=2)).findings if f["code"] == "DGF03"]
+    # A window limited to layers 1- is found too; one on a domain that may read everything is not.
+    late = {**doc, "patterns": {"default": {"causal": True}, "answer": [{"causal": True, "window": 8, "layers": "1-"},
+                                                                       {"causal": True}]}}
+    assert [f for f in dg.verify(_compile(late, layers=2)).findings if f["code"] == "DGF03"]
+    open_all = {**doc, "reads": {"answer": ["system", "secret"]}, "forbid": []}
+    assert not [f for f in dg.verify(_compile(open_all, layers=2)).findings if f["code"] == "DGF03"]
