@@ -345,14 +345,50 @@ def reach_report(flow, reach: np.ndarray) -> dict[str, list[str]]:
     return {names[n]: [names[s] for s in np.flatnonzero(reach[n]) if s != n] for n in range(len(names))}
 
 
+# Up to this many domains, rules without a depth are decided exactly on a stand-in depth (below); beyond
+# it, by the order-free closure of every layer's relation, which can only err towards REFUTED.
+EXACT_ANY_DEPTH_DOMAINS = 256
+
+
+def any_depth_stand_in(compiled):
+    """For a policy verified without a depth: the same policy at a depth that stands for every depth.
+
+    That is the layers its overrides name, then one base layer per domain. Reach only grows with depth
+    (the residual edge keeps what a token holds), and past the overrides every layer is the same base
+    relation, along which any path needs fewer hops than there are domains; so a path exists at some
+    depth exactly when one exists at this one (decode feedback included). None when a depth was
+    given, or above ``EXACT_ANY_DEPTH_DOMAINS`` domains."""
+    from .compiled import CompiledPolicy
+    from .flow import resolve
+
+    flow = compiled.flow
+    D = len(flow.tree.names)
+    if flow.depth_given or D > EXACT_ANY_DEPTH_DOMAINS:
+        return None
+    deep = resolve(compiled.policy, num_layers=flow.num_layers - 1 + D, profile=flow.profile, source=compiled.source)
+    return CompiledPolicy(policy=compiled.policy, flow=deep, source=compiled.source)
+
+
+def _as_any_depth(result: Result, stand_in) -> Result:
+    import dataclasses
+
+    details = {**result.details, "at_depth": None,
+               "any_depth": {"method": "layered search at a stand-in depth", "layers": stand_in.num_layers}}
+    return dataclasses.replace(result, scope={**result.scope, "layers": "any"}, details=details)
+
+
 def verify(compiled, *, explain: bool = True, suggest: bool = False, timeout_ms: int = 20_000) -> Verdict:
     """Check every forbid rule and profile; PROVED only if every claim is PROVED."""
     from . import solver
 
     flow = compiled.flow
-    reach = reach_table(flow)
+    stand_in = any_depth_stand_in(compiled)
+    basis = stand_in or compiled  # what the rules are searched on
+    reach = reach_table(basis.flow)
     unbounded = closure(flow)
-    results = check_rules(compiled, reach, unbounded)
+    results = check_rules(basis, reach, unbounded)
+    if stand_in is not None:
+        results = [_as_any_depth(r, stand_in) for r in results]
     findings: list[dict] = []
     for r in results:
         if flow.depth_given and r.status is Status.PROVED and r.details["unbounded"]["status"] == "REFUTED":
@@ -361,7 +397,7 @@ def verify(compiled, *, explain: bool = True, suggest: bool = False, timeout_ms:
                 "message": f"{r.id} ({r.statement}) holds at {flow.num_layers} layers but not for a deeper model",
             })
     if explain:
-        results = [solver.explain(compiled, r, timeout_ms=timeout_ms) if r.status is Status.REFUTED else r for r in results]
+        results = [solver.explain(basis, r, timeout_ms=timeout_ms) if r.status is Status.REFUTED else r for r in results]
     results += solver.prove_profiles(compiled, timeout_ms=timeout_ms)
     if compiled.policy.positions == "global" and compiled.policy.forbid:
         findings.append({
@@ -372,7 +408,7 @@ def verify(compiled, *, explain: bool = True, suggest: bool = False, timeout_ms:
     findings += index_pattern_findings(compiled, reach)
     suggestion = solver.suggest(compiled, timeout_ms=timeout_ms) if suggest else None
     status = combine_status(r.status for r in results) if results else Status.PROVED
-    return Verdict(status, tuple(results), reach_report(flow, reach), tuple(findings), suggestion)
+    return Verdict(status, tuple(results), reach_report(basis.flow, reach), tuple(findings), suggestion)
 
 
 INDEX_PATTERN_FIELDS = ("window", "dilation", "stride", "block_local", "random")
@@ -423,8 +459,11 @@ def explain_flow(compiled, src: str, dst: str, *, timeout_ms: int = 20_000) -> R
     for name in (src, dst):
         compiled.id_of(name)
     rule = ForbidFlow(flow=Flow.model_validate({"from": src, "to": dst}))
-    flow = compiled.flow
-    result = check_rules(compiled, reach_table(flow), closure(flow), rules=[("query", rule)])[0]
+    stand_in = any_depth_stand_in(compiled)
+    basis = stand_in or compiled
+    result = check_rules(basis, reach_table(basis.flow), closure(compiled.flow), rules=[("query", rule)])[0]
+    if stand_in is not None:
+        result = _as_any_depth(result, stand_in)
     if result.status is Status.REFUTED:
-        result = solver.explain(compiled, result, timeout_ms=timeout_ms, rule=rule)
+        result = solver.explain(basis, result, timeout_ms=timeout_ms, rule=rule)
     return result

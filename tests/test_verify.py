@@ -211,7 +211,7 @@ def test_an_open_layer_range_beyond_the_model_is_a_policy_error():
     assert e.value.code == "DG107" and e.value.location is not None and e.value.location.line
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(policies(), st.data())
 def test_any_depth_verdict_is_sound_for_every_depth(pl, data):
     """Without a depth, PROVED must hold at every depth the policy can be compiled for (a deeper model
@@ -219,6 +219,12 @@ def test_any_depth_verdict_is_sound_for_every_depth(pl, data):
     tighten at every such depth."""
     doc, _ = pl
     names = [n for n in _compile(doc).domains]
+    # Overrides at single layers, in any order: what an order-free closure of the layers gets wrong.
+    extra = [{"layers": str(data.draw(st.integers(0, 3))),
+              "reads": {data.draw(st.sampled_from(names)): data.draw(st.lists(st.sampled_from(names), max_size=2,
+                                                                               unique=True))}}
+             for _ in range(data.draw(st.integers(0, 3)))]
+    doc = {**doc, "layers": list(doc.get("layers", [])) + extra}
     a, b = data.draw(st.sampled_from(names)), data.draw(st.sampled_from(names))
     kind = data.draw(st.sampled_from(["flow", "combine"]))
     rule = {"flow": {"from": a, "to": b}} if kind == "flow" else {"combine": [a, b]}
@@ -227,8 +233,9 @@ def test_any_depth_verdict_is_sound_for_every_depth(pl, data):
     try:
         any_depth = dg.verify(_compile(doc), explain=False)
     except dg.PolicyError:
-        return  # a rule over overlapping subtrees: refused the same way at every depth
+        return  # overlapping subtrees in the rule, or two overrides of one reader at a layer: refused at every depth
     top = _compile(doc).num_layers
+    refuted = {"forbid[0]": False, "profile[p]": False}
     for layers in range(top - 1 if top > 1 else 1, top + len(names) + 2):
         try:
             at = dg.verify(_compile(doc, layers=layers), explain=False)
@@ -237,6 +244,24 @@ def test_any_depth_verdict_is_sound_for_every_depth(pl, data):
         for rid in ("forbid[0]", "profile[p]"):
             if any_depth.result(rid).status is Status.PROVED:
                 assert at.result(rid).status is Status.PROVED, (doc, rid, layers)
+            refuted[rid] |= at.result(rid).status is Status.REFUTED
+    # ... and exact: REFUTED only where some depth refutes.
+    for rid, some in refuted.items():
+        assert (any_depth.result(rid).status is Status.REFUTED) == some, (doc, rid)
+
+
+def test_any_depth_respects_the_order_of_layers():
+    """c reads b only at layer 0, b reads a only at layer 1, and no layer reads anything after: a's
+    information never reaches c at any depth (an order-free closure of the layers would say it does)."""
+    doc = {"domainguard": 1, "name": "order", "domains": {"a": {}, "b": {}, "c": {}},
+           "layers": [{"layers": "0", "reads": {"c": ["b"]}}, {"layers": "1", "reads": {"b": ["a"]}}],
+           "forbid": [{"flow": {"from": "a", "to": "c"}}]}
+    assert dg.verify(_compile(doc)).status is Status.PROVED
+    assert explain_flow(_compile(doc), "a", "c").status is Status.PROVED
+    swapped = {**doc, "layers": [{"layers": "1", "reads": {"c": ["b"]}}, {"layers": "0", "reads": {"b": ["a"]}}]}
+    v = dg.verify(_compile(swapped))
+    assert v.status is Status.REFUTED and v.result("forbid[0]").scope["layers"] == "any"
+    assert str(v.result("forbid[0]").witness[0]) == "a@0 → b@1 → c@2"
 
 
 def test_index_patterns_of_a_domain_with_forbidden_sources_are_a_finding():
