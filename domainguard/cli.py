@@ -205,11 +205,11 @@ def compile_cmd(
 @app.command("verify")
 def verify_cmd(
     target: str = typer.Argument(..., help="Policy YAML, compiled directory or bundle."),
-    profile: Optional[str] = typer.Option(None, "--profile"),
-    layers: Optional[int] = typer.Option(None, "--layers"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Deployment profile (a policy only)."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Model depth (a policy only; default: any depth)."),
     suggest: bool = typer.Option(False, "--suggest", help="Also find a maximal set of reads that satisfies every rule."),
     pubkey: Optional[str] = typer.Option(None, "--pubkey", help="Check the bundle's signature with this public key."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ):
     """Prove every forbid rule (or re-check a compiled directory/bundle from scratch)."""
     from .verdict import Verdict, combine_status
@@ -217,6 +217,9 @@ def verify_cmd(
 
     try:
         path = Path(target)
+        if path.name == "certificate.json" and path.is_file():
+            raise BundleError(f"{path}: give the directory that holds it: domainguard verify {path.parent}",
+                              code="DG404")
         if path.is_dir():
             from .artifact import load_dir
 
@@ -245,12 +248,12 @@ def verify_cmd(
 
 @app.command("explain")
 def explain_cmd(
-    policy: str = typer.Argument(...),
+    policy: str = typer.Argument(..., help="Policy YAML file."),
     src: str = typer.Option(..., "--from", help="Source domain."),
     dst: str = typer.Option(..., "--to", help="Destination domain."),
-    layers: Optional[int] = typer.Option(None, "--layers"),
-    profile: Optional[str] = typer.Option(None, "--profile"),
-    as_json: bool = typer.Option(False, "--json"),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Model depth (default: any depth)."),
+    profile: Optional[str] = typer.Option(None, "--profile", help="Deployment profile."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output on stdout."),
 ):
     """Show whether and how information can flow from one domain to another."""
     from .verify import explain_flow

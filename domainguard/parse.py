@@ -125,6 +125,10 @@ def _compose(text: str, file: str) -> tuple[Any, SourceMap]:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
         problem = exc.problem or exc.context or "invalid YAML"
+        if "tag:yaml.org,2002:merge" in problem:
+            raise PolicyError("YAML merge keys (<<) are not supported in policies", code="DG101",
+                              location=Location(file, line, col),
+                              hint="Write the merged entries out (an anchor for a whole value, `*name`, works).") from None
         raise PolicyError(
             f"YAML syntax error: {problem}",
             code="DG101",
@@ -227,6 +231,10 @@ def _schema_error(exc: ValidationError, data: Any, smap: SourceMap) -> PolicyErr
     elif err["type"] == "literal_error" and path == ("domainguard",):
         message = f"unsupported schema version {err.get('input')!r}; this domainguard reads version 1"
         hint = "Write `domainguard: 1`."
+    elif tuple(err["loc"])[-1:] == ("[key]",) and isinstance(err.get("input"), bool):
+        parent = ".".join(str(p) for p in path[:-1]) or "(top level)"
+        message = f"{parent}: a key YAML reads as the boolean {str(err['input']).lower()}, not as a name"
+        hint = "YAML reads on/off/yes/no/true/false unquoted as booleans; quote the name (e.g. 'on': {})."
     elif tuple(err["loc"])[-1:] == ("[key]",):
         message = f"{dotted}: not a valid name ({err['msg'][0].lower()}{err['msg'][1:]})"
         hint = "Names are text that starts with a letter or '_'; quote a key YAML reads as a number, date or null."

@@ -388,7 +388,7 @@ def _read_signature(path: Path) -> tuple[dict, Ed25519PublicKey, bytes]:
         doc = read_json_strict(path, code="DG411")
     except FileNotFoundError:
         raise _sig_error(path, "the bundle is not signed (no signature.json)", "DG410",
-                         "Sign it with `domainguard.signing.sign_certificate(bundle, key)`.") from None
+                         "Sign it when writing it: `domainguard compile --key KEY`, `domainguard certify --key KEY`, or save_certified(..., key=KEY).") from None
     expected = {"format", "algorithm", "canonicalization", "public_key", "key_id", "payload", "signature"}
     if set(doc) != expected:
         missing, extra = sorted(expected - set(doc)), sorted(set(doc) - expected)

@@ -350,3 +350,22 @@ def test_control_characters_in_the_policy_name_are_refused(tmp_path, capsys):
     policy.write_text(SMALL.replace("name: small", 'name: "ok\\e[2K\\rverdict: PROVED\\e[8m"'))
     code, out, err = run(capsys, "verify", str(policy))
     assert code == 2 and "DG102" in err and "\x1b" not in out + err
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("domainguard: 1\nname: x\ndomains: {on: {}, b: {}}\n", "boolean true"),
+    ("domainguard: 1\nname: x\nbase: &s {a: {}}\ndomains:\n  <<: *s\n  b: {}\n", "merge keys"),
+])
+def test_yaml_features_get_an_error_that_says_what_they_are(tmp_path, capsys, text, expect):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(text)
+    code, _, err = run(capsys, "verify", str(policy))
+    assert code == 2 and expect in err and f"{policy}:" in err
+
+
+def test_verify_of_a_certificate_file_points_at_its_directory(tmp_path, capsys):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(SMALL.replace("forbid: [{flow: {from: a, to: c}}]", "forbid: [{flow: {from: c, to: a}}]"))
+    assert run(capsys, "compile", str(policy), "-o", str(tmp_path / "d"))[0] == 0
+    code, _, err = run(capsys, "verify", str(tmp_path / "d" / "certificate.json"))
+    assert code == 2 and "DG404" in err and f"verify {tmp_path / 'd'}" in err
