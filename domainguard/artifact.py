@@ -183,7 +183,7 @@ def load_dir(path: Path):
             check_bundle_files(path)
         except BundleError as exc:
             problems.append(f"{exc.location or path}: {exc.message.split(': ', 1)[-1]}")
-    elif not (path / "signature.json").exists():
+    elif not ((path / "signature.json").is_file() and not (path / "signature.json").is_symlink()):
         # (A signed directory's signature lists every file it covers, added ones too: signing checks those.)
         for p in sorted(path.rglob("*")):
             rel = p.relative_to(path).as_posix()

@@ -129,10 +129,10 @@ class _MaskedPV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p, v, mask):
         ctx.save_for_backward(p, v, mask)
+        if bool(torch.isfinite(v).all()):
+            return p @ v
         out = p @ _zero_nonfinite(v)
         finite = torch.isfinite(v).all(-1)  # [B, H, Nk]
-        if bool(finite.all()):
-            return out
         full = mask.expand_as(p)
         needs = (full & ~finite[:, :, None, :]).any(-1)  # rows that legitimately read a non-finite v
         for b, h, i in needs.nonzero().tolist():
@@ -144,11 +144,17 @@ class _MaskedPV(torch.autograd.Function):
     def backward(ctx, g):
         p, v, mask = ctx.saved_tensors
         full = mask.expand_as(p)
-        grad_p = g @ _zero_nonfinite(v).transpose(-1, -2)
-        bad = full & ~torch.isfinite(v).all(-1)[:, :, None, :]  # allowed pairs whose v is not finite
-        if bool(bad.any()):
-            b, h, i, j = bad.nonzero(as_tuple=True)
-            grad_p = grad_p.index_put((b, h, i, j), (g[b, h, i] * v[b, h, j]).sum(-1))
+        if bool(torch.isfinite(v).all()):
+            grad_p = g @ v.transpose(-1, -2)
+        else:
+            vfin = torch.isfinite(v).all(-1)
+            grad_p = g @ _zero_nonfinite(v).transpose(-1, -2)
+            bad = full & ~vfin[:, :, None, :]  # allowed pairs whose v is not finite
+            if bool(bad.any()):
+                b, h, i, j = bad.nonzero(as_tuple=True)
+                grad_p = grad_p.index_put((b, h, i, j), (g[b, h, i] * v[b, h, j]).sum(-1))
+        if bool(torch.isfinite(g).all()):
+            return grad_p, p.transpose(-1, -2) @ g, None
         gfin = torch.isfinite(g)
         grad_v = p.transpose(-1, -2) @ torch.where(gfin, g, torch.zeros((), dtype=g.dtype, device=g.device))
         bad = full & ~gfin.all(-1)[:, :, :, None]  # allowed pairs whose row's gradient is not finite
@@ -171,10 +177,10 @@ def _masked_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, scale: 
     or Inf — forward, nor backward, where dq = dS K and dk = dS^T Q would otherwise turn a masked
     pair's exact 0 into 0 * NaN. Allowed pairs that meet a non-finite entry are recomputed one by
     one (their score is not finite either way)."""
+    if bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all()):
+        return (q @ k.transpose(-1, -2)) * scale
     qfin, kfin = torch.isfinite(q).all(-1), torch.isfinite(k).all(-1)
     s = (_zero_nonfinite(q) @ _zero_nonfinite(k).transpose(-1, -2)) * scale
-    if bool(qfin.all()) and bool(kfin.all()):
-        return s
     bad = mask.expand_as(s) & ~(qfin[..., :, None] & kfin[..., None, :])
     if bool(bad.any()):
         b, h, i, j = bad.nonzero(as_tuple=True)

@@ -275,6 +275,10 @@ def save_certified(model, path, *, certificate=None, tokenizer=None, key=None, *
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not is_bundle(target))):
         raise _bad(target, "exists and is not a bundle; refusing to replace it", "DG451",
                    hint="Choose a new or empty output folder.")
+    added = _added_files(target) if target.is_dir() and is_bundle(target) else []
+    if added:
+        raise _bad(target / added[0], "is not part of the bundle being replaced; refusing to delete it", "DG451",
+                   hint="Move it out of the bundle folder, or choose a new output folder.")
     try:
         tmp = temp_dir_beside(target)
     except OSError as exc:
@@ -375,6 +379,20 @@ def is_bundle(root: Path) -> bool:
     except (OSError, ValueError, UnicodeDecodeError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == BUNDLE_FORMAT
+
+
+def _added_files(root: Path) -> list[str]:
+    """Entries of bundle ``root`` its manifest does not list (links and special files included)."""
+    try:
+        listed = set(load_json((root / MANIFEST).read_bytes()).get("files", {}))
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        listed = set()
+    out = []
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if (p.is_symlink() or not p.is_dir()) and rel not in listed | {MANIFEST, SIGNATURE}:
+            out.append(rel)
+    return out
 
 
 def check_bundle_files(path) -> dict[str, str]:

@@ -106,7 +106,7 @@ def _artifact_results(path: Path, compiled, cert, problems: list[str], pubkey: s
     from .verdict import Result, Status
 
     results = []
-    signed = (path / "signature.json").is_file()
+    signed = (path / "signature.json").is_file() and not (path / "signature.json").is_symlink()
     if pubkey is not None or signed:
         from .signing import check_signature_integrity, verify_bundle_signature
 

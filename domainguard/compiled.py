@@ -118,7 +118,7 @@ class CompiledPolicy:
             if value is None:
                 continue
             for pat in value if isinstance(value, list) else [value]:
-                if pat.layers is not None and layer not in parse_layer_range(pat.layers, self.num_layers):
+                if pat.layers is not None and layer not in _layers_of(pat.layers, self.num_layers):
                     continue
                 if pat.heads is not None and head not in parse_layer_range(pat.heads, 1 << 30):
                     continue
@@ -172,8 +172,18 @@ def _canonical_policy_data(data: dict) -> dict:
 def compile(policy: Policy, layers: int | None = None, profile: str | None = None, *, source: str | None = None) -> CompiledPolicy:
     """Resolve ``policy`` for a model of ``layers`` layers under deployment ``profile``."""
     flow = resolve(policy, num_layers=layers, profile=profile, source=source)
-    _check_pattern_layers(policy, flow.num_layers)
+    if flow.depth_given:  # without a depth, a pattern's layers may lie in the deeper model's layers
+        _check_pattern_layers(policy, flow.num_layers)
     return CompiledPolicy(policy=policy, flow=flow, source=source)
+
+
+def _layers_of(text: str, num_layers: int) -> range:
+    """The layers of ``text`` within a model of ``num_layers`` (none where it lies beyond them: a policy
+    compiled without a depth)."""
+    try:
+        return parse_layer_range(text, num_layers)
+    except ValueError:
+        return range(0)
 
 
 def _check_pattern_layers(policy: Policy, num_layers: int) -> None:

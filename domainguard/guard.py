@@ -44,6 +44,7 @@ domains the generation domain may not read.
 from __future__ import annotations
 
 import types
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -438,10 +439,11 @@ def _check_cache(state: GuardState, cache, layout, cached: int) -> None:
         return
     mark = getattr(cache, _CACHE_MARK, None)
     ids = layout.domain_ids[:, :cached]
-    if mark is None or mark[0] is not state:
+    if mark is None or mark[0]() is not state:
         raise ModelError("the KV cache was not filled by this guarded model", code="DG514",
                          hint="Start from an empty cache (or none) and let the guarded model fill it.")
-    if mark[1].shape != ids.shape or not torch.equal(mark[1].to(ids.device), ids):
+    had = mark[1][:, :cached]  # a cache cropped since it was filled holds a prefix of what it was filled under
+    if had.shape != ids.shape or not torch.equal(had.to(ids.device), ids):
         raise ModelError("the KV cache was filled under other domain ids (or padding) than this call's",
                          code="DG514", hint="Pass the same domain_ids (and attention_mask) for every step of a generation.")
 
@@ -449,7 +451,8 @@ def _check_cache(state: GuardState, cache, layout, cached: int) -> None:
 def _mark_cache(cache, state: GuardState, layout) -> None:
     if cache is not None and _past_length(cache) == layout.domain_ids.shape[1]:
         try:
-            setattr(cache, _CACHE_MARK, (state, layout.domain_ids.clone()))
+            # A weak reference: a deep copy of the cache (to reuse a prompt's) keeps pointing at this guard.
+            setattr(cache, _CACHE_MARK, (weakref.ref(state), layout.domain_ids.clone()))
         except (AttributeError, TypeError):
             pass  # a cache that cannot carry the mark is refused when it comes back
 
@@ -510,42 +513,61 @@ _PROMPT_READERS = {
     "encoder_no_repeat_ngram_size": 0,
     "prompt_lookup_num_tokens": None,
     "assistant_model": None,
+    "stop_strings": None,
 }
+# Callables and objects generate() hands the whole sequence to.
+_PROMPT_CALLBACKS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model")
 
 
-def _check_generation(model, kwargs: dict) -> None:
-    """Refuse generate() options that look at prompt tokens outside the model (DG515)."""
-    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+def _token_lists(name: str, value) -> list:
+    """The token sequences of ``bad_words_ids`` ([[ids], ...]) or ``sequence_bias`` ({(ids): bias} or [[ids, bias], ...])."""
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [list(k) if isinstance(k, (list, tuple)) else [k] for k in value]
+    if name == "sequence_bias":
+        return [list(e[0]) if isinstance(e, (list, tuple)) and e and isinstance(e[0], (list, tuple)) else [e]
+                for e in value]
+    return [list(e) if isinstance(e, (list, tuple)) else [e] for e in value]
+
+
+def _check_generation(model, args: tuple, kwargs: dict) -> None:
+    """Refuse generate() options that look at prompt tokens outside the model (DG515). An option counts
+    where the call sets it, or else where the given generation config or the model's own sets it
+    (transformers fills a given config's unset fields from the model's)."""
+    import inspect
+
+    try:
+        bound = inspect.signature(type(model).generate).bind_partial(model, *args, **kwargs).arguments
+    except TypeError:
+        bound = dict(kwargs)
+    given = {**bound.pop("kwargs", {}), **{k: v for k, v in bound.items() if k != "self"}}
+    configs = [c for c in (given.get("generation_config"), getattr(model, "generation_config", None)) if c is not None]
+
+    def values(name):
+        if name in given:
+            return [given[name]]
+        return [getattr(c, name, None) for c in configs]
+
+    def refuse(what: str, hint: str):
+        raise ModelError(f"generate({what}) reads every prompt token, also those of domains the generation "
+                         "domain may not read", code="DG515", hint=hint)
+
+    for name in _PROMPT_CALLBACKS:
+        if given.get(name):
+            refuse(f"{name}=...", "Leave it out; apply such logic to the guarded model's logits outside generate().")
     for name, neutral in _PROMPT_READERS.items():
-        value = kwargs[name] if name in kwargs else getattr(config, name, None)
-        if value is not None and value != neutral:
-            raise ModelError(
-                f"generate({name}={value!r}) reads every prompt token, also those of domains the generation "
-                "domain may not read",
-                code="DG515",
-                hint=f"Leave {name} unset (check the model's generation_config too).",
-            )
+        for value in values(name):
+            if value is not None and value != neutral:
+                refuse(f"{name}={value!r}", f"Leave {name} unset (check the model's generation_config too).")
     for name in ("bad_words_ids", "sequence_bias"):
-        value = kwargs[name] if name in kwargs else getattr(config, name, None)
-        seqs = list(value) if isinstance(value, (list, tuple, dict)) else []
-        if any(isinstance(q, (list, tuple)) and len(q) > 1 for q in seqs):
-            raise ModelError(
-                f"generate({name}=...) with sequences of several tokens matches them against the prompt's last "
-                "tokens, also those of domains the generation domain may not read",
-                code="DG515",
-                hint="Use single-token entries only.",
-            )
-    if kwargs.get("logits_processor"):
-        raise ModelError(
-            "generate(logits_processor=...): a custom processor sees every prompt token, also those of "
-            "domains the generation domain may not read",
-            code="DG515",
-            hint="Apply it outside generate(), to the guarded model's logits.",
-        )
+        for value in values(name):
+            if any(len(seq) > 1 for seq in _token_lists(name, value)):
+                refuse(f"{name}=... with sequences of several tokens", "Use single-token entries only.")
 
 
 def _guarded_generate(self, *args, **kwargs):
-    _check_generation(self, kwargs)
+    _check_generation(self, args, kwargs)
     return type(self).generate(self, *args, **kwargs)
 
 

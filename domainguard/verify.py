@@ -361,12 +361,25 @@ def any_depth_stand_in(compiled):
     from .compiled import CompiledPolicy
     from .flow import resolve
 
+    from .flow import MAX_LAYERS
+
     flow = compiled.flow
     D = len(flow.tree.names)
-    if flow.depth_given or D > EXACT_ANY_DEPTH_DOMAINS:
+    if flow.depth_given or D > EXACT_ANY_DEPTH_DOMAINS or flow.num_layers - 1 + D > MAX_LAYERS:
         return None
     deep = resolve(compiled.policy, num_layers=flow.num_layers - 1 + D, profile=flow.profile, source=compiled.source)
     return CompiledPolicy(policy=compiled.policy, flow=deep, source=compiled.source)
+
+
+def _explainer(compiled, stand_in):
+    """What Z3 explains a refuted rule on: the stand-in depth, or, where that is too large to explain, the
+    depth-free encoding (a leak there includes the layered one, so the entries it names still restore it)."""
+    from .solver import _MAX_EXPLAIN_CELLS
+
+    if stand_in is None:
+        return compiled
+    f = stand_in.flow
+    return stand_in if len(f.tree.names) * (f.num_layers + 1) * max(1, len(f.atoms)) <= _MAX_EXPLAIN_CELLS else compiled
 
 
 def _as_any_depth(result: Result, stand_in) -> Result:
@@ -397,7 +410,8 @@ def verify(compiled, *, explain: bool = True, suggest: bool = False, timeout_ms:
                 "message": f"{r.id} ({r.statement}) holds at {flow.num_layers} layers but not for a deeper model",
             })
     if explain:
-        results = [solver.explain(basis, r, timeout_ms=timeout_ms) if r.status is Status.REFUTED else r for r in results]
+        by = _explainer(compiled, stand_in)
+        results = [solver.explain(by, r, timeout_ms=timeout_ms) if r.status is Status.REFUTED else r for r in results]
     results += solver.prove_profiles(compiled, timeout_ms=timeout_ms)
     if compiled.policy.positions == "global" and compiled.policy.forbid:
         findings.append({
@@ -427,11 +441,16 @@ def index_pattern_findings(compiled, reach: np.ndarray) -> list[dict]:
     heads, layers = {0}, {0}
     for value in compiled.policy.patterns.values():
         for pat in value if isinstance(value, list) else [value]:
+            # Patterns are constant between the ends of these ranges: one layer and head each side stands for all.
             if pat.heads is not None:
-                heads.add(parse_layer_range(pat.heads, 1 << 30).start)
+                rng = parse_layer_range(pat.heads, 1 << 30)
+                heads |= {rng.start, rng.stop}
             if pat.layers is not None:
-                rng = parse_layer_range(pat.layers, L)
-                layers |= {x for x in (rng.start, rng.stop) if x < L}  # patterns are constant between these
+                try:
+                    rng = parse_layer_range(pat.layers, L)
+                except ValueError:
+                    continue  # beyond the layers of a policy compiled without a depth
+                layers |= {x for x in (rng.start, rng.stop) if x < L}
     out = []
     for d in range(len(names)):
         forbidden = [names[x] for x in range(len(names)) if not reach[d, x]]
@@ -465,5 +484,5 @@ def explain_flow(compiled, src: str, dst: str, *, timeout_ms: int = 20_000) -> R
     if stand_in is not None:
         result = _as_any_depth(result, stand_in)
     if result.status is Status.REFUTED:
-        result = solver.explain(basis, result, timeout_ms=timeout_ms, rule=rule)
+        result = solver.explain(_explainer(compiled, stand_in), result, timeout_ms=timeout_ms, rule=rule)
     return result

@@ -419,12 +419,15 @@ def test_a_failed_rewrite_keeps_the_old_bundle(bundle, copy_of, monkeypatch):
     assert sorted(p.name for p in copy_of.parent.iterdir()) == ["copy"]
 
 
-def test_rewriting_a_bundle_replaces_it(bundle, copy_of):
+def test_rewriting_a_bundle_replaces_it_but_never_a_file_added_to_it(bundle, copy_of):
     path, model, cert = bundle
-    (copy_of / "stale.txt").write_text("old")
     save_certified(model, copy_of, certificate=cert)
-    assert not (copy_of / "stale.txt").exists()
     check_bundle(copy_of)
+    (copy_of / "notes.txt").write_text("mine")
+    with pytest.raises(BundleError) as e:
+        save_certified(model, copy_of, certificate=cert)
+    assert e.value.code == "DG451" and "notes.txt" in str(e.value)
+    assert (copy_of / "notes.txt").read_text() == "mine"
 
 
 def test_a_folder_that_is_not_a_bundle_is_never_replaced(bundle, tmp_path):

@@ -369,3 +369,14 @@ def test_verify_of_a_certificate_file_points_at_its_directory(tmp_path, capsys):
     assert run(capsys, "compile", str(policy), "-o", str(tmp_path / "d"))[0] == 0
     code, _, err = run(capsys, "verify", str(tmp_path / "d" / "certificate.json"))
     assert code == 2 and "DG404" in err and f"verify {tmp_path / 'd'}" in err
+
+
+def test_a_folder_named_signature_json_does_not_hide_an_added_file(tmp_path, capsys):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(SMALL.replace("forbid: [{flow: {from: a, to: c}}]", "forbid: [{flow: {from: c, to: a}}]"))
+    d = tmp_path / "d"
+    assert run(capsys, "compile", str(policy), "-o", str(d))[0] == 0
+    (d / "signature.json").mkdir()
+    (d / "extra.txt").write_text("x")
+    code, out, _ = run(capsys, "verify", str(d))
+    assert code == 1 and "extra.txt" in out

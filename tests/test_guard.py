@@ -270,6 +270,40 @@ def test_generation_options_that_read_the_prompt_are_refused(option):
     assert "generate" not in plain.__dict__
 
 
+def test_prompt_reading_generation_options_are_found_wherever_they_are_set():
+    from transformers import GenerationConfig
+
+    g = dg.guard(tiny_llama(), compiled())
+    ids = ids_for(DOMS)
+
+    def code(*args, **kw):
+        with pytest.raises(ModelError) as e:
+            g.generate(ids, *args, domain_ids=DOMS, max_new_tokens=2, do_sample=False, pad_token_id=0, **kw)
+        return e.value.code
+
+    assert code(GenerationConfig(repetition_penalty=1.3)) == "DG515"  # a config passed by position
+    assert code(prefix_allowed_tokens_fn=lambda b, seq: [int(seq[3])]) == "DG515"
+    assert code(stop_strings=["x"]) == "DG515"
+    g.generation_config.repetition_penalty = 1.3  # transformers fills a given config's unset fields from this
+    assert code(generation_config=GenerationConfig(max_new_tokens=2)) == "DG515"
+    out = g.generate(ids, domain_ids=DOMS, max_new_tokens=2, do_sample=False, pad_token_id=0, repetition_penalty=1.0)
+    assert out.shape[1] == ids.shape[1] + 2  # the call's own setting wins
+    g.generation_config.repetition_penalty = 1.0
+    g.generate(ids, domain_ids=DOMS, max_new_tokens=2, do_sample=False, pad_token_id=0,
+               sequence_bias=[[[5], -1.0]])  # one token in the list format: reads no prompt
+
+
+def test_a_copy_of_the_guards_own_cache_is_accepted():
+    g = dg.guard(tiny_llama(), compiled())
+    ids = ids_for(DOMS)
+    with torch.no_grad():
+        cache = g(input_ids=ids, domain_ids=DOMS, use_cache=True).past_key_values
+    full = torch.cat([DOMS, torch.tensor([[ANSWER]])], 1)
+    a = g(input_ids=torch.tensor([[3]]), domain_ids=full, past_key_values=copy.deepcopy(cache)).logits
+    b = g(input_ids=torch.tensor([[3]]), domain_ids=full, past_key_values=cache).logits
+    assert torch.equal(a, b)
+
+
 def test_a_kv_cache_the_guard_did_not_fill_is_refused():
     g = dg.guard(tiny_llama(), compiled())
     dense = tiny_llama()

@@ -282,3 +282,33 @@ def test_index_patterns_of_a_domain_with_forbidden_sources_are_a_finding():
     assert [f for f in dg.verify(_compile(late, layers=2)).findings if f["code"] == "DGF03"]
     open_all = {**doc, "reads": {"answer": ["system", "secret"]}, "forbid": []}
     assert not [f for f in dg.verify(_compile(open_all, layers=2)).findings if f["code"] == "DGF03"]
+
+
+def test_pattern_layers_without_a_depth_and_deep_overrides_without_a_depth():
+    doc = {"domainguard": 1, "name": "pl", "domains": {"a": {}, "b": {}},
+           "patterns": {"default": [{"causal": True, "window": 4, "layers": "0-1"}, {"causal": True, "layers": "2-"}]},
+           "forbid": [{"flow": {"from": "a", "to": "b"}}]}
+    assert dg.verify(_compile(doc)).status is Status.PROVED
+    deep = {"domainguard": 1, "name": "deep", "domains": {"a": {}, "b": {}, "c": {}, "d": {}},
+            "reads": {"b": ["a"]}, "layers": [{"layers": "4000-4094", "reads": {"b": []}}],
+            "forbid": [{"flow": {"from": "a", "to": "b"}}]}
+    assert dg.verify(_compile(deep)).status is Status.REFUTED  # the base reads apply before layer 4000
+
+
+def test_a_long_chain_without_a_depth_is_still_explained():
+    n = 120
+    doc = {"domainguard": 1, "name": "chain", "domains": {f"d{i}": {} for i in range(n)},
+           "reads": {f"d{i + 1}": [f"d{i}"] for i in range(n - 1)},
+           "forbid": [{"flow": {"from": "d0", "to": f"d{n - 1}"}}]}
+    r = dg.verify(_compile(doc)).result("forbid[0]")
+    assert r.status is Status.REFUTED and r.details["explanation"]["status"] == "PROVED"
+    assert r.details["explanation"]["drop_one_of"]
+
+
+def test_index_patterns_found_on_heads_past_a_heads_range():
+    doc = {"domainguard": 1, "name": "heads", "domains": {"system": {}, "secret": {}, "docs": {}},
+           "reads": {"docs": ["system"]},
+           "patterns": {"default": {"causal": True, "window": 64}, "docs": [{"heads": "0-3", "causal": True}]},
+           "forbid": [{"flow": {"from": "secret", "to": "docs"}}]}
+    found = [f["message"] for f in dg.verify(_compile(doc, layers=2)).findings if f["code"] == "DGF03"]
+    assert any("'docs'" in m for m in found)
