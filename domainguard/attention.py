@@ -31,6 +31,7 @@ SUB_N: the larger must be a multiple of the smaller).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -625,15 +626,16 @@ class GuardedAttention:
 
     # --- planning ------------------------------------------------------------------
     def _cached(self, layout, key, build):
-        """Plans are reused while the same layout object lives (layouts are treated as immutable):
-        one plan serves every layer with the same mask and every call of a forward pass."""
+        """Plans are reused while the same layout object lives with the same contents: one plan serves
+        every layer with the same mask and every call of a forward pass. A layout whose tensors were
+        changed in place since (their version counters moved) gets a new plan."""
         entry = self._plans.get((id(layout), key))
-        if entry is not None and entry[0]() is layout:
+        if entry is not None and entry[0]() is layout and entry[2] == _fingerprint(layout):
             return entry[1]
         plan = build()
         if len(self._plans) >= _PLAN_CACHE_SIZE:
             self._plans.pop(next(iter(self._plans)))
-        self._plans[(id(layout), key)] = (weakref.ref(layout), plan)
+        self._plans[(id(layout), key)] = (weakref.ref(layout), plan, _fingerprint(layout))
         return plan
 
     def _tile_kinds(self, layer: int, qa, ka, block_q: int, block_k: int) -> torch.Tensor:
@@ -704,15 +706,17 @@ class GuardedAttention:
         return launch_decode(q, k, v, plan.qs, *labels, tables, scale, block_n=DECODE_BLOCK_N)
 
     def _check_given(self, plan, layout, layer: int, qsl: slice, q, k) -> None:
-        """``check_plan`` once per (plan, layout, query slice, heads, tables); like layouts, plans
-        are treated as immutable once used."""
+        """``check_plan`` once per (plan, layout, query slice, heads, tables) and contents: a plan or
+        layout changed in place since its check (a tensor's version counter moved, or a field now
+        holds another tensor) is checked again."""
         key = (qsl.start, qsl.stop, q.shape[1], k.shape[1], q.device, getattr(plan, "mask_key", None))  # checked by the caller
         seen = self._checked.get(plan)
-        if seen is not None and seen[0]() is layout and seen[1] == key:
+        now = (_fingerprint(plan), _fingerprint(layout))
+        if seen is not None and seen[0]() is layout and seen[1] == key and seen[2] == now and None not in now:
             return
         check_plan(plan, layout, qsl, self.compiled.pad_id, q.device, hq=q.shape[1], hkv=k.shape[1],
                    kinds_of=functools.partial(self._tile_kinds, layer))
-        self._checked[plan] = (weakref.ref(layout), key)
+        self._checked[plan] = (weakref.ref(layout), key, now)
 
     # --- running -------------------------------------------------------------------
     def __call__(self, q, k, v, layout, layer: int = 0, *, q_slice=None, scale=None, return_lse=False, plan=None, backend="auto"):
@@ -757,6 +761,28 @@ class GuardedAttention:
 
         inv = plan.q_inv.long()[:, None, :].expand(-1, hq, -1)
         return out, lse2.gather(2, inv) * LN2
+
+
+def _fingerprint(obj, depth: int = 0):
+    """Identity and version counter of every tensor ``obj`` holds (dataclass fields, tuples, lists, dicts):
+    equal fingerprints mean nothing was replaced or changed in place. None where a tensor keeps no
+    version counter (made under ``torch.inference_mode``): such contents cannot be vouched for."""
+    if isinstance(obj, torch.Tensor):
+        try:
+            return (id(obj), obj._version)
+        except RuntimeError:
+            return None
+    if depth > 4:
+        return ()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        parts = [_fingerprint(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, (tuple, list)):
+        parts = [_fingerprint(x, depth + 1) for x in obj]
+    elif isinstance(obj, dict):
+        parts = [_fingerprint(x, depth + 1) for x in obj.values()]
+    else:
+        return ()
+    return None if any(p is None for p in parts) else tuple(parts)
 
 
 _GUARDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -454,6 +454,48 @@ def _mixed(slots, secret_tok, block):
     return _swapped(slots, s_slot, starts[0] + 1)
 
 
+def test_a_plan_changed_in_place_after_its_first_use_is_checked_again(compiled):
+    """The check of a given plan is remembered; an in-place edit afterwards (a readable key slot pointed at a
+    secret token) must not ride on it."""
+    n = 48
+    ids = _ids(1, n, seed=17)
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    q, k, v = _qkv(1, 1, 1, n, 64, torch.float32, seed=2)
+    guard = GuardedAttention(compiled, SMALL)
+    plan = guard.plan(layout, 0, heads=1, dtype=q.dtype, head_dim=64)
+    with torch.no_grad():
+        guard(q, k, v, layout, 0, plan=plan)  # checked, and the check remembered
+    tok, dom = plan.ks.tok[0], plan.ks.dom[0]
+    secret_slot = int(((dom == SECRET) & (tok >= 0)).nonzero()[0])
+    other_slot = int(((dom != SECRET) & (tok >= 0)).nonzero()[0])
+    a, b = int(tok[other_slot]), int(tok[secret_slot])
+    tok[other_slot], tok[secret_slot] = b, a  # labels untouched
+    with pytest.raises(KernelError) as e, torch.no_grad():
+        guard(q, k, v, layout, 0, plan=plan)
+    assert e.value.code == "DG319"
+
+
+def test_a_layout_relabelled_in_place_gets_a_new_plan(compiled):
+    """Plans are cached per layout; tokens relabelled secret in place after a call must not run on the old plan
+    (which files them under a domain others read)."""
+    n = 48
+    ids = torch.tensor([[0] * 8 + [1] * 8 + [0] * 8 + [1] * 8 + [4] * 16])  # sys, user, sys, user, answer
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    q, k, v = _qkv(1, 1, 1, n, 64, torch.float32, seed=2)
+    guard = GuardedAttention(compiled, SMALL)
+    with torch.no_grad():
+        guard(q, k, v, layout, 0)  # plans this layout
+    layout.domain_ids[0, 16:24] = SECRET  # sys tokens every other domain reads become secret
+    secret = layout.domain_ids[0] == SECRET
+    v2 = v.clone()
+    v2[:, :, secret] = float("nan")
+    with torch.no_grad():
+        got = guard(q, k, v2, layout, 0)
+        want = attention_reference(q, k, v2, layout, compiled, 0)
+    assert torch.isfinite(got[:, :, ~secret]).all()
+    torch.testing.assert_close(got[:, :, ~secret], want[:, :, ~secret], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("forgery", ["relabel", "mixed_tile"])
 def test_forged_plan_slots_are_refused(compiled, forgery, monkeypatch):
     """A plan that relabels secret tokens or hides one in a readable tile is refused (DG319);
