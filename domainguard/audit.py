@@ -47,7 +47,7 @@ from .errors import ModelError
 __all__ = ["AUDIT_IMPLEMENTATION", "AuditFinding", "AuditReport", "audit", "require_clean"]
 
 AUDIT_IMPLEMENTATION = "domainguard_audit"
-METHOD_VERSION = "1"
+METHOD_VERSION = "2"
 
 
 # --- the attention boundary ------------------------------------------------------------------
@@ -87,7 +87,7 @@ class AuditFinding:
 
     op: str
     module: str
-    kind: str  # reduction | contraction | attention | gather | reshape | combine | unrecognised | boundary
+    kind: str  # reduction | contraction | attention | gather | reshape | combine | unrecognised | boundary | branch | state | untraced | reindex
     message: str
     source: str | None = None
 
@@ -217,6 +217,8 @@ _SHAPE_ONLY = {
 _POSITIONWISE = {
     "dropout", "native_dropout", "_to_copy", "to", "alias", "detach", "clone", "contiguous", "type_as",
     "_assert_tensor_metadata", "copy", "feature_dropout", "alpha_dropout", "bernoulli",
+    "__and__", "__or__", "__xor__", "__invert__", "bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not",
+    "where", "bucketize",
 }
 _DIM_MOVES = {"transpose", "permute", "unsqueeze", "squeeze", "expand", "t", "movedim", "expand_as", "swapaxes",
               "swapdims", "numpy_T", "mT", "adjoint"}
@@ -227,7 +229,7 @@ _REDUCE_MIX = {
     "median", "nanmedian", "mode", "kthvalue", "sort", "argsort", "topk", "cumsum", "cumprod", "cummax",
     "cummin", "logcumsumexp", "_softmax", "_log_softmax", "softmax", "log_softmax", "flip", "roll", "diff",
     "aminmax", "msort", "unique_dim", "special_softmax", "special_log_softmax", "renorm", "_cdist_forward",
-    "cdist", "fft_fft", "fft_rfft", "fft_ifft", "fft_irfft", "_fft_r2c", "_fft_c2r", "_fft_c2c",
+    "cdist", "fft_fft", "fft_rfft", "fft_ifft", "fft_irfft", "_fft_r2c", "_fft_c2r", "_fft_c2c", "glu",
 }
 _ATTENTION = {
     "scaled_dot_product_attention", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
@@ -402,7 +404,8 @@ class _Walker:
             return self._flag(node, full, "attention", "attention outside the guard mixes every position")
         if name in _SHAPE_ONLY:
             return _CONST
-        if torch.Tag.pointwise in op.tags or name in _POSITIONWISE:
+        if (torch.Tag.pointwise in op.tags and op.namespace in ("aten", "prims")) or name in _POSITIONWISE:
+            # (a custom op's own ``pointwise`` tag is its author's claim, not something checked here)
             return self._combine(node, full, dep_args)
         if name in _DIM_MOVES:
             return self._combine(node, full, dep_args)
@@ -420,7 +423,7 @@ class _Walker:
             if dims is None:
                 dims = _arg(node, op, "dims", None)
             if dims is None and name in {"sort", "argsort", "topk", "cumsum", "cumprod", "flip", "softmax",
-                                         "_softmax", "log_softmax", "_log_softmax", "diff", "msort"}:
+                                         "_softmax", "log_softmax", "_log_softmax", "diff", "msort", "glu"}:
                 dims = -1 if name != "msort" else 0
             if name == "roll" and not _arg(node, op, "dims", None):
                 dims = None  # roll over the flattened tensor
@@ -467,10 +470,26 @@ class _Walker:
         if name in _GATHERS or name == "index":
             src = node.args[0]
             src_state = env.get(src, _CONST)
+            dim = _arg(node, op, "dim", None) if name != "index" else None
+            src_val = src.meta.get("val")
+            if name == "index" and len(node.args) > 1:
+                # x[..., idx] with one 1-D index tensor: it stays in place on that axis
+                used = [(i, ix) for i, ix in enumerate(node.args[1]) if ix is not None]
+                if len(used) == 1 and isinstance(used[0][1], torch.fx.Node):
+                    iv = used[0][1].meta.get("val")
+                    if isinstance(iv, torch.Tensor) and iv.dim() == 1:
+                        dim = used[0][0]
+            if dim is not None and isinstance(src_val, torch.Tensor) and (dim % src_val.dim()) not in _seq_dims(src_val):
+                return self._combine(node, full, dep_args)  # along a feature axis: each position reads only itself
             if src_state.dep and _seq_dims(src.meta.get("val")):
                 return self._flag(node, full, "gather", f"{name} of token data by computed indices")
             return self._combine(node, full, [(n, s) for n, s in dep_args if n is not src])
         if name in _SCATTERS:
+            dim = _arg(node, op, "dim", None)
+            tgt = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+            if dim is not None and isinstance(tgt, torch.Tensor) and (dim % tgt.dim()) not in _seq_dims(tgt) \
+                    and name not in ("select_scatter", "slice_scatter", "diagonal_scatter", "as_strided_scatter"):
+                return self._combine(node, full, dep_args)  # along a feature axis: each position writes only itself
             if any(_seq_dims(n.meta.get("val")) for n, _ in dep_args):
                 return self._flag(node, full, "gather", f"{name} writes token data to computed positions")
             return self._combine(node, full, dep_args)
@@ -525,9 +544,9 @@ class _Walker:
             kernel = [int(k) for k in wv.shape[2:]]
             stride = _arg(node, op, "stride", [1]) or [1]
             padding = _arg(node, op, "padding", [0]) or [0]
-            pointwise = all(k == 1 for k in kernel) and all(int(s) == 1 for s in stride) and all(
-                (p if isinstance(p, int) else 0) == 0 for p in padding
-            ) and not isinstance(padding, str)
+            pointwise = all(k == 1 for k in kernel) and all(int(s) == 1 for s in stride) and (
+                padding in ("same", "valid") if isinstance(padding, str) else all(
+                    (p if isinstance(p, int) else 0) == 0 for p in padding))
             if not pointwise:
                 return self._flag(node, full, "contraction",
                                   f"convolution with kernel {tuple(kernel)} over the sequence dimension")
@@ -634,11 +653,101 @@ def _set_impl(model: nn.Module, impl: str) -> None:
     model.set_attn_implementation(impl)
 
 
+def _trace(model: nn.Module, input_ids, position_ids):
+    # DYNAMIC (not a named Dim): export may narrow the length's range (e.g. exclude 2 for
+    # an op slicing off one token) but fails rather than specialising it to a constant.
+    seq = torch.export.Dim.DYNAMIC
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(
+                _Probe(model),
+                (input_ids, position_ids),
+                dynamic_shapes=({1: seq}, {1: seq}),
+                strict=False,
+            )
+        # Functional form: an in-place write through a view (x[:, 1:] += x[:, :-1]) becomes an op whose
+        # result is used, instead of a mutation no output seems to depend on.
+        return ep.run_decompositions({})
+    except ModelError:
+        raise
+    except Exception as exc:  # torch.export raises many types; report them once, as a model problem
+        raise ModelError(
+            f"{type(model).__name__} could not be traced with torch.export: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}",
+            code="DG521",
+            hint="The audit needs a model torch.export can trace with a symbolic sequence length.",
+        ) from exc
+
+
+def _length_range(ep) -> tuple[int, float] | None:
+    """The sequence lengths the trace holds for (export narrows them where the model branches on length)."""
+    for n in ep.graph_module.graph.nodes:
+        if n.op == "placeholder":
+            for d in _seq_dims(n.meta.get("val")):
+                symbols = _expr(n.meta["val"].shape[d]).free_symbols
+                for sym in symbols:
+                    vr = ep.range_constraints.get(sym)
+                    if vr is not None:
+                        try:
+                            upper = int(vr.upper)
+                        except (ArithmeticError, TypeError, ValueError, AttributeError):
+                            upper = float("inf")  # unbounded (sympy's / torch's infinity)
+                        return int(vr.lower), upper
+    return None
+
+
+class _AttributeWrites:
+    """Records tensors that the model's own modules assign to their attributes while it is traced (a forward
+    that keeps data for the next call; export itself puts the old values back afterwards)."""
+
+    def __init__(self, model: nn.Module):
+        self.names = {id(m): name or "<root>" for name, m in model.named_modules()}
+        self.found: list[str] = []
+
+    def __enter__(self):
+        self.original = nn.Module.__setattr__
+        names, found, original = self.names, self.found, self.original
+
+        def spy(module, attr, value):
+            if id(module) in names and isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                found.append(f"{names[id(module)]}.{attr}")
+            original(module, attr, value)
+
+        nn.Module.__setattr__ = spy
+        return self
+
+    def __exit__(self, *exc):
+        nn.Module.__setattr__ = self.original
+        return False
+
+
+def _untraced_code(model: nn.Module) -> list[AuditFinding]:
+    """Code that runs on the model's inputs or outputs but outside what the trace covers (the trace calls the
+    model class's ``forward``): hooks on the model itself, global module hooks, a replaced ``forward``."""
+    from .guard import is_guarded
+
+    out = []
+    glob = torch.nn.modules.module
+    for name, hooks in (("forward hook", model._forward_hooks), ("forward pre-hook", model._forward_pre_hooks),
+                        ("global forward hook", getattr(glob, "_global_forward_hooks", {})),
+                        ("global forward pre-hook", getattr(glob, "_global_forward_pre_hooks", {}))):
+        if hooks:
+            out.append(AuditFinding(name, "", "untraced", f"a {name} on {type(model).__name__} runs outside the "
+                                    "traced forward; it could mix positions unseen"))
+    if "forward" in model.__dict__ and not is_guarded(model):
+        out.append(AuditFinding("forward", "", "untraced", f"{type(model).__name__}.forward is replaced on the "
+                                "instance; the audit traces the class's forward"))
+    return out
+
+
 def audit(model: nn.Module, *, seq_len: int = 7, batch: int = 2) -> AuditReport:
     """Trace ``model`` and report every op that mixes sequence positions outside attention.
 
     The model may be guarded or not: either way its attention interface calls are the
-    boundary (for a guarded model, that is exactly where guarded attention runs).
+    boundary (for a guarded model, that is exactly where guarded attention runs). It is
+    traced at batch ``batch`` and again at batch 1 (a branch on the batch size is another
+    program), each with a symbolic sequence length that must cover every length from 2 to
+    the model's context; a buffer written during forward is state carried between calls.
     """
     from .guard import architecture_of
 
@@ -651,62 +760,74 @@ def audit(model: nn.Module, *, seq_len: int = 7, batch: int = 2) -> AuditReport:
     vocab = int(getattr(config, "vocab_size", 2) or 2)
     max_len = int(getattr(config, "max_position_embeddings", 4096) or 4096)
     device = next(model.parameters()).device
-    input_ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
-    position_ids = torch.arange(seq_len, device=device).expand(batch, seq_len).contiguous()
-    # DYNAMIC (not a named Dim): export may narrow the length's range (e.g. exclude 2 for
-    # an op slicing off one token) but fails rather than specialising it to a constant.
-    seq = torch.export.Dim.DYNAMIC
     start = time.perf_counter()
+    programs = []
     try:
         _set_impl(model, AUDIT_IMPLEMENTATION)
-        with torch.no_grad():
-            ep = torch.export.export(
-                _Probe(model),
-                (input_ids, position_ids),
-                dynamic_shapes=({1: seq}, {1: seq}),
-                strict=False,
-            )
-    except ModelError:
-        raise
-    except Exception as exc:  # torch.export raises many types; report them once, as a model problem
-        raise ModelError(
-            f"{type(model).__name__} could not be traced with torch.export: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}",
-            code="DG521",
-            hint="The audit needs a model torch.export can trace with a symbolic sequence length.",
-        ) from exc
+        with _AttributeWrites(model) as writes:
+            for b in dict.fromkeys((batch, 1)):
+                input_ids = torch.randint(0, vocab, (b, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+                position_ids = torch.arange(seq_len, device=device).expand(b, seq_len).contiguous()
+                programs.append((b, _trace(model, input_ids, position_ids)))
     finally:
         if previous is not None:
             _set_impl(model, previous)
         model.train(was_training)
     traced = time.perf_counter() - start
-    if not any(_seq_dims(n.meta.get("val")) for n in ep.graph_module.graph.nodes if n.op == "placeholder"):
-        # INVARIANT: every sequence dim is found through the length symbol; without it the walk sees none.
-        raise ModelError(f"{type(model).__name__}: the traced sequence length is not symbolic", code="DG521")
-
-    sig = ep.graph_signature
-    user = set(sig.user_inputs)
-    gm = ep.graph_module
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    inputs = [_S(dep=True) if n.name in user else _CONST for n in placeholders]
-    walker = _Walker(gm)
-    walker.walk(gm, inputs)
     layers = arch.num_layers(config)
-    findings = list(walker.findings)
-    for layer in range(layers):
-        calls = walker.boundary.get(layer, 0)
-        if calls != 1:
+    findings, notes, checked, boundary = _untraced_code(model), [], 0, {}
+    for where in sorted(set(writes.found)):
+        findings.append(AuditFinding("attribute write", where, "state",
+                                     f"forward assigns a tensor to {where}: state carried from one call to the next"))
+    for b, ep in programs:
+        if not any(_seq_dims(n.meta.get("val")) for n in ep.graph_module.graph.nodes if n.op == "placeholder"):
+            # INVARIANT: every sequence dim is found through the length symbol; without it the walk sees none.
+            raise ModelError(f"{type(model).__name__}: the traced sequence length is not symbolic", code="DG521")
+        covered = _length_range(ep)
+        if covered is not None and (covered[0] > 2 or covered[1] < max_len):
             findings.append(AuditFinding(
-                "domainguard.attention_boundary", "", "boundary",
-                f"layer {layer}: attention goes through the attention interface {calls} times (expected 1)",
-            ))
+                "sequence length", "", "branch",
+                f"at batch {b} the trace holds only for sequence lengths {covered[0]}..{covered[1]}: the model takes "
+                f"another path at other lengths (up to {max_len}), which the audit did not see"))
+        sig = ep.graph_signature
+        for buf in sorted(set(getattr(sig, "buffers_to_mutate", {}).values())):
+            findings.append(AuditFinding("buffer write", buf, "state",
+                                         f"forward writes buffer {buf!r}: state carried from one call to the next"))
+        user = set(sig.user_inputs)
+        gm = ep.graph_module
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        inputs = [_S(dep=True) if n.name in user else _CONST for n in placeholders]
+        walker = _Walker(gm)
+        result = walker.walk(gm, inputs)
+        outs = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+        for node, st in zip(outs if isinstance(outs, (list, tuple)) else [outs],
+                            result if isinstance(result, list) else [result]):
+            if isinstance(st, _S) and st.dep and st.origins and not st.mixed and isinstance(node, torch.fx.Node) \
+                    and _seq_dims(node.meta.get("val")):
+                walker.findings.append(AuditFinding(
+                    "output", "", "reindex",
+                    f"an output's position carries data of another position ({', '.join(sorted(st.origins))[:120]})"))
+        findings += walker.findings
+        notes += walker.notes
+        checked = max(checked, walker.checked)
+        if b == batch:
+            boundary = dict(walker.boundary)
+            for layer in range(layers):
+                calls = walker.boundary.get(layer, 0)
+                if calls != 1:
+                    findings.append(AuditFinding(
+                        "domainguard.attention_boundary", "", "boundary",
+                        f"layer {layer}: attention goes through the attention interface {calls} times (expected 1)",
+                    ))
+    # The same op found in both traces (batch 2 and 1) is one finding.
+    findings = list({(f.op, f.module, f.kind, f.source): f for f in reversed(findings)}.values())[::-1]
     return AuditReport(
         model=type(model).__name__,
         findings=tuple(findings),
-        guarded_attention=dict(walker.boundary),
+        guarded_attention=boundary,
         num_layers=layers,
-        ops_checked=walker.checked,
-        notes=tuple(dict.fromkeys(walker.notes)),
+        ops_checked=checked,
+        notes=tuple(dict.fromkeys(notes)),
         method={
             "name": "trace",
             "tool": "torch.export",
@@ -716,5 +837,6 @@ def audit(model: nn.Module, *, seq_len: int = 7, batch: int = 2) -> AuditReport:
             "trace_seconds": round(traced, 3),
             "sequence": "symbolic",
             "example_shape": [batch, seq_len],
+            "batches": [b for b, _ in programs],
         },
     )

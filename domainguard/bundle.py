@@ -173,7 +173,9 @@ def build_certificate(model, *, inputs=None, trials: int | None = None, rounds: 
     causal = state.architecture.causal
     if inputs is None:
         vocab = int(model.get_input_embeddings().num_embeddings)
-        inputs = synthetic_inputs(compiled, vocab, seed=seed, causal=causal)
+        # Segments of 1-16 tokens in a random order per row: a model that mixes positions a fixed distance apart,
+        # or only once the sequence is long, is exercised where 4 tokens per domain would not.
+        inputs = synthetic_inputs(compiled, vocab, tokens_per_domain=(1, 16), seed=seed, causal=causal)
     input_ids, domain_ids = inputs
     max_len = min(int(getattr(config, "max_position_embeddings", None) or VALIDATION_MAX_LEN), VALIDATION_MAX_LEN)
     cert.scope.update({"max_seq_len": max_len, "block_size": list(VALIDATION_BLOCKS), "model": type(model).__name__})

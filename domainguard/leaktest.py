@@ -82,23 +82,31 @@ class LeakReport:
 
 
 # --- inputs --------------------------------------------------------------------------------
-def synthetic_inputs(compiled, vocab_size: int, *, tokens_per_domain: int = 4, batch: int = 2, seed: int = 0,
-                     causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def synthetic_inputs(compiled, vocab_size: int, *, tokens_per_domain: int | tuple[int, int] = 4, batch: int = 2,
+                     seed: int = 0, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Random token ids with a segment of every domain in a random order per row.
 
+    ``tokens_per_domain``: each segment's length, or (lo, hi) for random lengths in that range
+    (every row has the same lengths, dealt to its domains in another order, so rows align).
     For a causal model with a generation domain, each row ends with that domain so the
     prompt is one the guard accepts for generation. Returns (input_ids, domain_ids), [B, N].
     """
     g = torch.Generator().manual_seed(seed)
     d = compiled.num_domains
     gen = compiled.generation_id if causal else None
+    if isinstance(tokens_per_domain, int):
+        lengths = [tokens_per_domain] * d
+    else:
+        lo, hi = tokens_per_domain
+        lengths = [int(x) for x in torch.randint(lo, hi + 1, (d,), generator=g)]
     rows = []
     for _ in range(batch):
         order = [int(x) for x in torch.randperm(d, generator=g)]
         if gen is not None:
             order.remove(gen)
             order.append(gen)
-        rows.append([dom for dom in order for _ in range(tokens_per_domain)])
+        dealt = [lengths[int(i)] for i in torch.randperm(d, generator=g)]
+        rows.append([dom for dom, n in zip(order, dealt) for _ in range(n)])
     domain_ids = torch.tensor(rows, dtype=torch.long)
     input_ids = torch.randint(0, vocab_size, domain_ids.shape, generator=g)
     return input_ids, domain_ids

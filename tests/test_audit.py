@@ -153,7 +153,7 @@ def test_stock_bert_is_clean_and_the_pooler_is_noted(cls):
     (TokenShift, "combine", "add"),
     (BroadcastFirstToken, "combine", "add"),
     (SoftmaxPoolOverTokens, "reduction", "softmax"),
-    (FlattenTokens, "reshape", "reshape"),
+    (FlattenTokens, "reshape", "view"),  # (the functional graph spells reshape as view)
 ])
 def test_cross_position_ops_are_found_with_their_module_path(wrapper, kind, op):
     model = tiny_llama()
@@ -203,3 +203,143 @@ def test_finding_text_names_module_and_op():
     f = AuditFinding("aten.cumsum.default", "model.layers.1.mlp", "reduction", "cumsum over sequence dimension 1")
     assert str(f) == "model.layers.1.mlp: aten.cumsum.default: cumsum over sequence dimension 1"
     assert f.to_dict()["module"] == "model.layers.1.mlp"
+
+
+# --- ways around a trace (found by an adversarial review) ------------------------------------------
+class ShiftedOnly(nn.Module):  # position i returns position i-3's data, added to nothing of its own
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return nn.functional.pad(self.mlp(x), (0, 0, 3, 0))[:, : x.shape[1]]
+
+
+class InPlaceThroughView(nn.Module):  # the mutation's result is read only through the view's base
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        y = self.mlp(x).clone()
+        y[:, 1:] += y[:, :-1]
+        return y
+
+
+class OnlyWhenLong(nn.Module):  # export narrows the traced lengths to the branch it took
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return self.mlp(x) + x.cumsum(1) if x.shape[1] > 40 else self.mlp(x)
+
+
+class OnlyAtBatchOne(OnlyWhenLong):
+    def forward(self, x):
+        return self.mlp(x) + x.cumsum(1) if x.shape[0] == 1 else self.mlp(x)
+
+
+class RemembersTheFirstToken(nn.Module):  # state carried from one call to the next
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+        self.register_buffer("mem", torch.zeros(1, 1, 32), persistent=False)
+
+    def forward(self, x):
+        y = self.mlp(x) + self.mem[:, :, :]
+        self.mem = x[:1, :1].detach().clone()
+        return y
+
+
+@torch.library.custom_op("dgtest::claims_pointwise", mutates_args=(), tags=(torch.Tag.pointwise,))
+def claims_pointwise(x: torch.Tensor) -> torch.Tensor:
+    return x.cumsum(1)
+
+
+@claims_pointwise.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class TaggedPointwise(nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return self.mlp(x) + claims_pointwise(x)
+
+
+def test_an_output_shifted_to_other_positions_is_found():
+    """The final norm's output moved 3 positions on: each logit is another token's, with nothing of its own to
+    combine with, so only the output check sees it."""
+    model = tiny_llama()
+    model.model.norm = ShiftedOnly(model.model.norm)
+    report = audit(model)
+    assert [f.kind for f in report.findings] == ["reindex"], report.findings
+
+
+@pytest.mark.parametrize("wrapper, kind", [
+    (ShiftedOnly, "combine"),
+    (InPlaceThroughView, None),
+    (OnlyWhenLong, "branch"),
+    (OnlyAtBatchOne, "reduction"),
+    (RemembersTheFirstToken, "state"),
+    (TaggedPointwise, "unrecognised"),
+])
+def test_mixing_the_trace_would_miss_is_found(wrapper, kind):
+    model = tiny_llama()
+    model.model.layers[0].mlp = wrapper(model.model.layers[0].mlp)
+    report = audit(model)
+    assert not report.clean, wrapper.__name__
+    if kind is not None:
+        assert any(f.kind == kind for f in report.findings), report.findings
+
+
+def test_a_hook_on_the_model_is_not_traced_so_it_is_a_finding():
+    model = tiny_llama()
+    model.register_forward_hook(lambda m, args, out: out)
+    report = audit(model)
+    assert [f.kind for f in report.findings] == ["untraced"]
+
+
+class Apply(nn.Module):
+    def __init__(self, mlp, fn):
+        super().__init__()
+        self.mlp, self.fn = mlp, fn
+
+    def forward(self, x):
+        return self.mlp(x) + self.fn(x)
+
+
+_PERM = torch.randperm(32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x * ((x > 0) & (x < 1)),
+    lambda x: x * ((x > 0) | (x < -1)),
+    lambda x: torch.where(x > 0, x, 0.0),
+    lambda x: nn.functional.glu(torch.cat([x, x], -1), -1),
+    lambda x: x[..., _PERM],
+    lambda x: x.gather(-1, x.abs().argsort(-1)),
+    lambda x: torch.zeros_like(x).scatter(-1, x.topk(4, -1).indices, x.topk(4, -1).values),
+    lambda x: torch.bucketize(x, torch.tensor([-1.0, 0.0, 1.0])).float(),
+], ids=["and", "or", "where-scalar", "glu-features", "index-features", "gather-features", "scatter-features",
+        "bucketize"])
+def test_position_wise_ops_are_not_findings(fn):
+    model = tiny_llama()
+    model.model.layers[0].mlp = Apply(model.model.layers[0].mlp, fn)
+    report = audit(model)
+    assert report.clean, report.findings
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x.gather(1, x.abs().argsort(1)),
+    lambda x: torch.zeros_like(x).scatter(1, x.abs().argsort(1), x),
+    lambda x: nn.functional.glu(torch.cat([x, x], 1), 1),
+], ids=["gather-sequence", "scatter-sequence", "glu-sequence"])
+def test_the_same_ops_along_the_sequence_are_findings(fn):
+    model = tiny_llama()
+    model.model.layers[0].mlp = Apply(model.model.layers[0].mlp, fn)
+    assert not audit(model).clean

@@ -171,3 +171,25 @@ def test_leak_test_leaves_the_model_unchanged():
     leak_test(model, c, ids, doms, poisons=("hidden-nan",), trials=3)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert [list(b._forward_hooks) for b in model.model.layers] == hooks  # the poisoning hook was removed
+
+
+def test_synthetic_inputs_with_random_segment_lengths():
+    """Certification leak-tests segments of 1-16 tokens in another order per row (a model that mixes positions
+    a fixed distance apart, or only in long inputs, is not exercised by 4 tokens per domain)."""
+    from domainguard.leaktest import synthetic_inputs
+
+    c = dg.compile(dg.loads_policy(
+        "domainguard: 1\nname: s\ndomains: {a: {}, b: {}, c: {}, d: {}}\nreads: {d: [a]}\n"
+        "patterns: {default: {causal: true}}\ngeneration: {domain: d}\n"), layers=1)
+    ids, doms = synthetic_inputs(c, 50, tokens_per_domain=(1, 16), batch=3, seed=4)
+    assert ids.shape == doms.shape and doms.shape[0] == 3
+    runs = []
+    for row in doms.tolist():
+        assert row[-1] == c.id_of("d")  # generation domain last
+        segs = [(row[0], 1)]
+        for x in row[1:]:
+            segs[-1:] = [(x, segs[-1][1] + 1)] if x == segs[-1][0] else [segs[-1], (x, 1)]
+        assert sorted(x for x, _ in segs) == list(range(4)) and all(1 <= n <= 16 for _, n in segs)
+        runs.append(sorted(n for _, n in segs))
+    assert runs[0] == runs[1] == runs[2]  # the same lengths, dealt differently
+    assert len(set(tuple(r) for r in doms.tolist())) > 1
