@@ -699,24 +699,29 @@ class GuardedAttention:
         elif plan.nq != q.shape[2] or plan.nk != k.shape[2]:
             raise KernelError("decode plan was built for another shape", code="DG318")
         else:
-            self._check_given(plan, layout, layer, qsl, q, k)
+            plan = self._check_given(plan, layout, layer, qsl, q, k)
         if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         labels = (t.to(q.device).contiguous() for t in (layout.domain_ids, layout.index, layout.domain_rank))
         return launch_decode(q, k, v, plan.qs, *labels, tables, scale, block_n=DECODE_BLOCK_N)
 
-    def _check_given(self, plan, layout, layer: int, qsl: slice, q, k) -> None:
-        """``check_plan`` once per (plan, layout, query slice, heads, tables) and contents: a plan or
-        layout changed in place since its check (a tensor's version counter moved, or a field now
-        holds another tensor) is checked again."""
+    def _check_given(self, plan, layout, layer: int, qsl: slice, q, k):
+        """The plan to run for a caller's ``plan``: a private copy, made when ``check_plan`` accepted it,
+        so no later write to the caller's tensors (in place, through ``.data`` or another alias) reaches
+        the kernels. Checked once per (plan, layout, query slice, heads, tables); a plan or layout whose
+        tensors changed since (version counters, or a field holding another tensor) is checked again."""
         key = (qsl.start, qsl.stop, q.shape[1], k.shape[1], q.device, getattr(plan, "mask_key", None))  # checked by the caller
         seen = self._checked.get(plan)
         now = (_fingerprint(plan), _fingerprint(layout))
         if seen is not None and seen[0]() is layout and seen[1] == key and seen[2] == now and None not in now:
-            return
-        check_plan(plan, layout, qsl, self.compiled.pad_id, q.device, hq=q.shape[1], hkv=k.shape[1],
+            return seen[3]
+        import copy
+
+        frozen = copy.deepcopy(plan)  # copied before the check: what is checked is what runs
+        check_plan(frozen, layout, qsl, self.compiled.pad_id, q.device, hq=q.shape[1], hkv=k.shape[1],
                    kinds_of=functools.partial(self._tile_kinds, layer))
-        self._checked[plan] = (weakref.ref(layout), key, now)
+        self._checked[plan] = (weakref.ref(layout), key, now, frozen)
+        return frozen
 
     # --- running -------------------------------------------------------------------
     def __call__(self, q, k, v, layout, layer: int = 0, *, q_slice=None, scale=None, return_lse=False, plan=None, backend="auto"):
@@ -751,7 +756,7 @@ class GuardedAttention:
         elif plan.mask_key != _mask_key(tables) or plan.nq != nq or plan.nk != nk:
             raise KernelError("plan was built for another layer, policy or shape", code="DG318")
         else:
-            self._check_given(plan, layout, layer, qsl, q, k)
+            plan = self._check_given(plan, layout, layer, qsl, q, k)
         # The kernels read rows of q/k/v in place: each row's D values must be contiguous.
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         out, lse2 = _GuardedAttentionFn.apply(q, k, v, plan, tables, scale)
@@ -775,8 +780,12 @@ def _fingerprint(obj, depth: int = 0):
     if depth > 4:
         return ()
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        parts = [_fingerprint(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj)]
+        # (a layout's compiled policy and a plan's frozen KernelConfig hold no tensor: skipped, they are the slow part)
+        parts = [_fingerprint(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj)
+                 if f.name not in ("compiled", "config")]
     elif isinstance(obj, (tuple, list)):
+        if not obj or not (isinstance(obj[0], (torch.Tensor, tuple, list, dict)) or dataclasses.is_dataclass(obj[0])):
+            return ()  # numbers and names (a mask key, a config): nothing a kernel reads in place
         parts = [_fingerprint(x, depth + 1) for x in obj]
     elif isinstance(obj, dict):
         parts = [_fingerprint(x, depth + 1) for x in obj.values()]

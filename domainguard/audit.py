@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import operator
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -218,7 +219,7 @@ _POSITIONWISE = {
     "dropout", "native_dropout", "_to_copy", "to", "alias", "detach", "clone", "contiguous", "type_as",
     "_assert_tensor_metadata", "copy", "feature_dropout", "alpha_dropout", "bernoulli",
     "__and__", "__or__", "__xor__", "__invert__", "bitwise_and", "bitwise_or", "bitwise_xor", "bitwise_not",
-    "where", "bucketize",
+    "where",
 }
 _DIM_MOVES = {"transpose", "permute", "unsqueeze", "squeeze", "expand", "t", "movedim", "expand_as", "swapaxes",
               "swapdims", "numpy_T", "mT", "adjoint"}
@@ -404,6 +405,8 @@ class _Walker:
             return self._flag(node, full, "attention", "attention outside the guard mixes every position")
         if name in _SHAPE_ONLY:
             return _CONST
+        if name == "bucketize" and not any(n is not node.args[0] for n, _ in dep_args):
+            return self._combine(node, full, dep_args)  # boundaries that carry no token data
         if (torch.Tag.pointwise in op.tags and op.namespace in ("aten", "prims")) or name in _POSITIONWISE:
             # (a custom op's own ``pointwise`` tag is its author's claim, not something checked here)
             return self._combine(node, full, dep_args)
@@ -470,26 +473,16 @@ class _Walker:
         if name in _GATHERS or name == "index":
             src = node.args[0]
             src_state = env.get(src, _CONST)
-            dim = _arg(node, op, "dim", None) if name != "index" else None
             src_val = src.meta.get("val")
-            if name == "index" and len(node.args) > 1:
-                # x[..., idx] with one 1-D index tensor: it stays in place on that axis
-                used = [(i, ix) for i, ix in enumerate(node.args[1]) if ix is not None]
-                if len(used) == 1 and isinstance(used[0][1], torch.fx.Node):
-                    iv = used[0][1].meta.get("val")
-                    if isinstance(iv, torch.Tensor) and iv.dim() == 1:
-                        dim = used[0][0]
-            if dim is not None and isinstance(src_val, torch.Tensor) and (dim % src_val.dim()) not in _seq_dims(src_val):
-                return self._combine(node, full, dep_args)  # along a feature axis: each position reads only itself
+            if _along_features(node, op, name, src_val):
+                return self._combine(node, full, dep_args)  # each position reads only its own features
             if src_state.dep and _seq_dims(src.meta.get("val")):
                 return self._flag(node, full, "gather", f"{name} of token data by computed indices")
             return self._combine(node, full, [(n, s) for n, s in dep_args if n is not src])
         if name in _SCATTERS:
-            dim = _arg(node, op, "dim", None)
             tgt = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
-            if dim is not None and isinstance(tgt, torch.Tensor) and (dim % tgt.dim()) not in _seq_dims(tgt) \
-                    and name not in ("select_scatter", "slice_scatter", "diagonal_scatter", "as_strided_scatter"):
-                return self._combine(node, full, dep_args)  # along a feature axis: each position writes only itself
+            if name in ("scatter", "scatter_add", "scatter_reduce") and _along_features(node, op, name, tgt):
+                return self._combine(node, full, dep_args)  # each position writes only its own features
             if any(_seq_dims(n.meta.get("val")) for n, _ in dep_args):
                 return self._flag(node, full, "gather", f"{name} writes token data to computed positions")
             return self._combine(node, full, dep_args)
@@ -610,6 +603,33 @@ class _Walker:
         return self._combine(node, full, dep_args)
 
 
+def _along_features(node, op, name: str, src_val) -> bool:
+    """A gather, scatter or ``x[..., idx]`` that indexes a feature axis only: not the batch axis, not a
+    sequence axis, with an index that spans exactly the source's sequence axes (a shorter one would take
+    a prefix of positions, a broadcast one would hand one position's choice to all)."""
+    if not isinstance(src_val, torch.Tensor):
+        return False
+    rank, seq = src_val.dim(), _seq_dims(src_val)
+    if name == "index":
+        used = [(i, ix) for i, ix in enumerate(node.args[1]) if ix is not None] if len(node.args) > 1 else []
+        if len(used) != 1 or not isinstance(used[0][1], torch.fx.Node):
+            return False
+        iv = used[0][1].meta.get("val")
+        dim = used[0][0]
+        return isinstance(iv, torch.Tensor) and iv.dim() == 1 and dim != 0 and dim not in seq
+    dim = _arg(node, op, "dim", None)
+    index = _arg(node, op, "index", None)
+    iv = index.meta.get("val") if isinstance(index, torch.fx.Node) else None
+    if dim is None or not isinstance(iv, torch.Tensor) or iv.dim() != rank:
+        return False
+    dim %= rank
+    if dim == 0 or dim in seq or _seq_dims(iv) != seq:
+        return False
+    return all(_same(_expr(iv.shape[d]), _expr(src_val.shape[d])) for d in seq) and \
+        all(not isinstance(iv.shape[d], torch.SymInt) and int(iv.shape[d]) == int(src_val.shape[d])
+            for d in range(rank) if d != dim and d not in seq)
+
+
 def _merge(states) -> _S:
     flat = []
     for s in states:
@@ -705,6 +725,7 @@ class _AttributeWrites:
         self.found: list[str] = []
 
     def __enter__(self):
+        _TRACE_LOCK.acquire()  # one audit at a time: the spy is process-wide, and export is not thread-safe
         self.original = nn.Module.__setattr__
         names, found, original = self.names, self.found, self.original
 
@@ -713,12 +734,20 @@ class _AttributeWrites:
                 found.append(f"{names[id(module)]}.{attr}")
             original(module, attr, value)
 
+        self.spy = spy
         nn.Module.__setattr__ = spy
         return self
 
     def __exit__(self, *exc):
-        nn.Module.__setattr__ = self.original
+        try:
+            if nn.Module.__setattr__ is self.spy:
+                nn.Module.__setattr__ = self.original
+        finally:
+            _TRACE_LOCK.release()
         return False
+
+
+_TRACE_LOCK = threading.Lock()
 
 
 def _untraced_code(model: nn.Module) -> list[AuditFinding]:

@@ -175,7 +175,11 @@ def build_certificate(model, *, inputs=None, trials: int | None = None, rounds: 
         vocab = int(model.get_input_embeddings().num_embeddings)
         # Segments of 1-16 tokens in a random order per row: a model that mixes positions a fixed distance apart,
         # or only once the sequence is long, is exercised where 4 tokens per domain would not.
-        inputs = synthetic_inputs(compiled, vocab, tokens_per_domain=(1, 16), seed=seed, causal=causal)
+        # (within the model's context, with room for the tokens the leak test generates)
+        room = (int(getattr(config, "max_position_embeddings", None) or 1 << 20) - generate_tokens - 1) \
+            // max(1, compiled.num_domains)
+        inputs = synthetic_inputs(compiled, vocab, tokens_per_domain=(1, max(1, min(16, room))), seed=seed,
+                                  causal=causal)
     input_ids, domain_ids = inputs
     max_len = min(int(getattr(config, "max_position_embeddings", None) or VALIDATION_MAX_LEN), VALIDATION_MAX_LEN)
     cert.scope.update({"max_seq_len": max_len, "block_size": list(VALIDATION_BLOCKS), "model": type(model).__name__})

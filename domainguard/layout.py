@@ -51,7 +51,7 @@ def _as_long_2d(ids: Any, what: str) -> torch.Tensor:
         t = t.unsqueeze(0)
     if t.dim() != 2:
         raise LayoutError(f"{what} must be [N] or [B, N], got shape {tuple(t.shape)}", code="DG306")
-    return t.long()
+    return t.to(torch.long, copy=True)  # a layout's own labels: later writes to the caller's tensor don't reach it
 
 
 def _ranks(domain_ids: torch.Tensor, num_classes: int) -> torch.Tensor:

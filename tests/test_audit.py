@@ -343,3 +343,26 @@ def test_the_same_ops_along_the_sequence_are_findings(fn):
     model = tiny_llama()
     model.model.layers[0].mlp = Apply(model.model.layers[0].mlp, fn)
     assert not audit(model).clean
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: x.gather(-1, torch.arange(32).expand(x.shape[0], 1, 32)),  # position 0's features to every position
+    lambda x: torch.zeros(x.shape[0], 1, 32).scatter(-1, torch.arange(32).expand(x.shape[0], 1, 32), x[:, :1]),
+    lambda x: torch.bucketize(x, x[0, :, 0].sort().values),  # every position's data are the boundaries
+    lambda x: x[torch.tensor([1, 0])],  # swaps the batch rows
+], ids=["gather-prefix", "scatter-prefix", "bucketize-token-boundaries", "index-batch"])
+def test_feature_axis_exemptions_do_not_cover_other_positions(fn):
+    model = tiny_llama()
+    model.model.layers[0].mlp = Apply(model.model.layers[0].mlp, fn)
+    assert not audit(model).clean
+
+
+def test_the_attribute_spy_is_removed_after_an_audit_even_when_it_fails():
+    before = nn.Module.__setattr__
+    audit(tiny_llama())
+    assert nn.Module.__setattr__ is before
+    model = tiny_llama()
+    model.model.layers[0].mlp = Apply(model.model.layers[0].mlp, lambda x: x + float(x.sum()))  # cannot be traced
+    with pytest.raises(ModelError):
+        audit(model)
+    assert nn.Module.__setattr__ is before

@@ -475,6 +475,30 @@ def test_a_plan_changed_in_place_after_its_first_use_is_checked_again(compiled):
     assert e.value.code == "DG319"
 
 
+def test_writes_to_a_checked_plan_that_no_version_counter_sees_never_reach_the_kernels(compiled):
+    """The kernels run a private copy of the plan made when it was checked: a write through .data (which
+    leaves the version counter alone) changes the caller's tensors, not what runs."""
+    n = 48
+    ids = _ids(1, n, seed=17)
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    secret = (ids[0] == SECRET).to(DEV)
+    q, k, v = _qkv(1, 1, 1, n, 64, torch.float32, seed=2)
+    guard = GuardedAttention(compiled, SMALL)
+    plan = guard.plan(layout, 0, heads=1, dtype=q.dtype, head_dim=64)
+    with torch.no_grad():
+        clean = guard(q, k, v, layout, 0, plan=plan)
+    tok, dom = plan.ks.tok.data[0], plan.ks.dom[0]
+    secret_slot = int(((dom == SECRET) & (tok >= 0)).nonzero()[0])
+    other_slot = int(((dom != SECRET) & (tok >= 0)).nonzero()[0])
+    a, b = int(tok[other_slot]), int(tok[secret_slot])
+    tok[other_slot], tok[secret_slot] = b, a
+    v2 = v.clone()
+    v2[:, :, secret] = float("nan")
+    with torch.no_grad():
+        got = guard(q, k, v2, layout, 0, plan=plan)
+    assert torch.equal(got[:, :, ~secret], clean[:, :, ~secret])
+
+
 def test_a_layout_relabelled_in_place_gets_a_new_plan(compiled):
     """Plans are cached per layout; tokens relabelled secret in place after a call must not run on the old plan
     (which files them under a domain others read)."""

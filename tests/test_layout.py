@@ -206,3 +206,11 @@ def test_extend_equals_building_the_longer_layout(positions):
         for name in ("domain_ids", "index", "position_ids", "domain_rank", "valid"):
             a, b = getattr(lay, name), getattr(direct, name)
             assert a.dtype == b.dtype and torch.equal(a, b), (positions, n_new, name)
+
+
+def test_a_layout_keeps_its_own_labels():
+    c = dg.compile(dg.loads_policy("domainguard: 1\nname: t\ndomains: {a: {}, b: {}}\nreads: {b: [a]}\n"), layers=1)
+    ids = torch.tensor([[0, 0, 1, 1]])
+    lay = dg.Layout.from_ids(c, ids)
+    ids[0, 0] = 1  # the caller's tensor, changed after the layout was made
+    assert lay.domain_ids.tolist() == [[0, 0, 1, 1]]
