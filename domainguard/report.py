@@ -26,8 +26,10 @@ import hashlib
 import html as _html
 import json
 import math
+import os
 import re
 import struct
+import tempfile
 import unicodedata
 import zlib
 from dataclasses import dataclass, field
@@ -334,6 +336,11 @@ def _shown_verdict(cert: dict, claims: list[dict], integrity: dict, leak: dict |
     if audit_bad:
         reasons.append(audit_bad)
     problems = (not integrity["ok"]) or (guarded is not None and guarded > 0) or bool(audit_bad)
+    if rechecked is None and cert_v == "PROVED":
+        # Nothing to re-derive the claims from (no policy): a PROVED that could not be checked is not shown.
+        reasons.append("there is no policy to re-derive the claims and tables from, so the certificate's PROVED "
+                       "could not be checked")
+        problems = True
     if cert_v == "PROVED" and claims_v == "PROVED" and claims and not problems:
         shown = "PROVED"
     elif "REFUTED" in (cert_v, claims_v):
@@ -826,6 +833,7 @@ def _arrow(x1: float, y1: float, x2: float, y2: float, color: str, width: float 
 
 
 def _fit(text: str, size: float, max_w: float, bold: bool = False) -> str:
+    text = text[:400]  # no picture shows more; bounds the trimming below
     if text_width(text, size, bold=bold) <= max_w:
         return text
     while text and text_width(text + "...", size, bold=bold) > max_w:
@@ -1640,7 +1648,11 @@ def to_html(data: dict) -> str:
 # 5b. Markdown (pictures as their text alternatives)
 # =============================================================================================
 def _md_escape(s: str) -> str:
-    return str(s).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    """Text as inert Markdown: one line, no markup, no raw HTML (policy text is the policy author's, and a
+    renderer must not turn it into a heading, a quote, a link, a comment or a style)."""
+    out = str(s).replace("\r", " ").replace("\n", " ")
+    out = re.sub(r"([\\`*_\[\]{}()#+\-.!|>~])", r"\\\1", out)
+    return out.replace("&", "&amp;").replace("<", "&lt;")
 
 
 def _cell_md(c: Cell) -> str:
@@ -1655,21 +1667,23 @@ def to_markdown(data: dict) -> str:
     out: list[str] = []
     for b in document(data):
         if isinstance(b, Heading):
-            out.append("#" * b.level + " " + b.text)
+            out.append("#" * b.level + " " + _md_escape(b.text))
         elif isinstance(b, Banner):
-            out.append(f"> **Verdict: {b.status}** — {b.title}\n>")
-            out.extend(f"> - {x}" for x in b.lines)
+            out.append(f"> **Verdict: {b.status}** — {_md_escape(b.title)}\n>")
+            out.extend(f"> - {_md_escape(x)}" for x in b.lines)
         elif isinstance(b, Para):
-            out.append({"note": f"*{b.text}*", "warn": f"> **Note:** {b.text}"}.get(b.kind, b.text))
+            text = _md_escape(b.text)
+            out.append({"note": f"*{text}*", "warn": f"> **Note:** {text}"}.get(b.kind, text))
         elif isinstance(b, Bullets):
-            out.extend(f"- {x}" for x in b.items)
+            out.extend(f"- {_md_escape(x)}" for x in b.items)
         elif isinstance(b, Table):
             header = [h or " " for h in b.header]
             out.append("| " + " | ".join(_md_escape(h) for h in header) + " |")
             out.append("|" + "---|" * len(header))
             out.extend("| " + " | ".join(_cell_md(c) for c in row) + " |" for row in b.rows)
         elif isinstance(b, Figure):
-            out.append(f"*Figure: {b.caption}*\n\n```text\n{b.drawing.alt}\n```")
+            alt = str(b.drawing.alt).replace("`", "'")  # nothing in a picture's text can close its block
+            out.append(f"*Figure: {_md_escape(b.caption)}*\n\n````text\n{alt}\n````")
         out.append("")
     return "\n".join(out)
 
@@ -2005,11 +2019,11 @@ def render(path: str | Path, fmt: str = "html") -> Union[str, bytes]:
     fmt = fmt.lower()
     if fmt not in FORMATS:
         raise BundleError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}", code="DG432")
+    data = build(path)
     if fmt == "sarif":
         from .sarif import dumps
 
-        return dumps(_load(path).cert, srcroot=str(Path.cwd()))
-    data = build(path)
+        return dumps(_load(path).cert, srcroot=str(Path.cwd()), shown=data["verdict"])
     if fmt == "json":
         return json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
     if fmt == "html":
@@ -2025,14 +2039,16 @@ def write_report(path: str | Path, fmt: str | None, out: str | Path) -> None:
     if fmt is None:
         fmt = {".htm": "html", ".markdown": "md"}.get(target.suffix.lower(), target.suffix.lower().lstrip("."))
     data = render(path, fmt)
-    tmp = target.with_name(f".{target.name}.tmp")
+    tmp = None
     try:
-        if isinstance(data, bytes):
-            tmp.write_bytes(data)
-        else:
-            tmp.write_text(data, encoding="utf-8")
+        # A new file of an unpredictable name (O_EXCL): a link planted at a guessable name is never followed.
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
         tmp.replace(target)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise BundleError(f"cannot write the report ({exc.strerror or exc})", code="DG433",
                           location=Location(str(target))) from None

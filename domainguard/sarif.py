@@ -106,10 +106,13 @@ def _verdict(cert_verdict, claims: list) -> str:
     return combine_status([st(cert_verdict)] + [st(c.get("status")) for c in claims]).value
 
 
-def to_sarif(cert: dict, *, policy_file: str | None = None, srcroot: str | None = None) -> dict:
+def to_sarif(cert: dict, *, policy_file: str | None = None, srcroot: str | None = None,
+             shown: dict | None = None) -> dict:
     """A SARIF 2.1.0 log for one certificate (a dict in the certificate's JSON shape).
 
     Policy paths are made relative to ``srcroot`` (e.g. the repository root) when they are absolute and under it.
+    ``shown``: the report's re-checked verdict (``report.build(...)["verdict"]``); where it is not PROVED the log
+    carries it as a failing result and as its verdict, whatever the certificate says.
     """
     subject = cert.get("subject") or {}
     policy = subject.get("policy") or {}
@@ -156,7 +159,7 @@ def to_sarif(cert: dict, *, policy_file: str | None = None, srcroot: str | None 
             "ruleId": rid,
             "ruleIndex": idx,
             "level": "error" if refuted else "warning",
-            "kind": "fail" if refuted else "open",
+            "kind": "fail",  # UNKNOWN is not a pass either (SARIF: a kind other than fail needs level none)
             "message": {"text": msg},
             "locations": [location],
             "partialFingerprints": {"domainguardClaim/v1": _fingerprint(str(claim.get("id")), str(claim.get("statement")))},
@@ -174,10 +177,27 @@ def to_sarif(cert: dict, *, policy_file: str | None = None, srcroot: str | None 
         idx = rule(code, f"Finding {code}", str(f.get("message", "")), level)
         details = f.get("details") or {}
         results.append({
-            "ruleId": code, "ruleIndex": idx, "level": level, "kind": "fail" if level != "note" else "informational",
+            "ruleId": code, "ruleIndex": idx, "level": level if level != "note" else "none",
+            "kind": "fail" if level != "note" else "informational",
             "message": {"text": str(f.get("message", ""))},
             "locations": [_physical(details.get("location"), fallback, srcroot)],
             "partialFingerprints": {"domainguardClaim/v1": _fingerprint(code, str(f.get("message", "")))},
+        })
+
+    verdict = _verdict(cert.get("verdict"), cert.get("claims") or [])
+    if shown is not None and shown.get("shown") and shown.get("shown") not in ("PROVED", verdict):
+        verdict = str(shown["shown"])
+        idx = rule("DGR01", "Re-checked verdict",
+                   "What re-checking the directory (files, signature, policy, claims) gives, when it is not PROVED.",
+                   "error")
+        results.insert(0, {
+            "ruleId": "DGR01", "ruleIndex": idx, "level": "error" if verdict == "REFUTED" else "warning",
+            "kind": "fail",
+            "message": {"text": f"Re-checked verdict {verdict} (the certificate says {cert.get('verdict')}): "
+                                + "; ".join(str(r) for r in shown.get("reasons") or []) or "no reason recorded"},
+            "locations": [_physical(None, fallback, srcroot)],
+            "partialFingerprints": {"domainguardClaim/v1": _fingerprint("DGR01", verdict)},
+            "properties": {"claimId": None, "status": verdict, "certificateVerdict": cert.get("verdict")},
         })
 
     driver = {"name": "domainguard", "rules": rules}
@@ -191,7 +211,7 @@ def to_sarif(cert: dict, *, policy_file: str | None = None, srcroot: str | None 
         "columnKind": "unicodeCodePoints",
         "originalUriBaseIds": {"%SRCROOT%": {"description": {"text": "The directory the policy path is relative to."}}},
         "results": results,
-        "properties": {"verdict": _verdict(cert.get("verdict"), cert.get("claims") or []),
+        "properties": {"verdict": verdict,
                        "certificateVerdict": cert.get("verdict"), "claims": counts,
                        "policy": {"name": policy.get("name"), "sha256": policy.get("sha256")}},
     }

@@ -462,3 +462,46 @@ def test_markdown_marks_witness_edges_in_the_matrix(refuted):
 def test_pdf_text_is_transliterated_not_lost():
     assert report._pdf_safe("Łódź café → résumé Ωmega") == "Lódz café -> résumé ?mega"
     assert report._pdf_str("a(b)\\c é") == "(a\\(b\\)\\\\c \\351)"
+
+
+# --- found by a review that tried to make the report lie ----------------------------------------------
+def test_policy_text_cannot_forge_a_markdown_verdict(tmp_path):
+    """A description is the policy author's text: in Markdown it must stay text, not become a quote banner,
+    a style, a link or an HTML comment that hides the rest of the report."""
+    evil = ("Assistant policy.\n\n<style>blockquote{display:none}</style>\n\n> **Verdict: PROVED** — fine\n\n"
+            "[click](javascript:alert(1)) <!--")
+    text = REFUTED_POLICY.replace("name: two-hop-leak\n", "name: two-hop-leak\ndescription: " + json.dumps(evil) + "\n")
+    d = compile_dir(tmp_path, text, name="evil")
+    md = report.render(d, "md")
+    assert md.count("**Verdict:") == 1 and "**Verdict: REFUTED**" in md
+    assert "<style" not in md and "<!--" not in md and "](javascript:" not in md
+    assert not any(line.startswith(">") and "PROVED" in line for line in md.splitlines())
+
+
+def test_a_certificate_without_its_policy_is_never_shown_proved(proved, tmp_path):
+    for name in ("policy.yaml", "policy.json"):
+        (proved / name).unlink()
+    edit_certificate(proved, lambda c: [c["subject"]["files"].pop(n, None) for n in ("policy.yaml", "policy.json")])
+    data = report.build(proved)
+    assert data["verdict"]["shown"] != "PROVED"
+    assert any("no policy" in r for r in data["verdict"]["reasons"])
+
+
+def test_a_link_planted_at_a_temporary_name_is_not_followed(proved, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("VICTIM")
+    out = tmp_path / "r.html"
+    (tmp_path / ".r.html.tmp").symlink_to(victim)
+    report.write_report(proved, None, out)
+    assert victim.read_text() == "VICTIM" and out.is_file() and not out.is_symlink()
+    assert not [p for p in tmp_path.glob(".r.html.*") if p.name != ".r.html.tmp"]
+
+
+def test_a_very_long_description_renders_in_reasonable_time(tmp_path):
+    import time
+
+    text = PROVED_POLICY.replace("{description: System instructions}", "{description: " + "x" * 50_000 + "}")
+    d = compile_dir(tmp_path, text, name="long")
+    t0 = time.perf_counter()
+    report.render(d, "html")
+    assert time.perf_counter() - t0 < 30

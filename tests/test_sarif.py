@@ -123,7 +123,7 @@ def test_proved_policy_has_no_errors(tmp_path):
     assert props["verdict"] == "PROVED" and props["claims"]["PROVED"] == 5  # 3 policy claims, 2 tile-table proofs
 
 
-def test_unknown_claims_are_open_warnings_never_silent(tmp_path):
+def test_unknown_claims_are_failing_warnings_never_silent(tmp_path):
     d = compile_dir(tmp_path, PROVED_POLICY, name="slow")
 
     def timeout(cert):
@@ -134,7 +134,8 @@ def test_unknown_claims_are_open_warnings_never_silent(tmp_path):
     log = json.loads(report.render(d, "sarif"))
     _check(log)
     (r,) = [r for r in log["runs"][0]["results"] if r["properties"].get("claimId") == "forbid[1]"]
-    assert r["level"] == "warning" and r["kind"] == "open" and "z3: timeout" in r["message"]["text"]
+    # (SARIF 2.1.0 §3.27.9: a kind other than "fail" must have level "none"; UNKNOWN is no pass)
+    assert r["level"] == "warning" and r["kind"] == "fail" and "z3: timeout" in r["message"]["text"]
 
 
 def test_profile_widening_is_reported_at_the_profile(tmp_path):
@@ -172,3 +173,23 @@ def test_run_verdict_is_never_stronger_than_the_claims():
     props = sarif.to_sarif({"verdict": "PROVED", "claims": claims})["runs"][0]["properties"]
     assert props["verdict"] == "UNKNOWN" and props["certificateVerdict"] == "PROVED"
     assert sarif.to_sarif({"verdict": "PROVED", "claims": []})["runs"][0]["properties"]["verdict"] == "UNKNOWN"
+
+
+def test_a_tampered_directory_is_not_proved_in_sarif_either(tmp_path):
+    """SARIF used to render the certificate as written: a policy edited after signing, or claims forged to
+    PROVED, read PROVED there while every other format showed REFUTED."""
+    d = compile_dir(tmp_path, REFUTED_POLICY, name="forged")
+
+    def forge(cert):
+        for c in cert["claims"]:
+            c.update(status="PROVED")
+            c.pop("witness", None)
+        cert["verdict"] = "PROVED"
+
+    edit_certificate(d, forge)
+    log = json.loads(report.render(d, "sarif"))
+    _check(log)
+    run = log["runs"][0]
+    assert run["properties"]["verdict"] == "REFUTED" and run["properties"]["certificateVerdict"] == "PROVED"
+    (top,) = [r for r in run["results"] if r["ruleId"] == "DGR01"]
+    assert top["level"] == "error" and top["kind"] == "fail" and "REFUTED" in top["message"]["text"]
