@@ -107,7 +107,9 @@ def _not_compiled_output(target: Path) -> str | None:
         ours = False
     if not ours:
         return "exists and is not a compiled directory"
-    if (target / "manifest.json").exists() or "bundle" in (cert.get("subject") or {}):
+    from .bundle import claims_bundle
+
+    if claims_bundle(target, cert.get("subject")):
         return "is a certified bundle"
     files = cert.get("subject", {}).get("files")
     known = set(files) if isinstance(files, dict) else set()
@@ -171,13 +173,13 @@ def load_dir(path: Path):
     from .compiled import compile
     from .parse import load_policy, loads_policy
 
-    from .bundle import MANIFEST, _inside, check_bundle_files
+    from .bundle import _inside, check_bundle_files, claims_bundle
 
     path = Path(path)
     cert = Certificate.load(path)
     problems: list[str] = []
     named = cert.subject.get("files", {})
-    if (path / MANIFEST).exists() or "bundle" in cert.subject:
+    if claims_bundle(path, cert.subject):
         # A bundle: its manifest covers every file (model, report, ...), not only those the certificate names.
         try:
             check_bundle_files(path)

@@ -31,6 +31,7 @@ SUB_N: the larger must be a multiple of the smaller).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -630,12 +631,13 @@ class GuardedAttention:
         every layer with the same mask and every call of a forward pass. A layout whose tensors were
         changed in place since (their version counters moved) gets a new plan."""
         entry = self._plans.get((id(layout), key))
-        if entry is not None and entry[0]() is layout and entry[2] == _fingerprint(layout):
+        now = _fingerprint(layout)
+        if entry is not None and entry[0]() is layout and entry[2] == now:
             return entry[1]
         plan = build()
         if len(self._plans) >= _PLAN_CACHE_SIZE:
             self._plans.pop(next(iter(self._plans)))
-        self._plans[(id(layout), key)] = (weakref.ref(layout), plan, _fingerprint(layout))
+        self._plans[(id(layout), key)] = (weakref.ref(layout), plan, now)
         return plan
 
     def _tile_kinds(self, layer: int, qa, ka, block_q: int, block_k: int) -> torch.Tensor:
@@ -715,8 +717,6 @@ class GuardedAttention:
         now = (_fingerprint(plan), _fingerprint(layout))
         if seen is not None and seen[0]() is layout and seen[1] == key and seen[2] == now and None not in now:
             return seen[3]
-        import copy
-
         frozen = copy.deepcopy(plan)  # copied before the check: what is checked is what runs
         check_plan(frozen, layout, qsl, self.compiled.pad_id, q.device, hq=q.shape[1], hkv=k.shape[1],
                    kinds_of=functools.partial(self._tile_kinds, layer))

@@ -401,6 +401,11 @@ def _added_files(root: Path) -> list[str]:
     return out
 
 
+def claims_bundle(root: Path, subject: dict) -> bool:
+    """A directory that is (or says it is) a certified bundle: a manifest, or a certificate naming the format."""
+    return (Path(root) / MANIFEST).exists() or "bundle" in (subject or {})
+
+
 def check_bundle_files(path) -> dict[str, str]:
     """The byte-level checks of a bundle: the manifest is intact, lists exactly the files present
     (no links or special files, every required file) with their digests, and a signature that is

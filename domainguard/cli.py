@@ -142,11 +142,11 @@ def _certificate_result(path: Path, cert, verdict):
     """Does the certificate claim what was just re-derived? Its verdict must follow from its claims; a
     bundle's must also hold every claim a certification makes (the model's graph audit and leak test are
     not re-run here: their recorded results count)."""
-    from .bundle import MANIFEST, claim_problems
+    from .bundle import claim_problems, claims_bundle
     from .certificate import overall
     from .verdict import Result, Status
 
-    if (path / MANIFEST).exists() or "bundle" in cert.subject:
+    if claims_bundle(path, cert.subject):
         problems = claim_problems(cert, verdict)
     elif cert.claims and cert.verdict != overall(cert.claims):
         problems = [f"its verdict {cert.verdict} does not follow from its claims ({overall(cert.claims)})"]

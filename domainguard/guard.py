@@ -512,7 +512,6 @@ _PROMPT_READERS = {
     "no_repeat_ngram_size": 0,
     "encoder_no_repeat_ngram_size": 0,
     "prompt_lookup_num_tokens": None,
-    "assistant_model": None,
     "stop_strings": None,
 }
 # Callables and objects generate() hands the whole sequence to.

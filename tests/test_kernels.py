@@ -454,22 +454,30 @@ def _mixed(slots, secret_tok, block):
     return _swapped(slots, s_slot, starts[0] + 1)
 
 
-def test_a_plan_changed_in_place_after_its_first_use_is_checked_again(compiled):
-    """The check of a given plan is remembered; an in-place edit afterwards (a readable key slot pointed at a
-    secret token) must not ride on it."""
-    n = 48
-    ids = _ids(1, n, seed=17)
+def _planned_48(compiled):
+    """A 48-token layout of short segments, one-head q/k/v, a guard and its plan for layer 0."""
+    ids = _ids(1, 48, seed=17)
     layout = dg.Layout.from_ids(compiled, ids).to(DEV)
-    q, k, v = _qkv(1, 1, 1, n, 64, torch.float32, seed=2)
+    q, k, v = _qkv(1, 1, 1, 48, 64, torch.float32, seed=2)
     guard = GuardedAttention(compiled, SMALL)
-    plan = guard.plan(layout, 0, heads=1, dtype=q.dtype, head_dim=64)
-    with torch.no_grad():
-        guard(q, k, v, layout, 0, plan=plan)  # checked, and the check remembered
-    tok, dom = plan.ks.tok[0], plan.ks.dom[0]
+    return ids, layout, (q, k, v), guard, guard.plan(layout, 0, heads=1, dtype=q.dtype, head_dim=64)
+
+
+def _swap_secret_key_slot(tok, dom) -> None:
+    """Point a readable key slot at a secret token (and the secret slot at its token); labels untouched."""
     secret_slot = int(((dom == SECRET) & (tok >= 0)).nonzero()[0])
     other_slot = int(((dom != SECRET) & (tok >= 0)).nonzero()[0])
     a, b = int(tok[other_slot]), int(tok[secret_slot])
-    tok[other_slot], tok[secret_slot] = b, a  # labels untouched
+    tok[other_slot], tok[secret_slot] = b, a
+
+
+def test_a_plan_changed_in_place_after_its_first_use_is_checked_again(compiled):
+    """The check of a given plan is remembered; an in-place edit afterwards (a readable key slot pointed at a
+    secret token) must not ride on it."""
+    _, layout, (q, k, v), guard, plan = _planned_48(compiled)
+    with torch.no_grad():
+        guard(q, k, v, layout, 0, plan=plan)  # checked, and the check remembered
+    _swap_secret_key_slot(plan.ks.tok[0], plan.ks.dom[0])
     with pytest.raises(KernelError) as e, torch.no_grad():
         guard(q, k, v, layout, 0, plan=plan)
     assert e.value.code == "DG319"
@@ -478,20 +486,11 @@ def test_a_plan_changed_in_place_after_its_first_use_is_checked_again(compiled):
 def test_writes_to_a_checked_plan_that_no_version_counter_sees_never_reach_the_kernels(compiled):
     """The kernels run a private copy of the plan made when it was checked: a write through .data (which
     leaves the version counter alone) changes the caller's tensors, not what runs."""
-    n = 48
-    ids = _ids(1, n, seed=17)
-    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    ids, layout, (q, k, v), guard, plan = _planned_48(compiled)
     secret = (ids[0] == SECRET).to(DEV)
-    q, k, v = _qkv(1, 1, 1, n, 64, torch.float32, seed=2)
-    guard = GuardedAttention(compiled, SMALL)
-    plan = guard.plan(layout, 0, heads=1, dtype=q.dtype, head_dim=64)
     with torch.no_grad():
         clean = guard(q, k, v, layout, 0, plan=plan)
-    tok, dom = plan.ks.tok.data[0], plan.ks.dom[0]
-    secret_slot = int(((dom == SECRET) & (tok >= 0)).nonzero()[0])
-    other_slot = int(((dom != SECRET) & (tok >= 0)).nonzero()[0])
-    a, b = int(tok[other_slot]), int(tok[secret_slot])
-    tok[other_slot], tok[secret_slot] = b, a
+    _swap_secret_key_slot(plan.ks.tok.data[0], plan.ks.dom[0])
     v2 = v.clone()
     v2[:, :, secret] = float("nan")
     with torch.no_grad():
@@ -528,13 +527,8 @@ def test_forged_plan_slots_are_refused(compiled, forgery, monkeypatch):
 
     att = importlib.import_module("domainguard.attention")  # the package re-exports a function of that name
 
-    n = 48
-    ids = _ids(1, n, seed=17)
-    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    ids, layout, (q, k, v), guard, plan = _planned_48(compiled)
     secret = (ids == SECRET).to(DEV)
-    q, k, v = _qkv(1, 1, 1, n, 64, torch.float32, seed=2)
-    guard = GuardedAttention(compiled, SMALL)
-    plan = guard.plan(layout, 0, heads=1, dtype=q.dtype, head_dim=64)
     if forgery == "relabel":
         ks = _relabelled(plan.ks, secret[0][plan.ks.tok.clamp(min=0).long()], 0)
     else:

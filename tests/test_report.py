@@ -22,6 +22,7 @@ from test_report_fixtures import (
     compile_dir,
     decode_png,
     edit_certificate,
+    forge_proved,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -181,13 +182,7 @@ def test_certificate_verdict_stronger_than_its_claims_is_weakened(proved):
 
 
 def test_forged_certificate_is_caught_by_re_deriving_the_claims(refuted):
-    def forge(cert):
-        for c in cert["claims"]:
-            c.update(status="PROVED")
-            c.pop("witness", None)
-        cert["verdict"] = "PROVED"
-
-    edit_certificate(refuted, forge)
+    edit_certificate(refuted, forge_proved)
     data = report.build(refuted)
     _validate(data)
     assert data["verdict"]["certificate"] == "PROVED" and data["verdict"]["shown"] == "REFUTED"

@@ -170,3 +170,11 @@ def has_color(img: np.ndarray, color: str, tol: int = 24, min_pixels: int = 20) 
 def ink_fraction(img: np.ndarray) -> float:
     """Share of pixels that are not (near) white."""
     return float((img.astype(np.int16).min(axis=2) < 235).mean())
+
+
+def forge_proved(cert: dict) -> None:
+    """Edit a certificate (dict) to claim everything PROVED: every claim, witnesses dropped, the verdict."""
+    for c in cert["claims"]:
+        c.update(status="PROVED")
+        c.pop("witness", None)
+    cert["verdict"] = "PROVED"

@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 
 from domainguard import report, sarif
-from test_report_fixtures import PROVED_POLICY, REFUTED_POLICY, compile_dir, edit_certificate
+from test_report_fixtures import PROVED_POLICY, REFUTED_POLICY, compile_dir, edit_certificate, forge_proved
 
 # The parts of the SARIF 2.1.0 schema (OASIS, sarif-schema-2.1.0.json) that our logs use, with the same
 # required properties and enumerations, plus what GitHub code scanning needs of each result.
@@ -180,13 +180,7 @@ def test_a_tampered_directory_is_not_proved_in_sarif_either(tmp_path):
     PROVED, read PROVED there while every other format showed REFUTED."""
     d = compile_dir(tmp_path, REFUTED_POLICY, name="forged")
 
-    def forge(cert):
-        for c in cert["claims"]:
-            c.update(status="PROVED")
-            c.pop("witness", None)
-        cert["verdict"] = "PROVED"
-
-    edit_certificate(d, forge)
+    edit_certificate(d, forge_proved)
     log = json.loads(report.render(d, "sarif"))
     _check(log)
     run = log["runs"][0]
