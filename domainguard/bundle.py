@@ -256,7 +256,7 @@ def _write_report(root: Path) -> list[str]:
     (root / REPORT_DIR).mkdir()
     written = []
     for fmt, name in (("md", "report.md"), ("html", "report.html")):
-        report.write_report(str(root), fmt, str(root / REPORT_DIR / name))
+        report.save(root / REPORT_DIR / name, report.render(str(root), fmt))
         written.append(f"{REPORT_DIR}/{name}")
     return written
 

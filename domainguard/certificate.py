@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import BundleError
 
@@ -122,8 +122,14 @@ class Certificate(BaseModel):
             raise BundleError(f"{p}: not a readable certificate ({exc})", code="DG402") from None
         try:
             cert = cls.model_validate(data)
-        except Exception as exc:  # pydantic ValidationError: report it once, as a bundle problem
-            raise BundleError(f"{p}: malformed certificate: {exc}", code="DG402") from None
+        except ValidationError as exc:  # one line: the first problem, and how many more there are
+            errors = exc.errors(include_url=False)
+            first = errors[0]
+            where = ".".join(str(x) for x in first["loc"]) or "(top level)"
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise BundleError(f"{p}: malformed certificate: {where}: {first['msg']}{more}", code="DG402",
+                              hint="Certificates are written by `domainguard compile -o` and `certify`; "
+                                   "regenerate it rather than editing it.") from None
         return cert
 
 

@@ -40,6 +40,8 @@ from .errors import BundleError, DomainGuardError, Location
 
 REPORT_FORMAT = "domainguard-report/1"
 FORMATS = ("html", "pdf", "md", "json", "sarif")
+_SUFFIXES = {".html": "html", ".htm": "html", ".pdf": "pdf", ".md": "md", ".markdown": "md", ".json": "json",
+             ".sarif": "sarif"}
 STATUSES = ("PROVED", "REFUTED", "UNKNOWN")
 FORBID_KINDS = ("flow", "isolate", "combine")
 
@@ -97,7 +99,9 @@ def _recompile(src: _Source):
         else:
             src.notes.append("no policy.yaml or policy.json beside the certificate: domain pictures omitted")
             return None
-        return compile(policy, layers=layers if isinstance(layers, int) else None, profile=scope.get("profile"))
+        profile = scope.get("profile")
+        return compile(policy, layers=layers if isinstance(layers, int) else None,
+                       profile=profile if isinstance(profile, str) else None)
     except DomainGuardError as exc:
         src.notes.append(f"the directory's policy does not compile ({exc}): domain pictures omitted")
         return None
@@ -267,7 +271,7 @@ def _claim_row(claim: dict) -> dict:
         "witness": _witnesses(claim),
         "reason": claim.get("reason"),
         "location": loc,
-        "rule": details.get("rule"),
+        "rule": details.get("rule") if isinstance(details.get("rule"), dict) else None,
         "unbounded": details.get("unbounded"),
         "explanation": details.get("explanation"),
         "details": {k: v for k, v in details.items() if k not in ("location", "rule", "unbounded", "explanation")},
@@ -523,9 +527,12 @@ NOT_EVIDENCED = ("Not evidenced by this report: Annex IV 1(b), 1(d)-(h), 2(d) da
 
 def build(path: str | Path) -> dict:
     """The report data for a compiled directory or bundle: a JSON-able dict valid under ``REPORT_SCHEMA``."""
+    return _build(_load(path))
+
+
+def _build(src: _Source) -> dict:
     from . import __version__
 
-    src = _load(path)
     cert = src.cert
     subject = cert.get("subject") or {}
     policy_dict = None
@@ -540,11 +547,12 @@ def build(path: str | Path) -> dict:
         c["rechecked"] = (rechecked or {}).get(c["id"])
     verdict = _shown_verdict(cert, claims, integrity, leak, audit, rechecked)
     scope = cert.get("scope") or {}
-    profile = scope.get("profile")
+    profile = scope.get("profile") if isinstance(scope.get("profile"), str) else None
     prof_def = ((policy_dict or {}).get("profiles") or {}).get(profile) if profile else None
     blockmap = _example_blockmap(src.compiled, src.notes)
     threat = cert.get("threat_model") if isinstance(cert.get("threat_model"), dict) else {}
-    not_covered = [str(x) for x in (threat.get("not_covered") or [])]
+    listed = threat.get("not_covered")
+    not_covered = [str(x) for x in listed] if isinstance(listed, list) else []
     said = " ".join(not_covered).lower()
     not_covered += [text for word, text in NOT_COVERED_ALWAYS if word not in said]
     raw = src.cert_path.read_bytes()
@@ -1327,9 +1335,9 @@ def document(data: dict) -> list[Block]:
     if data["domains"]:
         forbidden: dict[str, list[str]] = {}
         for c in data["rules"]:
-            rule = c.get("rule") or {}
-            if "flow" in rule:
-                forbidden.setdefault(rule["flow"]["from"], []).append(f"→ {rule['flow']['to']}")
+            flow = (c.get("rule") or {}).get("flow")
+            if isinstance(flow, dict):
+                forbidden.setdefault(str(flow.get("from")), []).append(f"→ {flow.get('to')}")
         B.append(Figure(draw_domain_tree(data["domains"], forbidden), "Domains in pre-order (a subtree is a "
                         "contiguous id range). Blue outline: the domain of generated tokens."))
         if len(data["domains"]) > _TREE_MAX:
@@ -2019,11 +2027,12 @@ def render(path: str | Path, fmt: str = "html") -> Union[str, bytes]:
     fmt = fmt.lower()
     if fmt not in FORMATS:
         raise BundleError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}", code="DG432")
-    data = build(path)
+    src = _load(path)
+    data = _build(src)
     if fmt == "sarif":
         from .sarif import dumps
 
-        return dumps(_load(path).cert, srcroot=str(Path.cwd()), shown=data["verdict"])
+        return dumps(src.cert, srcroot=str(Path.cwd()), shown=data["verdict"])
     if fmt == "json":
         return json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
     if fmt == "html":
@@ -2036,9 +2045,24 @@ def render(path: str | Path, fmt: str = "html") -> Union[str, bytes]:
 def write_report(path: str | Path, fmt: str | None, out: str | Path) -> None:
     """Render and write atomically to ``out`` (a file); ``fmt=None`` takes the format from its suffix."""
     target = Path(out)
+    by_suffix = _SUFFIXES.get(target.suffix.lower())
     if fmt is None:
-        fmt = {".htm": "html", ".markdown": "md"}.get(target.suffix.lower(), target.suffix.lower().lstrip("."))
-    data = render(path, fmt)
+        fmt = by_suffix or target.suffix.lower().lstrip(".")
+    elif by_suffix and by_suffix != fmt.lower():
+        raise BundleError(f"--format {fmt} but the output file's name ends in {target.suffix}", code="DG432",
+                          location=Location(str(target)), hint=f"Name it *.{fmt.lower()} or drop --format.")
+    source = Path(path)
+    root = (source if source.is_dir() else source.parent).resolve()
+    if root == target.resolve() or root in target.resolve().parents:
+        raise BundleError("the report would be written inside the directory it reports on, which changes what was "
+                          "certified (an added or replaced file fails `domainguard verify`)", code="DG434",
+                          location=Location(str(target)), hint="Write it beside the directory, e.g. -o report.html.")
+    save(target, render(path, fmt))
+
+
+def save(target: str | Path, data: Union[str, bytes]) -> None:
+    """Write a rendered report to ``target`` atomically (a new temporary file, then a rename)."""
+    target = Path(target)
     tmp = None
     try:
         # A new file of an unpredictable name (O_EXCL): a link planted at a guessable name is never followed.

@@ -366,6 +366,52 @@ def test_malformed_certificate_names_the_file(refuted):
     assert "certificate.json" in str(e.value)
 
 
+def test_malformed_certificate_is_one_line_naming_the_first_problem(refuted):
+    edit_certificate(refuted, lambda c: c.update(verdict="MAYBE", format="x"))
+    with pytest.raises(BundleError) as e:
+        report.render(refuted, "md")
+    text = str(e.value)
+    assert e.value.code == "DG402" and "\n" not in text and "format:" in text and "(and 1 more)" in text
+
+
+@pytest.mark.parametrize("edit", [
+    lambda c: c["scope"].update(profile=[]),
+    lambda c: c["scope"].update(profile={"a": 1}),
+    lambda c: c["threat_model"].update(not_covered=1),
+    lambda c: c["claims"][0]["details"].update(rule=1),
+    lambda c: c["claims"][0]["details"].update(rule={"flow": None}),
+    lambda c: c["claims"][0]["details"].update(rule={"flow": {}}),
+], ids=["profile-list", "profile-dict", "not-covered-int", "rule-int", "flow-null", "flow-empty"])
+def test_certificate_of_wrong_types_renders_or_is_refused_never_crashes(refuted, edit):
+    # Shapes the certificate's schema lets through (free-form objects) but the report reads into.
+    edit_certificate(refuted, edit)
+    for fmt in ("md", "json", "sarif", "html"):
+        try:
+            out = report.render(refuted, fmt)
+        except BundleError:
+            continue
+        assert out and "PROVED" not in out.split("\n", 3)[0]
+
+
+def test_report_is_never_written_inside_the_directory_it_reports_on(refuted):
+    cert = (refuted / "certificate.json").read_bytes()
+    for out in (refuted / "certificate.json", refuted / "report.html", refuted / "sub" / "r.md"):
+        with pytest.raises(BundleError) as e:
+            report.write_report(refuted, None, out)
+        assert e.value.code == "DG434"
+    with pytest.raises(BundleError):
+        report.write_report(refuted / "certificate.json", "json", refuted / "certificate.json")
+    assert (refuted / "certificate.json").read_bytes() == cert and not (refuted / "report.html").exists()
+
+
+def test_format_and_a_suffix_that_disagree_are_refused(refuted, tmp_path):
+    with pytest.raises(BundleError) as e:
+        report.write_report(refuted, "pdf", tmp_path / "r.html")
+    assert e.value.code == "DG432" and not (tmp_path / "r.html").exists()
+    report.write_report(refuted, "html", tmp_path / "r.txt")  # an unknown suffix takes --format
+    assert (tmp_path / "r.txt").read_text().startswith("<!DOCTYPE html>")
+
+
 def test_unknown_format(refuted):
     with pytest.raises(BundleError) as e:
         report.render(refuted, "docx")
