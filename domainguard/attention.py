@@ -10,8 +10,10 @@ Semantics shared by every path (q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]``):
 * ``mask[b, i, j]`` = relation[d_i, d_j] AND pattern(i, j) AND both tokens valid
   (``domainguard.patterns.dense_mask``); masked scores are ``-inf`` — never a finite
   "large negative" — so a masked pair has probability exactly 0;
-* a masked key's values are never multiplied into a row that may not read them
-  (``0 * NaN`` would be NaN), so outputs are bitwise independent of forbidden keys;
+* a key of a domain the row may not read never has its values multiplied into the row
+  (``0 * NaN`` would be NaN), so outputs are bitwise independent of forbidden domains' keys;
+  keys of readable domains that causality or a pattern excludes may be, as in dense attention
+  (a NaN or Inf there can reach the row; the certificate's threat model says so);
 * a fully masked row gives output 0 and log-sum-exp 0 (finite by convention).
 
 How the kernels stay fast on fragmented layouts: tokens are sorted by domain into

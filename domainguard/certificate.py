@@ -192,6 +192,11 @@ THREAT_MODEL = {
     "not_covered": [
         "side channels outside the model (timing, memory, batch composition)",
         "the length of forbidden segments when positions are global (reported as a finding)",
+        "the length of forbidden segments at float-rounding level under any positions: how many keys a row "
+        "reduces over sets the order of its float sums (logits move by about 1e-7); inputs of equal lengths "
+        "are bitwise independent of forbidden contents",
+        "KV caches changed by other code after the guard filled them (cropped, then refilled without the "
+        "guard): the guard checks which guard filled a cache and under which domain ids, not its values",
         "information present in the weights themselves (training data memorisation)",
         "operations outside the guarded model (tokeniser, sampling code, retrieval)",
         "non-finite values (NaN, ±Inf) in tokens of domains a protected token may read, but that causality or a "

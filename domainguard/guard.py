@@ -474,12 +474,24 @@ def _guarded_forward(self, input_ids=None, *, domain_ids=None, **kwargs):
     # ``past_key_values``.
     past = kwargs.get("past_key_values")
     cache = past if past is not None else kwargs.get("cache")
-    total = _past_length(cache) + n_new
+    cached = _past_length(cache)
+    total = cached + n_new
     if isinstance(domain_ids, torch.Tensor):
         domain_ids = domain_ids.to(tokens.device)
+        unlabelled = total - max(domain_ids.shape[-1], cached) if domain_ids.dim() == 2 else 0
+        if cached and unlabelled > 1:
+            # A decode step adds one generated token to a cache. More tokens past domain_ids are the prompt fed
+            # again on top of its own cache (generate() without a full-length attention_mask does that):
+            # labelling them as generated would let the answer read them.
+            raise ModelError(
+                f"{unlabelled} new tokens after a KV cache of {cached} fall past domain_ids "
+                f"({domain_ids.shape[-1]} tokens) and would be taken as generated",
+                code="DG514",
+                hint="After a cache pass only the new tokens (to generate(): the whole attention_mask), and domain "
+                     "ids for every token that was not generated.")
     layout = _step_layout(state, domain_ids, total, kwargs.get("attention_mask"))
-    _check_cache(state, cache, layout, total - n_new)
-    positions = layout.position_ids[:, total - n_new :].to(tokens.device)
+    _check_cache(state, cache, layout, cached)
+    positions = layout.position_ids[:, cached:].to(tokens.device)
     given = kwargs.get("position_ids")
     if given is not None and not torch.equal(given.to(positions.device).expand_as(positions), positions):
         raise ModelError(
@@ -563,10 +575,34 @@ def _check_generation(model, args: tuple, kwargs: dict) -> None:
         for value in values(name):
             if any(len(seq) > 1 for seq in _token_lists(name, value)):
                 refuse(f"{name}=... with sequences of several tokens", "Use single-token entries only.")
+    for value in values("watermarking_config"):
+        width = value.get("context_width", 1) if isinstance(value, dict) else getattr(value, "context_width", 1)
+        if value is not None and width != 1:  # its green list is seeded by the last context_width tokens
+            refuse(f"watermarking_config=... with context_width={width}", "Use context_width=1 (seeded by the "
+                   "last token only, which is of the generation domain).")
+    for name in ("custom_generate", "trust_remote_code", "assistant_early_exit"):
+        if given.get(name) not in (None, False):
+            raise ModelError(f"generate({name}=...) runs decoding the guard has not checked", code="DG515",
+                             hint=f"Leave {name} out.")
+    if all(v is None for v in values("max_new_tokens")):
+        raise ModelError("generate() without max_new_tokens stops at max_length, which counts every prompt token: "
+                         "how many tokens it generates tells how long the forbidden segments are", code="DG515",
+                         hint="Pass max_new_tokens=N.")
+    if any(values("min_length")):
+        raise ModelError("generate(min_length=...) counts every prompt token: when EOS becomes possible tells how "
+                         "long the forbidden segments are", code="DG515", hint="Use min_new_tokens instead.")
 
 
 def _guarded_generate(self, *args, **kwargs):
     _check_generation(self, args, kwargs)
+    domain_ids = kwargs.get("domain_ids")
+    if isinstance(domain_ids, torch.Tensor) and domain_ids.dim() == 2 and domain_ids.shape[1]:
+        # The first token is chosen from the prefill's last logits, before any decode step checks the prompt's
+        # end: check it now (a secret or padded last token would pick it, and a streamer would already have it).
+        mask = kwargs.get("attention_mask")
+        usable = isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= domain_ids.shape[1]
+        full_domain_ids(guard_state(self).compiled, domain_ids, domain_ids.shape[1] + 1,
+                        (mask != 0).to(domain_ids.device) if usable else None)
     return type(self).generate(self, *args, **kwargs)
 
 

@@ -246,6 +246,73 @@ def test_generate_refuses_a_masked_last_prompt_token():
     assert e.value.code == "DG505" and "masked" in str(e.value)
 
 
+def test_generate_checks_the_prompt_end_before_the_first_token():
+    """The first token comes from the prefill's logits: a prompt ending in a secret token must be refused
+    before it is chosen (before, one new token came back unchecked, and a streamer got it)."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Seen(BaseStreamer):
+        def __init__(self):
+            self.got = []
+
+        def put(self, value):
+            self.got.append(value)
+
+        def end(self):
+            pass
+
+    g = dg.guard(tiny_llama(), compiled())
+    doms = torch.tensor([[SYSTEM, NOTES, ANSWER, SECRET]])
+    for n in (1, 3):
+        seen = Seen()
+        with pytest.raises(ModelError) as e:
+            g.generate(ids_for(doms), domain_ids=doms, max_new_tokens=n, do_sample=False, pad_token_id=0,
+                       streamer=seen)
+        assert e.value.code == "DG505" and seen.got == []
+
+
+def test_continuing_with_the_cache_needs_the_whole_attention_mask():
+    """generate(sequences, past_key_values=cache) without a full-length attention_mask feeds the whole sequence
+    again on top of its own cache; the re-fed secret tokens would be labelled as generated and read by the
+    answer (measured: 4 different continuations over 6 secret poisonings). Refused; with the mask it is isolated."""
+    g = dg.guard(tiny_llama(), compiled())
+    doms = torch.tensor([[SYSTEM, NOTES, SECRET, SECRET, SECRET, ANSWER]])
+    ids = ids_for(doms)
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    conts = set()
+    for seed in range(3):
+        first = g.generate(poisoned(ids, doms, seed=seed), domain_ids=doms, return_dict_in_generate=True, **kw)
+        with pytest.raises(ModelError) as e:
+            g.generate(first.sequences, domain_ids=doms, past_key_values=first.past_key_values, **kw)
+        assert e.value.code == "DG514" and "past domain_ids" in str(e.value)
+        again = g.generate(poisoned(ids, doms, seed=seed), domain_ids=doms, return_dict_in_generate=True, **kw)
+        out = g.generate(again.sequences, domain_ids=doms, past_key_values=again.past_key_values,
+                         attention_mask=torch.ones_like(again.sequences), **kw)
+        conts.add(tuple(out[0, again.sequences.shape[1]:].tolist()))
+    assert len(conts) == 1
+
+
+@pytest.mark.parametrize("option", [
+    {"watermarking_config": {"context_width": 4, "seeding_scheme": "selfhash"}}, {"max_new_tokens": None},
+    {"max_new_tokens": None, "max_length": 14}, {"min_length": 12}, {"custom_generate": "x"},
+    {"assistant_early_exit": 1},
+], ids=["watermark-width-4", "no-max-new-tokens", "max-length", "min-length", "custom-generate", "early-exit"])
+def test_generation_options_that_count_or_hash_prompt_tokens_are_refused(option):
+    """A watermark seeded by the last 4 tokens reads prompt tokens (measured: 6 different outputs over 12
+    secret poisonings); max_length and min_length count them, so the answer's length tells the secret's;
+    custom decoding and early exit run code the guard has not checked."""
+    g = dg.guard(tiny_llama(), compiled())
+    ids = ids_for(DOMS)
+    kw = {"max_new_tokens": 2, "do_sample": False, "pad_token_id": 0, **option}
+    with pytest.raises(ModelError) as e:
+        g.generate(ids, domain_ids=DOMS, **{k: v for k, v in kw.items() if v is not None})
+    assert e.value.code == "DG515"
+    assert g.config.num_hidden_layers == LAYERS  # refused before anything changed the model
+    out = g.generate(ids, domain_ids=DOMS, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                     watermarking_config={"context_width": 1})  # seeded by the last token only
+    assert out.shape[1] == ids.shape[1] + 2
+
+
 @pytest.mark.parametrize("option", [
     {"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2}, {"encoder_repetition_penalty": 1.2},
     {"bad_words_ids": [[5, 6]]}, {"sequence_bias": {(5, 6): -1.0}}, {"prompt_lookup_num_tokens": 2},
