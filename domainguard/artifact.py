@@ -48,17 +48,18 @@ def write_tables(compiled, root: Path) -> None:
 
 
 def temp_dir_beside(target: Path) -> Path:
-    """An empty folder next to ``target`` (same file system, so the final rename is atomic)."""
+    """An empty private (0700) folder next to ``target`` (same file system, so the final rename is atomic).
+    It stays private while it is written and signed: nobody else can change a file between its writing and
+    its hashing. ``replace_dir`` gives it the umask's mode as it moves it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the result private by accident
-    return tmp
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
 
 
 def replace_dir(tmp: Path, target: Path) -> None:
     """Move the finished folder ``tmp`` to ``target``; an old ``target`` is restored if the move fails."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the result private by accident
     backup = None
     if target.exists():
         backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))

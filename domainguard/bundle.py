@@ -39,10 +39,15 @@ claims less than a certification checks, or whose kernels are not the ones insta
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import stat
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -51,7 +56,7 @@ import numpy as np
 import torch
 
 from .artifact import replace_dir, temp_dir_beside, write_tables
-from .errors import BundleError, Location, ModelError
+from .errors import BundleError, DomainGuardError, Location, ModelError
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -451,13 +456,97 @@ def claim_problems(cert, verdict) -> list[str]:
     return problems
 
 
-def check_bundle(path) -> tuple[object, object]:
+_MAX_DEPTH = 8  # folders below a bundle's top (it writes model/ and report/, one level down)
+
+
+@contextlib.contextmanager
+def private_copy(path):
+    """A private copy of bundle ``path`` (a 0700 folder under the system's temporary directory), for checks
+    and loading to read the same bytes: between a check of the bundle and a load from it, whoever may write
+    there could change or swap a file, or the whole folder. Only what the manifest lists is copied, without
+    following links, and errors raised inside name the bundle's own paths."""
+    src = Path(path)
+    if not src.is_dir():
+        raise _bad(src, "no such bundle folder", "DG440")
+    listed = set(_read_manifest(src)) | {MANIFEST, SIGNATURE}  # the file set, before anything is read in full
+    base = Path(tempfile.mkdtemp(prefix="domainguard-load-"))
+    copy = base / "bundle"
+    try:
+        try:
+            _copy_listed(src, copy, listed, shutil.disk_usage(base).free)
+        except OSError as exc:
+            raise _bad(src, f"cannot copy it to check it ({exc.strerror or exc})", "DG440",
+                       hint="Check the free space of the temporary directory (TMPDIR).") from None
+        try:
+            yield copy
+        except DomainGuardError as exc:
+            raise _relocated(exc, copy, src)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _relocated(exc: DomainGuardError, copy: Path, src: Path) -> DomainGuardError:
+    """``exc`` with the private copy's paths written as the bundle's."""
+    a, b = str(copy), str(src)
+    exc.message = exc.message.replace(a, b)
+    exc.args = (exc.message,)
+    exc.hint = exc.hint.replace(a, b) if exc.hint else exc.hint
+    if exc.location is not None:
+        exc.location = dataclasses.replace(exc.location, file=exc.location.file.replace(a, b))
+    return exc
+
+
+def _copy_listed(src: Path, dst: Path, listed: set[str], room: int) -> None:
+    """Copy the regular files of ``src`` into a new folder ``dst``, walking by file descriptors (no path is
+    looked up twice, no link is followed); an unlisted file, a link, a special file or a tree deeper than
+    ``_MAX_DEPTH`` is refused before anything large is read, and so is more data than ``room`` bytes."""
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    todo = [(os.open(src, dir_flags), "", dst)]
+    os.mkdir(dst, 0o700)
+    found: list[tuple[int, str, Path, int]] = []
+    opened = [todo[0][0]]
+    try:
+        while todo:
+            fd, prefix, out = todo.pop()
+            for name in sorted(os.listdir(fd)):
+                rel = prefix + name
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    if rel.count("/") + 1 >= _MAX_DEPTH:
+                        raise _bad(src / rel, f"folders nested more than {_MAX_DEPTH} deep have no place in a bundle",
+                                   "DG446")
+                    child = os.open(name, dir_flags, dir_fd=fd)
+                    opened.append(child)
+                    os.mkdir(out / name, 0o700)
+                    todo.append((child, rel + "/", out / name))
+                elif not stat.S_ISREG(st.st_mode):
+                    raise _bad(src / rel, "a link or special file has no place in a bundle", "DG446")
+                elif rel not in listed:
+                    raise _bad(src / rel, "not part of the certified bundle (added after certification)", "DG444")
+                else:
+                    found.append((fd, name, out / name, st.st_size))
+        need = sum(size for *_, size in found)
+        if need > room:
+            raise _bad(src, f"holds {need / 2**30:.1f} GiB, more than the {room / 2**30:.1f} GiB free where it "
+                       "would be copied to be checked", "DG440", hint="Free space in the temporary directory, or "
+                       "point TMPDIR at a larger one.")
+        for fd, name, target, _ in found:
+            with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), "rb") as fin, open(target, "xb") as fout:
+                if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
+                    raise _bad(src / name, "a link or special file has no place in a bundle", "DG446")
+                shutil.copyfileobj(fin, fout, 1 << 22)
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
+def check_bundle(path, *, shown=None) -> tuple[object, object]:
     """Re-check every byte of a bundle and re-prove its policy; return (certificate, compiled policy).
 
     BundleError names the file: the files (``check_bundle_files``), the certificate (canonical, in
     agreement with the manifest, verdict PROVED and following from claims that include every one a
     certification makes), the policy (compiles to the certified digest and tables, and proves again
-    here: ``verify``)."""
+    here: ``verify``). ``shown``: the folder the policy's locations name, where ``path`` is a copy of it."""
     from .certificate import Certificate
     from .compiled import compile as compile_policy
     from .parse import loads_policy
@@ -481,10 +570,11 @@ def check_bundle(path) -> tuple[object, object]:
         canonical = (root / "policy.json").read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise _bad(ppath, f"not UTF-8 text ({exc})", "DG448") from None
-    policy = loads_policy(text, str(ppath))
+    source = str(Path(shown or root) / "policy.yaml")
+    policy = loads_policy(text, source)
     layers = cert.scope.get("layers")
     compiled = compile_policy(policy, layers=layers if isinstance(layers, int) else None,
-                              profile=cert.scope.get("profile"), source=str(ppath))
+                              profile=cert.scope.get("profile"), source=source)
     if compiled.policy_digest != cert.subject.get("policy", {}).get("sha256"):
         raise _bad(ppath, "policy digest differs from the certificate's", "DG448")
     if canonical != compiled.canonical_policy + "\n":
@@ -528,15 +618,21 @@ def load_certified(path, *, pubkey: str | None = None, return_tokenizer: bool = 
     With ``pubkey`` the bundle's signature is checked too. The certificate is available as
     ``dg.guard.guard_state(model).certificate``.
     """
+    root = Path(path)
+    with private_copy(root) as copy:  # every check and the load read one copy: nothing changes in between
+        return _load_checked(copy, root, pubkey, return_tokenizer)
+
+
+def _load_checked(root: Path, shown: Path, pubkey, return_tokenizer: bool):
+    from .artifact import kernel_subject
     from .guard import guard, guard_state
 
-    root = Path(path)
+    signature = None
     if pubkey is not None:
         from .signing import verify_bundle_signature
 
-        verify_bundle_signature(str(root), pubkey)
-    cert, compiled = check_bundle(root)
-    from .artifact import kernel_subject
+        signature = verify_bundle_signature(str(root), pubkey)
+    cert, compiled = check_bundle(root, shown=shown)
 
     certified = cert.subject.get("kernels", {}).get("sha256")
     installed = kernel_subject(compiled)["sha256"]
@@ -563,7 +659,7 @@ def load_certified(path, *, pubkey: str | None = None, return_tokenizer: bool = 
     state = guard_state(model)
     state.certificate = cert
     # Who made it: a signature checked against ``pubkey`` names the signer; otherwise nothing does.
-    state.authenticated = pubkey is not None
+    state.authenticated = signature is not None and signature.authenticated
     if not return_tokenizer:
         return model
     from transformers import AutoTokenizer

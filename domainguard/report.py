@@ -136,6 +136,7 @@ def _ranges(items: list[int]) -> str:
 
 def _integrity(src: _Source) -> dict:
     """Re-compute every digest the certificate lists that can be checked here, and check the signature."""
+    from .bundle import _inside
     from .certificate import sha256_file
     from .signing import SIGNATURE_FILE, check_signature_integrity
 
@@ -145,13 +146,21 @@ def _integrity(src: _Source) -> dict:
     def add(item: str, expected: str | None, actual: str | None, status: str, note: str = "") -> None:
         rows.append({"item": item, "expected": expected, "actual": actual, "status": status, "note": note})
 
-    for name, digest in sorted((subject.get("files") or {}).items()):
+    def check(item: str, name: str, digest: str, absent: str) -> None:
+        # Only regular files inside the directory are read: a certificate naming ../x or /etc/x would
+        # otherwise have the report print the digest of a file of the reader's machine.
+        if not _inside(name):
+            return add(item, digest, None, "mismatch", "names a path outside the directory; not read")
         f = src.root / name
+        if f.is_symlink() or (f.exists() and not f.is_file()):
+            return add(item, digest, None, "mismatch", "a link or special file; not read")
         if not f.is_file():
-            add(name, digest, None, "missing", "listed in the certificate, not present")
-        else:
-            actual = sha256_file(f)
-            add(name, digest, actual, "match" if actual == digest else "mismatch")
+            return add(item, digest, None, "missing", absent)
+        actual = sha256_file(f)
+        add(item, digest, actual, "match" if actual == digest else "mismatch")
+
+    for name, digest in sorted((subject.get("files") or {}).items()):
+        check(name, name, digest, "listed in the certificate, not present")
     kernels = subject.get("kernels")
     if isinstance(kernels, dict) and isinstance(kernels.get("sha256"), str):
         # The kernels are installed code, not files of the directory: compare with what would run here.
@@ -174,14 +183,8 @@ def _integrity(src: _Source) -> dict:
         if isinstance(entry.get("file"), str) and isinstance(entry.get("sha256"), str):
             named[entry["file"]] = entry["sha256"]
         for name, digest in sorted(named.items()):
-            f = src.root / name
-            if not isinstance(digest, str):
-                continue
-            if f.is_file():
-                actual = sha256_file(f)
-                add(f"{key}: {name}", digest, actual, "match" if actual == digest else "mismatch")
-            else:
-                add(f"{key}: {name}", digest, None, "missing", "named by the certificate, not present")
+            if isinstance(digest, str):
+                check(f"{key}: {name}", str(name), digest, "named by the certificate, not present")
     comp = src.compiled
     pol = (subject.get("policy") or {}).get("sha256")
     tab = (subject.get("tables") or {}).get("sha256")

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import stat
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,9 +282,21 @@ def bundle_manifest(bundle_dir: str | Path) -> dict[str, str]:
 
     Symbolic links and special files are refused: what they point at could change without the bundle changing.
     """
-    root = Path(bundle_dir)
-    files: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    return {rel: sha256_file(full) for rel, full in _bundle_files(Path(bundle_dir)).items()}
+
+
+def _bundle_files(root: Path) -> dict[str, Path]:
+    """``bundle_manifest``'s files, not yet read."""
+    files: dict[str, Path] = {}
+    walk = os.walk(root, followlinks=False)
+    while True:
+        try:
+            dirpath, dirnames, filenames = next(walk)
+        except StopIteration:
+            break
+        except RecursionError:  # os.walk recurses: a tree ~1000 folders deep
+            raise BundleError("folders nested too deeply to sign or verify", code="DG418",
+                              location=Location(str(root))) from None
         dirnames.sort()
         for name in sorted(dirnames + filenames):
             full = Path(dirpath) / name
@@ -298,7 +311,7 @@ def bundle_manifest(bundle_dir: str | Path) -> dict[str, str]:
                 raise BundleError("not a regular file", code="DG418", location=Location(str(full)))
             if rel == SIGNATURE_FILE:
                 continue
-            files[rel] = sha256_file(full)
+            files[rel] = full
     return files
 
 
@@ -359,12 +372,19 @@ def sign_certificate(cert_path_or_dir: str | Path, key_path: str | Path | None =
         "signature": key.sign(canonical_json(payload)).hex(),
     }
     out = root / SIGNATURE_FILE
-    tmp = root.parent / f".{root.name}.{SIGNATURE_FILE}.tmp"  # outside the bundle: never part of what is signed
-    tmp.write_bytes(_serialise_signature(doc))
-    os.replace(tmp, out)
+    # Written beside the bundle (never part of what is signed), as a new file of an unpredictable name
+    # (O_EXCL): a link planted at a guessable name would have had its target overwritten.
+    fd, name = tempfile.mkstemp(prefix=f".{root.name}.", suffix=f".{SIGNATURE_FILE}.tmp", dir=root.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_serialise_signature(doc))
+        os.replace(name, out)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
     if public_key_out is not None:
-        Path(public_key_out).write_bytes(
-            pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        _write_new(Path(public_key_out),
+                   pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644)
     return out
 
 
@@ -425,17 +445,19 @@ def _check(bundle_dir: str | Path, trusted: Ed25519PublicKey | None, pubkey_path
                          "DG414") from None
     # The payload is authentic; now every file must still be what it lists, no more, no less.
     recorded: dict = doc["payload"]["files"]
-    actual = bundle_manifest(root)
-    for rel in sorted(set(recorded) | set(actual)):
+    present = _bundle_files(root)
+    for rel in sorted(set(recorded) | set(present)):  # the file sets first: an added file is never read
         where = Location(str(root / rel))
-        if rel not in actual:
+        if rel not in present:
             raise BundleError("file listed in the signature is missing", code="DG416", location=where)
         if rel not in recorded:
             raise BundleError("file is not covered by the signature (added after signing)", code="DG417",
                               location=where, hint="Remove it, or re-sign the bundle.")
-        if recorded[rel] != actual[rel]:
-            raise BundleError(f"file changed after signing (sha256 {actual[rel][:16]}…, signed {str(recorded[rel])[:16]}…)",
-                              code="DG415", location=where)
+    for rel in sorted(recorded):
+        actual = sha256_file(present[rel])
+        if recorded[rel] != actual:
+            raise BundleError(f"file changed after signing (sha256 {actual[:16]}…, signed {str(recorded[rel])[:16]}…)",
+                              code="DG415", location=Location(str(root / rel)))
     now = _certificate_entry(root)
     if now != doc["payload"]["certificate"]:
         # Unreachable unless certificate.json escaped the file list; never let it pass silently.

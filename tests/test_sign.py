@@ -29,7 +29,7 @@ def bundle(tmp_path, keys):
     add_model_evidence(d)
     (d / "weights").mkdir()
     (d / "weights" / "model.safetensors").write_bytes(os.urandom(3000))
-    report.write_report(d, "html", d / "report.html")
+    report.save(d / "report.html", report.render(d, "html"))
     signing.sign_certificate(d, keys[0])
     return d
 
@@ -280,3 +280,33 @@ def test_cli_verify_with_pubkey(bundle, keys, capsys):
     capsys.readouterr()
     assert cli.main(["verify", str(bundle), "--pubkey", str(keys[1])]) == 2
     assert "model.safetensors" in capsys.readouterr().err
+
+
+def test_signing_never_writes_through_a_planted_link(tmp_path, keys):
+    """The signature used to be written to PARENT/.NAME.signature.json.tmp: a link planted there had its
+    target overwritten with the signature and then moved into the bundle."""
+    d = compile_dir(tmp_path, PROVED_POLICY, name="bundle")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the signer's file")
+    (tmp_path / ".bundle.signature.json.tmp").symlink_to(victim)
+    signing.sign_certificate(d, keys[0])
+    assert victim.read_text() == "the signer's file"
+    assert not (d / "signature.json").is_symlink() and signing.verify_bundle_signature(d, keys[1]).authenticated
+    (tmp_path / "planted.pub").symlink_to(victim)
+    e = _raises(lambda: signing.sign_certificate(d, keys[0], public_key_out=tmp_path / "planted.pub"))
+    assert e.code == "DG419" and victim.read_text() == "the signer's file"
+
+
+def test_report_reads_no_file_outside_the_directory(bundle, tmp_path):
+    """A certificate naming ../x or /abs/x used to have the report print that file's digest."""
+    outside = tmp_path / "outside.txt"
+    outside.write_text("a local secret")
+    cert = json.loads((bundle / "certificate.json").read_text())
+    cert["subject"]["files"]["../outside.txt"] = "0" * 64
+    cert["subject"]["extra"] = {"file": str(outside), "sha256": "0" * 64}
+    (bundle / "certificate.json").write_text(json.dumps(cert))
+    data = report.build(bundle)
+    rows = [r for r in data["integrity"]["files"] if "outside" in r["item"]]
+    assert len(rows) == 2 and all(r["actual"] is None and r["status"] == "mismatch" for r in rows)
+    assert hashlib.sha256(outside.read_bytes()).hexdigest() not in json.dumps(data)
+    assert data["verdict"]["shown"] != "PROVED"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch
 import domainguard as dg
 from domainguard import cli, report, signing
 from domainguard.errors import BundleError
+from domainguard.guard import guard_state
 
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -108,3 +111,107 @@ def test_sarif_of_a_proved_bundle_has_no_errors(signed):
     log = json.loads(report.render(signed[0], "sarif"))
     assert [r for r in log["runs"][0]["results"] if r["level"] == "error"] == []
     assert log["runs"][0]["properties"]["verdict"] == "PROVED"
+
+
+def test_checks_and_the_load_read_one_private_copy(copy, monkeypatch):
+    """Between the signature check, the byte checks and the load, whoever may write beside the bundle could
+    swap it (measured: an attacker's self-signed bundle loaded with authenticated=True in 10 of 10 races) or
+    rewrite model/config.json after its last hash (a relu model loaded as the certified silu one). Every
+    read now goes to one private copy made first: changes to the folder after that reach nothing."""
+    from domainguard import bundle as B
+
+    path, pub = copy
+    seen = []
+    real_sig, real_check = signing.verify_bundle_signature, B.check_bundle
+
+    def sig(root, key):
+        seen.append(("signature", str(root)))
+        return real_sig(root, key)
+
+    def check(root, **kw):
+        seen.append(("bytes", str(root)))
+        out = real_check(root, **kw)
+        cfg = path / "model" / "config.json"  # the folder changes once its checks have passed
+        cfg.write_text(cfg.read_text().replace('"silu"', '"relu"'))
+        return out
+
+    monkeypatch.setattr(signing, "verify_bundle_signature", sig)
+    monkeypatch.setattr(B, "check_bundle", check)
+    model = dg.load_certified(path, pubkey=str(pub))
+    assert model.config.hidden_act == "silu" and "relu" in (path / "model" / "config.json").read_text()
+    assert guard_state(model).authenticated
+    (_, a), (_, b) = seen
+    assert a == b and not a.startswith(str(path)), seen
+    assert not Path(a).parent.exists(), "the private copy is removed"
+
+
+def test_a_load_error_names_the_bundle_not_the_private_copy(copy):
+    path, pub = copy
+    f = path / "relations.npy"
+    f.write_bytes(f.read_bytes()[:-1] + bytes([f.read_bytes()[-1] ^ 1]))
+    with pytest.raises(BundleError) as e:
+        dg.load_certified(path, pubkey=str(pub))
+    assert e.value.location.file == str(f) and str(path) in str(e.value)
+
+
+def test_an_added_or_deeply_nested_file_is_refused_before_anything_is_copied(copy, monkeypatch):
+    import shutil as sh
+
+    path, pub = copy
+    copied = []
+    monkeypatch.setattr(sh, "copyfileobj", lambda *a, **k: copied.append(a))
+    (path / "zzz.bin").write_bytes(b"\0" * 1000)
+    with pytest.raises(BundleError) as e:
+        dg.load_certified(path, pubkey=str(pub))
+    assert e.value.code == "DG444" and e.value.location.file == str(path / "zzz.bin") and copied == []
+    (path / "zzz.bin").unlink()
+    deep = path / "/".join("d" * 12)
+    deep.mkdir(parents=True)
+    with pytest.raises(BundleError) as e:
+        dg.load_certified(path)
+    assert e.value.code == "DG446" and copied == []
+
+
+def test_a_tree_too_deep_for_recursion_is_a_bundle_error(copy):
+    path, pub = copy
+    d = path
+    for _ in range(1100):
+        d = d / "d"
+        d.mkdir()
+    (d / "f").write_bytes(b"x")
+    with pytest.raises(BundleError) as e:
+        signing.verify_bundle_signature(path, pub)
+    assert e.value.code == "DG418"
+
+
+def test_an_added_file_is_refused_before_it_is_hashed(copy, monkeypatch):
+    path, pub = copy
+    (path / "huge.bin").write_bytes(b"\0" * 1000)
+    hashed = []
+    real = signing.sha256_file
+    monkeypatch.setattr(signing, "sha256_file", lambda p: hashed.append(str(p)) or real(p))
+    with pytest.raises(BundleError) as e:
+        signing.verify_bundle_signature(path, pub)
+    assert e.value.code == "DG417" and str(path / "huge.bin") not in hashed
+
+
+def test_a_bundle_is_private_until_it_is_complete(signed, tmp_path, monkeypatch):
+    """The folder a bundle is built in is 0700 until it is signed and moved into place: under umask 002 in a
+    group folder a group member rewrote model/config.json mid-build and the signer's key signed it."""
+    from domainguard import artifact
+
+    modes = []
+    real = artifact.replace_dir
+
+    def spy(tmp, target):
+        modes.append(tmp.stat().st_mode & 0o777)
+        real(tmp, target)
+
+    monkeypatch.setattr("domainguard.bundle.replace_dir", spy)
+    old = os.umask(0o002)
+    try:
+        model = dg.load_certified(signed[0])
+        out = dg.save_certified(model, tmp_path / "again", certificate=guard_state(model).certificate)
+    finally:
+        os.umask(old)
+    assert modes == [0o700] and out.stat().st_mode & 0o777 == 0o775
