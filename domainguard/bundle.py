@@ -540,6 +540,27 @@ def _copy_listed(src: Path, dst: Path, listed: set[str], room: int) -> None:
             os.close(fd)
 
 
+def stated_problems(cert, verdict) -> list[str]:
+    """Where a certificate's words are not this domainguard's: its assumptions, its threat model, and the
+    statement and kind of each claim that ``verdict`` re-derived. Unsigned, nothing else
+    covers them, and a report prints them to its reader."""
+    from .certificate import ASSUMPTIONS as POLICY_ASSUMPTIONS
+    from .certificate import THREAT_MODEL
+
+    problems = []
+    base = list(POLICY_ASSUMPTIONS)
+    if cert.assumptions[:len(base)] != base or any(a not in base + ASSUMPTIONS for a in cert.assumptions):
+        problems.append("its assumptions are not the ones domainguard states")
+    if cert.threat_model != THREAT_MODEL:
+        problems.append("its threat model is not the one domainguard states")
+    claims = {c.id: c for c in cert.claims}
+    for r in verdict.results:
+        c = claims.get(r.id)
+        if c is not None and (c.statement != r.statement or c.kind != r.kind):
+            problems.append(f"claim {r.id!r} says other words than its re-derivation")
+    return problems
+
+
 def check_bundle(path, *, shown=None) -> tuple[object, object]:
     """Re-check every byte of a bundle and re-prove its policy; return (certificate, compiled policy).
 
@@ -592,7 +613,7 @@ def check_bundle(path, *, shown=None) -> tuple[object, object]:
     if verdict.status.value != "PROVED":
         bad = [f"{r.id} {r.status.value}" for r in verdict.results if r.status.value != "PROVED"]
         raise _bad(ppath, f"re-verified here, the policy is {verdict.status.value} ({', '.join(bad[:5])})", "DG452")
-    problems = claim_problems(cert, verdict)
+    problems = claim_problems(cert, verdict) + stated_problems(cert, verdict)
     if problems:
         raise _bad(cpath, "falls short of a certification: " + "; ".join(problems[:5]), "DG450")
     return cert, compiled

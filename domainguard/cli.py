@@ -142,7 +142,7 @@ def _certificate_result(path: Path, cert, verdict):
     """Does the certificate claim what was just re-derived? Its verdict must follow from its claims; a
     bundle's must also hold every claim a certification makes (the model's graph audit and leak test are
     not re-run here: their recorded results count)."""
-    from .bundle import claim_problems, claims_bundle
+    from .bundle import claim_problems, claims_bundle, stated_problems
     from .certificate import overall
     from .verdict import Result, Status
 
@@ -152,6 +152,7 @@ def _certificate_result(path: Path, cert, verdict):
         problems = [f"its verdict {cert.verdict} does not follow from its claims ({overall(cert.claims)})"]
     else:
         problems = []
+    problems += stated_problems(cert, verdict)
     return Result(
         id="certificate", kind="certificate-consistent",
         statement="the certificate's verdict follows from its claims, and it holds every claim a certification makes",

@@ -123,9 +123,10 @@ def _depth(policy: Policy, num_layers: int | None) -> tuple[int, bool]:
             raise PolicyError(f"--layers must be between 1 and {MAX_LAYERS}, got {num_layers}", code="DG107",
                               hint="Give the model's number of transformer layers.")
         if policy.num_layers is not None and policy.num_layers != num_layers:
-            raise _policy_error(policy, f"the policy fixes num_layers: {policy.num_layers}, but {num_layers} layers "
-                                "were asked for", ("num_layers",), "DG107",
-                                "Drop --layers (or change `num_layers:`): verdicts at another depth may differ.")
+            raise _policy_error(policy, f"the policy fixes num_layers: {policy.num_layers}, but the depth asked for "
+                                f"(--layers, or the model's layer count) is {num_layers}", ("num_layers",), "DG107",
+                                "Make `num_layers:` the model's depth (or drop --layers): verdicts at another depth "
+                                "may differ.")
         return num_layers, True
     if policy.num_layers is not None:
         if policy.num_layers > MAX_LAYERS:

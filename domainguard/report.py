@@ -282,12 +282,14 @@ def _claim_row(claim: dict) -> dict:
     }
 
 
-def _recheck(compiled, notes: list[str]) -> dict | None:
+def _recheck(compiled, cert: dict, notes: list[str]) -> tuple[dict | None, list[str]]:
     """Re-derive the policy claims (forbid rules, profiles) and the length-free tile-table proofs from the
-    directory's policy: {claim id: status}."""
+    directory's policy: ({claim id: status}, where the certificate's words are not domainguard's)."""
     if compiled is None:
-        return None
+        return None, []
     from .artifact import table_claims
+    from .bundle import stated_problems
+    from .certificate import Certificate
     from .verify import verify
 
     try:
@@ -295,16 +297,18 @@ def _recheck(compiled, notes: list[str]) -> dict | None:
         tables = table_claims(compiled)
     except DomainGuardError as exc:
         notes.append(f"the claims could not be re-derived from the policy: {exc}")
-        return None
-    return {**{r.id: r.status.value for r in v.results}, **{c["id"]: c["status"] for c in tables}}
+        return None, []
+    worded = stated_problems(Certificate.model_validate(cert), v)
+    return {**{r.id: r.status.value for r in v.results}, **{c["id"]: c["status"] for c in tables}}, worded
 
 
 def _shown_verdict(cert: dict, claims: list[dict], integrity: dict, leak: dict | None, audit: dict | None,
-                   rechecked: dict | None = None) -> dict:
+                   rechecked: dict | None = None, worded: list[str] = ()) -> dict:
     """The verdict to display: the certificate's, or weaker, with every reason it is weaker.
 
     ``rechecked`` maps claim ids to the status re-derived now; a claim counts as the weaker of the two, and a
-    re-derived claim the certificate does not carry counts too.
+    re-derived claim the certificate does not carry counts too. ``worded``: where the certificate's words
+    (assumptions, threat model, claim statements) are not domainguard's; any of them keeps PROVED from showing.
     """
     cert_v = _status(cert.get("verdict"))
     reasons: list[str] = []
@@ -342,7 +346,8 @@ def _shown_verdict(cert: dict, claims: list[dict], integrity: dict, leak: dict |
     audit_bad = _audit_failed(audit)
     if audit_bad:
         reasons.append(audit_bad)
-    problems = (not integrity["ok"]) or (guarded is not None and guarded > 0) or bool(audit_bad)
+    reasons += [f"the certificate's words were changed: {w}" for w in worded]
+    problems = (not integrity["ok"]) or (guarded is not None and guarded > 0) or bool(audit_bad) or bool(worded)
     if rechecked is None and cert_v == "PROVED":
         # Nothing to re-derive the claims from (no policy): a PROVED that could not be checked is not shown.
         reasons.append("there is no policy to re-derive the claims and tables from, so the certificate's PROVED "
@@ -545,10 +550,10 @@ def _build(src: _Source) -> dict:
     integrity = _integrity(src)
     leak = cert.get("leak_test") if isinstance(cert.get("leak_test"), dict) else None
     audit = cert.get("audit") if isinstance(cert.get("audit"), dict) else None
-    rechecked = _recheck(src.compiled, src.notes)
+    rechecked, worded = _recheck(src.compiled, cert, src.notes)
     for c in claims:
         c["rechecked"] = (rechecked or {}).get(c["id"])
-    verdict = _shown_verdict(cert, claims, integrity, leak, audit, rechecked)
+    verdict = _shown_verdict(cert, claims, integrity, leak, audit, rechecked, worded)
     scope = cert.get("scope") or {}
     profile = scope.get("profile") if isinstance(scope.get("profile"), str) else None
     prof_def = ((policy_dict or {}).get("profiles") or {}).get(profile) if profile else None

@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct under two domain policies, end to end on a CPU.
 
-    python examples/guard_smollm2.py [--out DIR] [--trials N] [--tiny]
+    python examples/guard_smollm2.py [--out DIR] [--rounds N] [--tiny]
 
 For policies/clinical.yaml and policies/prompt_injection.yaml it
 

@@ -187,6 +187,27 @@ def test_canonical_policy_alone_recompiles_to_the_same_tables(tmp_path, capsys):
     assert a.domains != b.domains and a.policy_digest != b.policy_digest
 
 
+@pytest.mark.parametrize("edit", [
+    lambda c: c.update(assumptions=["Nothing is assumed."]),
+    lambda c: c["threat_model"].update(not_covered=[]),
+    lambda c: c["claims"][0].update(statement="no path from anything to anywhere"),
+], ids=["assumptions", "threat-model", "statement"])
+def test_an_unsigned_certificates_words_are_checked_too(tmp_path, capsys, edit):
+    """Nothing digests an unsigned directory's certificate: its assumptions, threat model and claim statements
+    were printed to a report's reader as written, and verify said PROVED."""
+    from domainguard import report
+
+    out_dir = tmp_path / "c"
+    assert run(capsys, "compile", str(ROOT / "policies/clinical.yaml"), "-o", str(out_dir))[0] == 0
+    cert = json.loads((out_dir / "certificate.json").read_text())
+    edit(cert)
+    (out_dir / "certificate.json").write_text(json.dumps(cert))
+    code, out, _ = run(capsys, "verify", str(out_dir), "--json")
+    assert code == 1 and {c["id"]: c["status"] for c in json.loads(out)["claims"]}["certificate"] == "REFUTED"
+    shown = report.build(out_dir)["verdict"]
+    assert shown["shown"] != "PROVED" and any("words were changed" in r for r in shown["reasons"])
+
+
 def test_signed_compiled_directory(tmp_path, capsys):
     key = tmp_path / "k.pem"
     assert run(capsys, "keygen", str(key))[0] == 0

@@ -1089,6 +1089,35 @@ def test_decode_split_merge_is_repeatable_on_the_gpu(compiled):
         assert torch.equal(out, first[0]) and torch.equal(lse, first[1])
 
 
+@pytest.mark.skipif(not CUDA, reason="sizes where whole splits of the keys fall in one forbidden span")
+@pytest.mark.parametrize("hq,hkv,hd,dtype", [(32, 8, 128, torch.bfloat16), (8, 1, 64, torch.float16)])
+def test_decode_splits_that_read_nothing_stay_out_of_the_merge(compiled, hq, hkv, hd, dtype):
+    """A 32K-token cache whose middle 12K are one secret segment: the splits over it have no readable key
+    (running max -inf). Filled with NaN and Inf, they leave the new tokens' outputs bitwise unchanged, and
+    every split count agrees with the reference."""
+    from domainguard.kernels.decode import launch_decode
+    from domainguard.kernels.tables import freeze
+
+    n, new = 32768, 3
+    ids = _ids(1, n, seed=51, d=3)  # sys, user, tool, read by `answer`
+    ids[0, 10000:22000] = SECRET
+    ids[0, -new:] = 4
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    q, k, v = _qkv(1, hq, hkv, n, hd, dtype, seed=13, nq=new)
+    q, k, v = q.detach(), k.detach(), v.detach()
+    plan = GuardedAttention(compiled).decode_plan(layout, 0, new, heads=hq, kv_heads=hkv)
+    labels = (plan.qs, layout.domain_ids, layout.index, layout.domain_rank, freeze(compiled, 0), hd ** -0.5)
+    secret = (ids == SECRET).to(DEV)[:, None, :, None]
+    k2, v2 = k.masked_fill(secret, float("nan")), v.masked_fill(secret, float("inf"))
+    with torch.no_grad():
+        ref = attention_reference(q, k, v, layout, compiled, 0, q_slice=new)
+        for splits in (1, 7, 64):
+            out, lse = launch_decode(q, k, v, *labels, block_n=64, splits=splits)
+            assert _rel_err(out, ref) < 1e-2, splits
+            out2, lse2 = launch_decode(q, k2, v2, *labels, block_n=64, splits=splits)
+            assert torch.equal(out, out2) and torch.equal(lse, lse2), splits
+
+
 def test_decode_mixed_query_domains(compiled):
     n, new = 90, 6
     ids = _ids(1, n, seed=23)
