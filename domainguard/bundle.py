@@ -503,7 +503,7 @@ def _copy_listed(src: Path, dst: Path, listed: set[str], room: int) -> None:
     dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
     todo = [(os.open(src, dir_flags), "", dst)]
     os.mkdir(dst, 0o700)
-    found: list[tuple[int, str, Path, int]] = []
+    found: list[tuple[int, str, str, Path, int]] = []  # (folder fd, name, relative path, copy, size)
     opened = [todo[0][0]]
     try:
         while todo:
@@ -524,16 +524,16 @@ def _copy_listed(src: Path, dst: Path, listed: set[str], room: int) -> None:
                 elif rel not in listed:
                     raise _bad(src / rel, "not part of the certified bundle (added after certification)", "DG444")
                 else:
-                    found.append((fd, name, out / name, st.st_size))
+                    found.append((fd, name, rel, out / name, st.st_size))
         need = sum(size for *_, size in found)
         if need > room:
             raise _bad(src, f"holds {need / 2**30:.1f} GiB, more than the {room / 2**30:.1f} GiB free where it "
                        "would be copied to be checked", "DG440", hint="Free space in the temporary directory, or "
                        "point TMPDIR at a larger one.")
-        for fd, name, target, _ in found:
+        for fd, name, rel, target, _ in found:
             with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), "rb") as fin, open(target, "xb") as fout:
                 if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
-                    raise _bad(src / name, "a link or special file has no place in a bundle", "DG446")
+                    raise _bad(src / rel, "a link or special file has no place in a bundle", "DG446")
                 shutil.copyfileobj(fin, fout, 1 << 22)
     finally:
         for fd in opened:
@@ -636,8 +636,9 @@ def _model_class(config_path: Path):
 def load_certified(path, *, pubkey: str | None = None, return_tokenizer: bool = False):
     """Check a bundle byte for byte, load its model and guard it under the certified policy.
 
-    With ``pubkey`` the bundle's signature is checked too. The certificate is available as
-    ``dg.guard.guard_state(model).certificate``.
+    With ``pubkey`` the bundle's signature is checked too. Everything is read from one private copy
+    (``private_copy``), so what was checked is what loads. The certificate is available as
+    ``domainguard.guard.guard_state(model).certificate``.
     """
     root = Path(path)
     with private_copy(root) as copy:  # every check and the load read one copy: nothing changes in between
