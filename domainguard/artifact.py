@@ -55,6 +55,20 @@ def temp_dir_beside(target: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
 
 
+def replace_file(target: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """Write ``data`` to ``target`` atomically: into a new file of an unpredictable name (O_EXCL, so a link
+    planted at a guessable name is never followed) in ``tmp_dir`` (default: beside ``target``; the same file
+    system), then renamed over ``target``. OSError on failure, with nothing left behind."""
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=tmp_dir or target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(name, target)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+
+
 def replace_dir(tmp: Path, target: Path) -> None:
     """Move the finished folder ``tmp`` to ``target``; an old ``target`` is restored if the move fails."""
     umask = os.umask(0)

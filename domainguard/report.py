@@ -26,10 +26,8 @@ import hashlib
 import html as _html
 import json
 import math
-import os
 import re
 import struct
-import tempfile
 import unicodedata
 import zlib
 from dataclasses import dataclass, field
@@ -2070,17 +2068,11 @@ def write_report(path: str | Path, fmt: str | None, out: str | Path) -> None:
 
 def save(target: str | Path, data: Union[str, bytes]) -> None:
     """Write a rendered report to ``target`` atomically (a new temporary file, then a rename)."""
+    from .artifact import replace_file
+
     target = Path(target)
-    tmp = None
     try:
-        # A new file of an unpredictable name (O_EXCL): a link planted at a guessable name is never followed.
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-        tmp = Path(name)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data if isinstance(data, bytes) else data.encode("utf-8"))
-        tmp.replace(target)
+        replace_file(target, data if isinstance(data, bytes) else data.encode("utf-8"))
     except OSError as exc:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
         raise BundleError(f"cannot write the report ({exc.strerror or exc})", code="DG433",
                           location=Location(str(target))) from None

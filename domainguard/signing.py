@@ -25,7 +25,6 @@ import math
 import os
 import re
 import stat
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .artifact import replace_file
 from .certificate import sha256_file
 from .errors import BundleError, Location
 
@@ -372,16 +372,7 @@ def sign_certificate(cert_path_or_dir: str | Path, key_path: str | Path | None =
         "signature": key.sign(canonical_json(payload)).hex(),
     }
     out = root / SIGNATURE_FILE
-    # Written beside the bundle (never part of what is signed), as a new file of an unpredictable name
-    # (O_EXCL): a link planted at a guessable name would have had its target overwritten.
-    fd, name = tempfile.mkstemp(prefix=f".{root.name}.", suffix=f".{SIGNATURE_FILE}.tmp", dir=root.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(_serialise_signature(doc))
-        os.replace(name, out)
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
+    replace_file(out, _serialise_signature(doc), tmp_dir=root.parent)  # beside the bundle: never signed itself
     if public_key_out is not None:
         _write_new(Path(public_key_out),
                    pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), 0o644)
