@@ -110,11 +110,12 @@ def _dkdv_kernel(
     qk_scale, sm_scale,
     REL: tl.constexpr, CAUSAL: tl.constexpr, DP: tl.constexpr, PAT: tl.constexpr, HAS_PAT: tl.constexpr,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, SUB_M: tl.constexpr,
-    PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_N: tl.constexpr, SUB_M: tl.constexpr, FULL_M: tl.constexpr,
+    FULL_STAGES: tl.constexpr, PREC: tl.constexpr,
 ):
     tl.static_assert(BLOCK_N % SUB_N == 0, "SUB_N must divide BLOCK_N")
     tl.static_assert(BLOCK_M % SUB_M == 0, "SUB_M must divide BLOCK_M")
+    tl.static_assert(BLOCK_M % FULL_M == 0, "FULL_M must divide BLOCK_M")
     # Key blocks of the key tiles in Order (heaviest first), KV heads in groups of HG (``_schedule``):
     # programs running together share at most HG heads' Q/dO in L2.
     b = tl.program_id(1)
@@ -159,10 +160,10 @@ def _dkdv_kernel(
             # One flat loop over the run's query slots in steps of SUB_M (not tile, then SUB_M rows):
             # the pipeline fills once per run instead of once per 128-query tile. H100: dk/dv 4-7%
             # faster at 8K-64K (BENCHMARKS.md).
-            for row0 in range(t0 * BLOCK_M, t1 * BLOCK_M, SUB_M):
+            for row0 in tl.range(t0 * BLOCK_M, t1 * BLOCK_M, FULL_M, num_stages=FULL_STAGES):
                 dk, dv = _dkdv_step(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0, row0,
                                     k_dom, k_idx, k_rank, None, None, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT,
-                                    HEAD_DIM, SUB_M, False, False, PREC)
+                                    HEAD_DIM, FULL_M, False, False, PREC)
         for r in range(n_part_fast):
             # PARTIAL runs whose query tiles were all found domain-pure: no row select needed.
             dk, dv = _dkdv_masked_run(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0,
@@ -458,7 +459,9 @@ def launch_backward(
     ``runs`` / ``runs_t``: (full, partial) ``plan.Runs``, query-major over (block_m, block_n)
     tiles / key-major over (block_kt, block_m) tiles (``block_kt`` keys, default ``block_n``:
     ``plan.merge_key_tiles``).
-    dkdv_cfg / dq_cfg: dicts with SUB_N, SUB_M, num_warps, num_stages.
+    dkdv_cfg / dq_cfg: dicts with SUB_N, SUB_M, num_warps, num_stages; dkdv_cfg may name FULL_M, the query
+    rows per step of the unmasked (trusted FULL) runs (default SUB_M), and FULL_STAGES, that loop's pipeline
+    stages (default num_stages).
     ``dq_tma``: the dq kernel reads K/V rows through tensor descriptors (on an H100 4-9% faster than
     pointer loads in bf16; the dk/dv kernel reading Q/dO that way was 23-32% slower, so it does not).
     ``concurrent``: the dq kernel runs on a side stream beside dk/dv (the two read the same inputs
@@ -493,7 +496,9 @@ def launch_backward(
         full_t.num, full_t.start, full_t.end, part_t.num, part_t.start, part_t.end, order_t, key_trust,
         hq, hkv, sq, sk, tk, full_t.start.shape[-1], part_t.start.shape[-1], hm, hg,
         scale * LOG2E, scale,
-        SUB_N=c["SUB_N"], SUB_M=c["SUB_M"], num_warps=c["num_warps"], num_stages=c["num_stages"], **common_kt,
+        SUB_N=c["SUB_N"], SUB_M=c["SUB_M"], FULL_M=c.get("FULL_M", c["SUB_M"]),
+        FULL_STAGES=c.get("FULL_STAGES", c["num_stages"]), num_warps=c["num_warps"],
+        num_stages=c["num_stages"], **common_kt,
     )
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         _launch_dq(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, order, q_trust, common, dict(dq_cfg), scale,

@@ -111,6 +111,38 @@ def test_forward_backward_match_reference(compiled, cfg, dtype, hd, hq, hkv):
         assert _rel_err(g, r) < TOL[dtype] * 2, name
 
 
+@pytest.mark.parametrize("full_m", [32, 16], ids=["full32", "full16"])
+def test_dkdv_full_runs_in_steps_of_their_own_match_reference(compiled, full_m):
+    """``FULL_M`` (dk/dv's unmasked FULL runs stepped by a row count other than the masked steps'
+    SUB_M; ``benchmarks/attention.py``'s ``dkdv_full64`` sweep): 32-query tiles walked 32 rows at a
+    time where the masked runs take 16, with and without a pipeline depth of their own, on a layout
+    with trusted FULL runs; the gradients match the reference, and a config with FULL_M 16 gives the
+    same as one that does not name it (the default)."""
+    base = dict(block_m=32, block_n=16, num_warps=4, num_stages=1, use_tma=False, dq_tma=False,
+                dq=(("SUB_M", 16), ("SUB_N", 16), ("num_warps", 4), ("num_stages", 1)))
+    dkdv = (("SUB_N", 16), ("SUB_M", 16), ("num_warps", 4), ("num_stages", 1))
+    cfg = KernelConfig(**base, dkdv=dkdv + (("FULL_M", full_m), ("FULL_STAGES", 2)))
+    n = 96
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 3, (1, n // 24), generator=g).repeat_interleave(24, dim=1)  # long runs: FULL tiles
+    layout = dg.Layout.from_ids(compiled, ids).to(DEV)
+    guard = GuardedAttention(compiled, cfg)
+    plan = guard.plan(layout, 1, heads=2, dtype=torch.float32, head_dim=64)
+    assert int(plan.runs_t[0].num.sum()) > 0, "no key-major FULL runs: the FULL loop would not run"
+    q, k, v = _qkv(1, 2, 1, n, 64, torch.float32, seed=6)
+    out = guard(q, k, v, layout, 1, plan=plan)
+    ref = attention_reference(q, k, v, layout, compiled, 1)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    for name, gr, r in zip("qkv", grads, torch.autograd.grad(ref, (q, k, v), do)):
+        assert _rel_err(gr, r) < TOL[torch.float32] * 2, name
+    if full_m == 16:
+        plain = GuardedAttention(compiled, KernelConfig(**base, dkdv=dkdv))
+        out2 = plain(q, k, v, layout, 1, plan=plan)
+        for name, gr, r in zip("qkv", grads, torch.autograd.grad(out2, (q, k, v), do)):
+            assert torch.equal(gr, r), name
+
+
 def test_float32_default_config_at_head_dim_128_matches_reference(compiled):
     """fp32 at head dim 128 has a tile shape of its own (32 x 64 tiles, 8 warps: see
     default_config); the CPU runs it too, with more query tiles than one and a ragged end."""
