@@ -506,6 +506,10 @@ SWEEP = {  # name: KernelConfig overrides (the measured outcomes are in BENCHMAR
     "dkdv_m16_full32": dict(dkdv=(("SUB_N", 64), ("SUB_M", 16), ("FULL_M", 32), ("num_warps", 4), ("num_stages", 3))),
     "dkdv_m16_full64": dict(dkdv=(("SUB_N", 64), ("SUB_M", 16), ("FULL_M", 64), ("FULL_STAGES", 2), ("num_warps", 4),
                                   ("num_stages", 3))),
+    # 128-key programs (8 warps, two warpgroups of 64 keys sharing Q/dO): FULL runs in 64-query steps
+    "kt128_full64_f2": dict(dkdv=(("SUB_N", 128), ("SUB_M", 32), ("FULL_M", 64), ("FULL_STAGES", 2), ("num_warps", 8),
+                                  ("num_stages", 3))),
+    "kt128_m32_s3_dkdv": dict(dkdv=(("SUB_N", 128), ("SUB_M", 32), ("num_warps", 8), ("num_stages", 3))),
     "kt128_m16_s2": _bwd((128, 16, 8, 2), (64, 64, 4, 2)),
     "kt128_m16_s3": _bwd((128, 16, 8, 3), (64, 64, 4, 2)),
     "kt128_m32_s2": _bwd((128, 32, 8, 2), (64, 64, 4, 2)),
