@@ -28,6 +28,22 @@ EXIT = {"PROVED": 0, "REFUTED": 1, "UNKNOWN": 3}
 STYLE = {"PROVED": "bold green", "REFUTED": "bold red", "UNKNOWN": "bold yellow"}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        out.print(f"domainguard {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print domainguard's version and exit."),
+):
+    """Compile domain policies into proved attention masks, kernels and certified models."""
+
+
 class _Fail(Exception):
     def __init__(self, error: DomainGuardError, as_json: bool):
         self.error, self.as_json = error, as_json

@@ -120,7 +120,8 @@ def prove_profile_refines(compiled, profile: str, timeout_ms: int = 20_000, max_
     details = {"widened": widened}
     if loc is not None:
         details["location"] = {"file": loc.file, "line": loc.line, "column": loc.column}
-    text = "; ".join(f"{w['reader']} ← {w['source']} (layers {_ranges(w['layers'])})" for w in widened)
+    text = "; ".join(f"{w['reader']} ← {w['source']} ({_layers_text(w['layers'], L, compiled.flow.depth_given)})"
+                     for w in widened)
     return Result(
         id=f"profile[{profile}]",
         kind="profile-refines",
@@ -131,6 +132,15 @@ def prove_profile_refines(compiled, profile: str, timeout_ms: int = 20_000, max_
         reason=reason or (f"widens: {text}" if widened else None),
         details=details,
     )
+
+
+def _layers_text(layers: list[int], num_layers: int, depth_given: bool) -> str:
+    """``every layer`` when all of the tables' layers are named; else ``layers 2-3``, with ``and deeper`` when no
+    depth was given and the tables' last layer is named (it stands for every layer below it in the model)."""
+    if len(layers) == num_layers:
+        return "every layer"
+    deeper = " and deeper" if not depth_given and num_layers - 1 in layers else ""
+    return f"layers {_ranges(layers)}{deeper}"
 
 
 def _ranges(layers: list[int]) -> str:

@@ -401,3 +401,18 @@ def test_a_folder_named_signature_json_does_not_hide_an_added_file(tmp_path, cap
     (d / "extra.txt").write_text("x")
     code, out, _ = run(capsys, "verify", str(d))
     assert code == 1 and "extra.txt" in out
+
+
+def test_version_prints_the_package_version_and_exits_0(capsys):
+    import importlib.metadata
+
+    import domainguard
+
+    code, out, err = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"domainguard {domainguard.__version__}", (out, err)
+    # the installed distribution says the same (pyproject.toml and __init__ kept in step)
+    assert importlib.metadata.version("domainguard") == domainguard.__version__
+    # a command still runs after the root callback was added
+    code, out, _ = run(capsys, "explain", str(ROOT / "policies" / "clinical.yaml"), "--from", "toxicology",
+                       "--to", "answer")
+    assert code == 0 and "no information path" in out

@@ -312,3 +312,17 @@ def test_index_patterns_found_on_heads_past_a_heads_range():
            "forbid": [{"flow": {"from": "secret", "to": "docs"}}]}
     found = [f["message"] for f in dg.verify(_compile(doc, layers=2)).findings if f["code"] == "DGF03"]
     assert any("'docs'" in m for m in found)
+
+
+def test_a_widening_profile_names_its_layers_in_words_that_fit_the_depth():
+    """The REFUTED profile claim names where it widens: a policy of no given depth widens at every layer, not
+    at "layers 0" (its tables' one layer stands for all); past an override, "and deeper"; at a given depth,
+    the layers themselves."""
+    base = {"domainguard": 1, "name": "w", "domains": {"a": {}, "b": {}, "c": {}}, "reads": {"b": ["a"]}}
+    wide = {**base, "profiles": {"p": {"reads": {"c": ["a"]}}}}
+    assert dg.verify(_compile(wide)).result("profile[p]").reason == "widens: c ← a (every layer)"
+    assert dg.verify(_compile(wide, layers=4)).result("profile[p]").reason == "widens: c ← a (every layer)"
+    # Layer 0 overrides c's reads with the profile's own, so the profile widens only below it.
+    late = {**wide, "layers": [{"layers": "0", "reads": {"c": ["a"]}}]}
+    assert dg.verify(_compile(late)).result("profile[p]").reason == "widens: c ← a (layers 1 and deeper)"
+    assert dg.verify(_compile(late, layers=4)).result("profile[p]").reason == "widens: c ← a (layers 1-3)"
