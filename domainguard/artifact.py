@@ -55,14 +55,23 @@ def temp_dir_beside(target: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def replace_file(target: Path, data: bytes, tmp_dir: Path | None = None) -> None:
     """Write ``data`` to ``target`` atomically: into a new file of an unpredictable name (O_EXCL, so a link
     planted at a guessable name is never followed) in ``tmp_dir`` (default: beside ``target``; the same file
-    system), then renamed over ``target``. OSError on failure, with nothing left behind."""
+    system), then renamed over ``target``. The file is private while written and gets the mode a new file
+    gets under the umask (mkstemp's 0600 would make a report or signature private by accident). OSError on
+    failure, with nothing left behind."""
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=tmp_dir or target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
         os.replace(name, target)
     except BaseException:
         Path(name).unlink(missing_ok=True)
@@ -71,9 +80,7 @@ def replace_file(target: Path, data: bytes, tmp_dir: Path | None = None) -> None
 
 def replace_dir(tmp: Path, target: Path) -> None:
     """Move the finished folder ``tmp`` to ``target``; an old ``target`` is restored if the move fails."""
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the result private by accident
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the result private by accident
     backup = None
     if target.exists():
         backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))

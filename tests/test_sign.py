@@ -310,3 +310,20 @@ def test_report_reads_no_file_outside_the_directory(bundle, tmp_path):
     assert len(rows) == 2 and all(r["actual"] is None and r["status"] == "mismatch" for r in rows)
     assert hashlib.sha256(outside.read_bytes()).hexdigest() not in json.dumps(data)
     assert data["verdict"]["shown"] != "PROVED"
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077], ids=["umask022", "umask077"])
+def test_reports_and_signatures_get_the_mode_a_new_file_gets_under_the_umask(tmp_path, keys, mask):
+    """A report or signature written atomically is private only while it is written: a regulator's copy of
+    a report was 0600 under umask 022 (mkstemp's mode) where every other file of the bundle was 0644."""
+    d = compile_dir(tmp_path, PROVED_POLICY, name=f"modes{mask:o}")
+    old = os.umask(mask)
+    try:
+        report.save(tmp_path / "report.md", report.render(d, "md"))
+        signing.sign_certificate(d, keys[0])
+    finally:
+        os.umask(old)
+    want = 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == want
+    assert stat.S_IMODE((d / "signature.json").stat().st_mode) == want
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
