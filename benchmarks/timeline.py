@@ -6,10 +6,11 @@ For each layout it runs the guarded forward+backward a few times under the torch
 from the trace, reports per step: the span from the first kernel's start to the last one's end,
 the time at least one kernel ran (the union over streams), the sum of kernel times (above the
 union where the dq side stream overlaps dk/dv), and every gap of more than ``--gap-us`` during
-which no kernel ran, with the kernels on either side and the host calls made during it. It also
-lists host calls that wait for the GPU (stream, event or device synchronisation, blocking copies),
-which ``torch.cuda.set_sync_debug_mode`` reports as well, and times the step by CUDA events with
-and without the benchmark's L2 flush before each call.
+which no kernel ran, with the kernels on either side and the host calls made during it. It lists
+the host calls that block until the GPU catches up (stream, event or device synchronisation,
+blocking copies; ``torch.cuda.set_sync_debug_mode`` is asked as well) and, apart from them, waits
+of one stream for another (on the GPU: the host goes on). It also times the step by CUDA events,
+with and without the benchmark's L2 flush before each call.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from attention import HEAD_DIM, HEADS, policy_yaml, run_ours, segment_ids, warm_
 import domainguard as dg  # noqa: E402
 from domainguard.attention import GuardedAttention  # noqa: E402
 
-WAITS = ("Synchronize", "cudaMemcpy", "cudaStreamWaitEvent", "cudaEventQuery")
+HOST_WAITS = ("Synchronize", "cudaMemcpy")  # the host blocks until the GPU gets there (cudaMemcpyAsync excepted)
+STREAM_WAITS = ("cudaStreamWaitEvent",)  # a stream waits for another on the GPU; the host goes on
 
 
 def _trace_events(prof) -> list[dict]:
@@ -42,20 +44,19 @@ def _trace_events(prof) -> list[dict]:
 
 
 def _steps(events: list[dict], steps: int) -> list[dict]:
-    """Split the GPU kernels (and memcpy/memset) of ``steps`` consecutive steps at each step's first
-    launch (the host annotation ``step``), and summarise each."""
-    marks = sorted(e["ts"] for e in events if e.get("name", "").startswith("step") and e.get("ph") == "X"
-                   and e.get("cat") == "user_annotation")
+    """Give each of ``steps`` consecutive steps the GPU kernels (and memcpy/memset) launched, and the CUDA
+    calls made, while its host annotation ``step<i>`` was open, and summarise each."""
+    marks = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name", "").startswith("step")
+                   and e.get("ph") == "X" and e.get("cat") == "user_annotation")
     gpu = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("ph") == "X"),
                  key=lambda e: e["ts"])
     # CUDA runtime and driver calls (Triton launches through the driver API).
     host = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and e.get("ph") == "X"]
-    # A kernel belongs to the step whose host annotation began last before its launch; kernels
-    # carry their launch's correlation id.
+    # A kernel belongs to the step whose annotation was open at its launch; kernels carry their launch's
+    # correlation id.
     launch_ts = {e["args"].get("correlation"): e["ts"] for e in host if "correlation" in e.get("args", {})}
     out = []
-    for i, t0 in enumerate(marks[:steps]):
-        t1 = marks[i + 1] if i + 1 < len(marks) else float("inf")
+    for t0, t1 in marks[:steps]:
         ks = [e for e in gpu if t0 <= launch_ts.get(e["args"].get("correlation"), -1) < t1]
         if not ks:
             continue
@@ -80,8 +81,10 @@ def _steps(events: list[dict], steps: int) -> list[dict]:
                     "launch_to_first_kernel_us": round(start - t0, 1),  # step begun on the host -> first kernel ran
                     "kernels_ms": {k: round(v / 1e3, 3) for k, v in per.items()},
                     "gaps": [g for g in gaps if g["us"] >= ARGS.gap_us],
-                    "waits": sorted({h["name"] for h in host if t0 <= h["ts"] < t1
-                                     and any(w in h["name"] for w in WAITS)})})
+                    "host_waits": sorted({h["name"] for h in host if t0 <= h["ts"] < t1
+                                          and any(w in h["name"] for w in HOST_WAITS) and "Async" not in h["name"]}),
+                    "stream_waits": sorted({h["name"] for h in host if t0 <= h["ts"] < t1
+                                            and any(w in h["name"] for w in STREAM_WAITS)})})
     return out
 
 

@@ -56,6 +56,15 @@ def temp_dir_beside(target: Path) -> Path:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux): setting it to read
+    it would, for a moment, apply to files other threads create."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -327,3 +327,21 @@ def test_reports_and_signatures_get_the_mode_a_new_file_gets_under_the_umask(tmp
     assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == want
     assert stat.S_IMODE((d / "signature.json").stat().st_mode) == want
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="the umask is read from /proc on Linux")
+def test_reading_the_umask_never_changes_it(monkeypatch):
+    """Writing a report or signature reads the umask; setting it to read it would, for a moment, give files
+    other threads create mode 0666 (a reviewer saw 11 of 20 000 such files)."""
+    from domainguard import artifact
+
+    old = os.umask(0o027)
+    try:
+        def changed(mask):
+            raise AssertionError(f"the umask was set to {mask:o} to read it")
+
+        monkeypatch.setattr(artifact.os, "umask", changed)
+        assert artifact._umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
