@@ -112,14 +112,29 @@ def test_forward_backward_match_reference(compiled, cfg, dtype, hd, hq, hkv):
 
 
 @pytest.mark.parametrize("full_m", [32, 16], ids=["full32", "full16"])
-def test_dkdv_full_runs_in_steps_of_their_own_match_reference(compiled, full_m):
+def test_dkdv_full_runs_in_steps_of_their_own_match_reference(compiled, full_m, monkeypatch):
     """``FULL_M`` (dk/dv's unmasked FULL runs stepped by a row count other than the masked steps'
     SUB_M; ``benchmarks/attention.py``'s ``dkdv_full64`` sweep): 32-query tiles walked 32 rows at a
     time where the masked runs take 16, with and without a pipeline depth of their own, on a layout
-    with trusted FULL runs; the gradients match the reference. Against a config that does not name
-    FULL_M (the default: SUB_M), each with its own plan (the backward takes its config from the plan):
-    FULL_M 16 gives the same bits, and FULL_M 32 other ones (its products sum 32 rows at a time), so
-    the entry reaches the kernel."""
+    with trusted FULL runs; the gradients match the reference, the launch passes both entries to the
+    kernel, and FULL_M 16 gives the same bits as a config that does not name it (the default: SUB_M),
+    each with its own plan (the backward takes its config from the plan)."""
+    from domainguard.kernels import backward
+
+    class Spy:  # the keyword arguments of each dk/dv launch
+        def __init__(self, kernel):
+            self.kernel, self.seen = kernel, []
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                self.seen.append(kwargs)
+                return launch(*args, **kwargs)
+            return run
+
+    spy = Spy(backward._dkdv_kernel)
+    monkeypatch.setattr(backward, "_dkdv_kernel", spy)
     base = dict(block_m=32, block_n=16, num_warps=4, num_stages=1, use_tma=False, dq_tma=False,
                 dq=(("SUB_M", 16), ("SUB_N", 16), ("num_warps", 4), ("num_stages", 1)))
     dkdv = (("SUB_N", 16), ("SUB_M", 16), ("num_warps", 4), ("num_stages", 1))
@@ -138,10 +153,13 @@ def test_dkdv_full_runs_in_steps_of_their_own_match_reference(compiled, full_m):
     grads = torch.autograd.grad(out, (q, k, v), do)
     for name, gr, r in zip("qkv", grads, torch.autograd.grad(ref, (q, k, v), do)):
         assert _rel_err(gr, r) < TOL[torch.float32] * 2, name
-    plain = GuardedAttention(compiled, KernelConfig(**base, dkdv=dkdv))
-    out2 = plain(q, k, v, layout, 1, plan=plain.plan(layout, 1, heads=2, dtype=torch.float32, head_dim=64))
-    dk, dk2 = grads[1], torch.autograd.grad(out2, (q, k, v), do)[1]
-    assert torch.equal(dk, dk2) == (full_m == 16)
+    assert [(kw["FULL_M"], kw["FULL_STAGES"]) for kw in spy.seen] == [(full_m, 2)]
+    if full_m == 16:
+        plain = GuardedAttention(compiled, KernelConfig(**base, dkdv=dkdv))
+        out2 = plain(q, k, v, layout, 1, plan=plain.plan(layout, 1, heads=2, dtype=torch.float32, head_dim=64))
+        for name, gr, r in zip("qkv", grads, torch.autograd.grad(out2, (q, k, v), do)):
+            assert torch.equal(gr, r), name
+        assert [(kw["FULL_M"], kw["FULL_STAGES"]) for kw in spy.seen[1:]] == [(16, 1)]
 
 
 def test_float32_default_config_at_head_dim_128_matches_reference(compiled):
