@@ -7,9 +7,7 @@ Exit codes: 0 proved / clean, 1 refuted (findings), 2 bad input or usage, 3 inco
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
