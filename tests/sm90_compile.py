@@ -130,6 +130,10 @@ def _calls():
         ("bf16 d128 MHA", train(plain, torch.bfloat16, 128, 2, 2)),
         ("bf16 d128 MHA, Triton forward",
          train(plain, torch.bfloat16, 128, 2, 2, config=KernelConfig(fwd_gluon=False))),
+        # dk/dv's FULL runs in 64-row steps at a pipeline depth of their own (KernelConfig.dkdv FULL_M, FULL_STAGES)
+        ("bf16 d128 MHA, dk/dv FULL_M 64",
+         train(plain, torch.bfloat16, 128, 2, 2, config=KernelConfig(dkdv=KernelConfig().dkdv + (
+             ("FULL_M", 64), ("FULL_STAGES", 2))))),
         ("fp16 d64 GQA 4:1, patterns", train(patterned, torch.float16, 64, 4, 1)),
         ("fp32 d64 GQA 2:1", train(plain, torch.float32, 64, 2, 1)),
         ("fp32 d128 MHA", train(plain, torch.float32, 128, 2, 2)),

@@ -44,6 +44,7 @@ def test_every_kernel_compiles_for_sm90(compiled_for_hopper):
     assert by_call == {
         "bf16 d128 MHA": gluon,
         "bf16 d128 MHA, Triton forward": train,
+        "bf16 d128 MHA, dk/dv FULL_M 64": gluon,
         "fp16 d64 GQA 4:1, patterns": gluon,
         "fp32 d64 GQA 2:1": train,
         "fp32 d128 MHA": train,
