@@ -4,22 +4,28 @@ dq is computed by a kernel of its own, which recomputes S and dP (2 of the 9 mat
 forward+backward), because dk/dv programs that added their dq rows with atomics would add them in
 whatever order they ran: gradients would change from run to run, and the bitwise poisoning guarantee
 with them. A deterministic alternative adds each query tile's contributions in a fixed order: a
-program waits, at each query tile, until every program before it in that order has added its rows
-(a counter per tile). To stay free of deadlock the order must be the order in which programs start
-(a ticket), so whatever a program waits for is already running.
+program adds its rows of a query tile only after every program before it in that order has added
+its own (a counter per tile). To stay free of deadlock the order must be the order in which programs
+start: each takes a ticket, and ticket k runs key tile ``order[k]``, so whatever a program waits for
+is already running.
 
 This script replays that protocol on the real key-major tables of a plan (``plan.runs_t``, one mask
 head, ``heads`` attention heads one after another as ``_schedule`` runs them at 32K): ``slots``
-programs run at once, each visits its query tiles at a fixed cost per tile (FULL 4, PARTIAL 5: 32-row
-steps), and a tile's rows are added only after the previous contributor's. It reports the makespan over
-the ideal (total work spread over the slots) for each ticket order and visiting order:
+programs run at once, each visits the query tiles its tables list at a fixed cost per tile (FULL 4,
+PARTIAL 5, i.e. four 32-row steps with masked ones a little dearer; ``plan.launch_order`` weighs them
+2 : 3 for scheduling), and a tile's rows are added between tile steps, once the previous contributor's
+are in. Adds themselves cost nothing here. Ticket orders: ``heaviest first`` (``plan.launch_order``,
+the kernels' order), ``lightest first`` (its reverse), ``last key tiles first`` (descending key tile
+index). Visiting orders:
 
 * ``split``: FULL runs, then PARTIAL runs (how ``_dkdv_kernel`` walks its tables);
 * ``inc`` / ``dec``: every listed tile in increasing / decreasing tile index;
-* ``ring K``: ``inc``, with up to K tiles' rows held back while their turn has not come (a program then
-  blocks only when K are pending).
+* ``inc, ring K``: ``inc``, holding back up to K tiles' rows whose turn has not come (a program blocks
+  when a (K+1)th would be held back); held-back rows are added at the first step boundary after their
+  turn, and at the program's end.
 
-Usage (from the repository root, CPU only)::
+It prints each makespan over the same schedule's with nobody waiting. Usage (from the repository root,
+CPU only)::
 
     python benchmarks/dq_order_sim.py --sizes 32768 --segments 1000,64 --json benchmarks/results/dq_order_sim.json
 """
@@ -62,33 +68,34 @@ def visit(tiles: list, how: str) -> list:
     return sorted(tiles, reverse=how == "dec")
 
 
-def simulate(tiles: dict, order: list, how: str, *, slots: int, heads: int, ring: int = 0) -> float:
-    """Makespan over the ideal of the ticket-ordered protocol (programs start in ``order``, head after head)."""
+def simulate(tiles: dict, order: list, how: str, *, slots: int, heads: int, ring: int = 0,
+             wait: bool = True) -> float:
+    """Makespan of the ticket-ordered protocol (programs start in ``order``, head after head); ``wait=False``:
+    the same schedule with nobody waiting (the baseline the ratios are taken over)."""
     done = {}  # (head, query tile) -> when its last contributor so far added its rows
     free = [0.0] * slots
-    work = 0.0
     end = 0.0
     for h in range(heads):
         for u in order:
             now = heapq.heappop(free)
-            pending = []  # when held-back tiles' turns come
+            pending = []  # (turn, query tile): rows held back until the tile's previous contributor has added
             for t, kind in visit(tiles[u], how):
                 now += COST[kind]
-                work += COST[kind]
-                turn = max(now, done.get((h, t), 0.0))
-                done[(h, t)] = turn
-                if ring == 0:
-                    now = turn  # wait for the turn, then add
+                if not wait:
                     continue
-                pending = [p for p in pending + [turn] if p > now]
-                if len(pending) > ring:
-                    pending.sort()
-                    now = pending.pop(0)
-                    pending = [p for p in pending if p > now]
-            now = max([now, *pending])
+                pending.append((max(now, done.get((h, t), 0.0)), t))
+                if len(pending) > ring:  # no room to hold this one back too: block for the earliest turn
+                    now = max(now, min(pending)[0])
+                # Rows are added between tile steps: every held-back tile whose turn has come is added now.
+                for turn, q in [x for x in pending if x[0] <= now]:
+                    done[(h, q)] = now
+                pending = [x for x in pending if x[0] > now]
+            for turn, q in sorted(pending):  # the program's end: add the rest as their turns come
+                now = max(now, turn)
+                done[(h, q)] = now
             heapq.heappush(free, now)
             end = max(end, now)
-    return end / (work / slots)
+    return end
 
 
 def main(argv=None) -> int:
@@ -110,14 +117,16 @@ def main(argv=None) -> int:
             tiles = key_tiles(plan)
             heavy = plan.order_t[0].tolist()  # the kernels' launch order: heaviest key tiles first
             orders = {"heaviest first": heavy, "lightest first": heavy[::-1],
-                      "last slots first": sorted(tiles, reverse=True)}
+                      "last key tiles first": sorted(tiles, reverse=True)}
             row = {"N": n, "segment": seg, "reads": args.reads, "ratio": {}}
             for name, order in orders.items():
+                base = simulate(tiles, order, "split", slots=args.slots, heads=args.heads, wait=False)
                 for how in ("split", "inc", "dec"):
-                    row["ratio"][f"{name}, {how}"] = simulate(tiles, order, how, slots=args.slots, heads=args.heads)
+                    row["ratio"][f"{name}, {how}"] = simulate(tiles, order, how, slots=args.slots,
+                                                              heads=args.heads) / base
                 for ring in (2, 8, 32):
-                    row["ratio"][f"{name}, ring {ring}"] = simulate(tiles, order, "inc", slots=args.slots,
-                                                                     heads=args.heads, ring=ring)
+                    row["ratio"][f"{name}, inc, ring {ring}"] = simulate(tiles, order, "inc", slots=args.slots,
+                                                                          heads=args.heads, ring=ring) / base
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:
