@@ -495,7 +495,6 @@ SWEEP = {  # name: KernelConfig overrides (the measured outcomes are in BENCHMAR
     "bwd_e": _bwd((64, 16, 4, 3), (64, 64, 4, 2)),
     "bwd_f": _bwd((64, 32, 4, 4), (64, 64, 4, 2)),
     "bwd_g": _bwd((64, 32, 4, 3), (64, 32, 4, 3)),
-    # dk/dv programs of 128 keys (key-major tables merged over two 64-key tiles); 4 warps spill KBs
     # dk/dv's unmasked FULL runs in 64-query steps (m64n64 products), masked runs in 32-query steps
     "dkdv_full64": dict(dkdv=(("SUB_N", 64), ("SUB_M", 32), ("FULL_M", 64), ("num_warps", 4), ("num_stages", 3))),
     "dkdv_full64_s2": dict(dkdv=(("SUB_N", 64), ("SUB_M", 32), ("FULL_M", 64), ("num_warps", 4), ("num_stages", 2))),
@@ -510,6 +509,7 @@ SWEEP = {  # name: KernelConfig overrides (the measured outcomes are in BENCHMAR
     "kt128_full64_f2": dict(dkdv=(("SUB_N", 128), ("SUB_M", 32), ("FULL_M", 64), ("FULL_STAGES", 2), ("num_warps", 8),
                                   ("num_stages", 3))),
     "kt128_m32_s3_dkdv": dict(dkdv=(("SUB_N", 128), ("SUB_M", 32), ("num_warps", 8), ("num_stages", 3))),
+    # dk/dv programs of 128 keys (key-major tables merged over two 64-key tiles); 4 warps spill KBs
     "kt128_m16_s2": _bwd((128, 16, 8, 2), (64, 64, 4, 2)),
     "kt128_m16_s3": _bwd((128, 16, 8, 3), (64, 64, 4, 2)),
     "kt128_m32_s2": _bwd((128, 32, 8, 2), (64, 64, 4, 2)),
