@@ -469,11 +469,33 @@ def private_copy(path):
     if not src.is_dir():
         raise _bad(src, "no such bundle folder", "DG440")
     listed = set(_read_manifest(src)) | {MANIFEST, SIGNATURE}  # the file set, before anything is read in full
+    with _copied(src, listed, None) as copy:
+        yield copy
+
+
+@contextlib.contextmanager
+def snapshot(path):
+    """A private copy of every regular file of folder ``path`` (a compiled directory or a bundle), for a
+    verification to read one state of it: read in place, a signature could be checked on other bytes than
+    the files and proofs checked before it, if the folder changed in between. Yields (copy, odd): odd lists
+    the links and special files found (relative paths, not copied) for the caller to report; an added
+    regular file is copied, so the checks still see it. Errors raised inside name the folder's own paths."""
+    src = Path(path)
+    if not src.is_dir():
+        raise _bad(src, "no such folder", "DG440")
+    odd: list[str] = []
+    with _copied(src, None, odd) as copy:
+        yield copy, odd
+
+
+@contextlib.contextmanager
+def _copied(src: Path, listed: set[str] | None, odd: list[str] | None):
+    """``_copy_listed`` into a fresh 0700 folder under the temporary directory, removed afterwards."""
     base = Path(tempfile.mkdtemp(prefix="domainguard-load-"))
     copy = base / "bundle"
     try:
         try:
-            _copy_listed(src, copy, listed, shutil.disk_usage(base).free)
+            _copy_listed(src, copy, listed, shutil.disk_usage(base).free, odd)
         except OSError as exc:
             raise _bad(src, f"cannot copy it to check it ({exc.strerror or exc})", "DG440",
                        hint="Check the free space of the temporary directory (TMPDIR).") from None
@@ -496,10 +518,12 @@ def _relocated(exc: DomainGuardError, copy: Path, src: Path) -> DomainGuardError
     return exc
 
 
-def _copy_listed(src: Path, dst: Path, listed: set[str], room: int) -> None:
+def _copy_listed(src: Path, dst: Path, listed: set[str] | None, room: int, odd: list[str] | None = None) -> None:
     """Copy the regular files of ``src`` into a new folder ``dst``, walking by file descriptors (no path is
-    looked up twice, no link is followed); an unlisted file, a link, a special file or a tree deeper than
-    ``_MAX_DEPTH`` is refused before anything large is read, and so is more data than ``room`` bytes."""
+    looked up twice, no link is followed); a file not in ``listed`` (None: every file is), a link, a special
+    file or a tree deeper than ``_MAX_DEPTH`` is refused before anything large is read, and so is more data
+    than ``room`` bytes. With an ``odd`` list, links and special files are left out and their relative paths
+    appended to it instead of refused."""
     dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
     todo = [(os.open(src, dir_flags), "", dst)]
     os.mkdir(dst, 0o700)
@@ -520,8 +544,10 @@ def _copy_listed(src: Path, dst: Path, listed: set[str], room: int) -> None:
                     os.mkdir(out / name, 0o700)
                     todo.append((child, rel + "/", out / name))
                 elif not stat.S_ISREG(st.st_mode):
-                    raise _bad(src / rel, "a link or special file has no place in a bundle", "DG446")
-                elif rel not in listed:
+                    if odd is None:
+                        raise _bad(src / rel, "a link or special file has no place in a bundle", "DG446")
+                    odd.append(rel)
+                elif listed is not None and rel not in listed:
                     raise _bad(src / rel, "not part of the certified bundle (added after certification)", "DG444")
                 else:
                     found.append((fd, name, rel, out / name, st.st_size))

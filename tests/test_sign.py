@@ -282,6 +282,62 @@ def test_cli_verify_with_pubkey(bundle, keys, capsys):
     assert "model.safetensors" in capsys.readouterr().err
 
 
+def test_cli_verify_checks_one_state_of_the_folder(bundle, keys, tmp_path, monkeypatch, capsys):
+    """`verify DIR --pubkey` used to read the folder twice: the files and proofs, then the signature. A
+    folder holding a self-consistent forgery (its own key's signature) while the first read ran, and the
+    signed original while the second did, verified as authenticated. Now every check reads one private
+    copy: the forgery's signature is checked, and fails against the trusted key."""
+    import shutil
+
+    from domainguard import artifact
+
+    forged = compile_dir(tmp_path, PROVED_POLICY.replace("name:", "name: forged-", 1), name="forged")
+    (tmp_path / "mallory").mkdir()
+    mallory = signing.generate_keypair(tmp_path / "mallory" / "k.pem")
+    signing.sign_certificate(forged, mallory[0])
+    genuine = tmp_path / "genuine"
+    shutil.copytree(bundle, genuine)
+    target = tmp_path / "target"
+    shutil.copytree(forged, target)
+    real = artifact.load_dir
+    seen = []
+
+    def load_then_swap(path):
+        seen.append(Path(path))
+        out = real(path)
+        shutil.rmtree(target)  # the folder now holds the signed original
+        shutil.copytree(genuine, target)
+        return out
+
+    monkeypatch.setattr(artifact, "load_dir", load_then_swap)
+    assert cli.main(["verify", str(target), "--pubkey", str(keys[1])]) == 2
+    err = capsys.readouterr().err
+    assert "signature" in err and str(target) in err, err
+    assert seen and seen[0] != target  # the checks read a copy, and errors name the folder, not the copy
+    monkeypatch.setattr(artifact, "load_dir", real)
+    assert cli.main(["verify", str(target), "--pubkey", str(keys[1]), "--json"]) == 0  # the original verifies
+    capsys.readouterr()
+
+
+def test_cli_verify_reports_added_files_and_links_under_their_own_paths(tmp_path, capsys):
+    """Checked on a private copy, an added file and a link still refute an unsigned directory, named by their
+    paths in the folder (not the copy's); the link is not followed."""
+    d = compile_dir(tmp_path, PROVED_POLICY, name="plain")
+    capsys.readouterr()
+    assert cli.main(["verify", str(d), "--json"]) == 0
+    capsys.readouterr()
+    (d / "extra.txt").write_text("added after compiling")
+    (tmp_path / "elsewhere.json").write_text("{}")
+    (d / "link.json").symlink_to(tmp_path / "elsewhere.json")
+    assert cli.main(["verify", str(d), "--json"]) == 1
+    report_ = json.loads(capsys.readouterr().out)
+    assert "domainguard-load-" not in json.dumps(report_)  # no claim, location or finding names the copy
+    artifact = next(c for c in report_["claims"] if c["id"] == "artifact")
+    assert artifact["status"] == "REFUTED"
+    assert f"{d / 'extra.txt'}: not part of the certified directory" in artifact["reason"]
+    assert f"{d / 'link.json'}: a link or special file" in artifact["reason"]
+
+
 def test_signing_never_writes_through_a_planted_link(tmp_path, keys):
     """The signature used to be written to PARENT/.NAME.signature.json.tmp: a link planted there had its
     target overwritten with the signature and then moved into the bundle."""
