@@ -49,6 +49,7 @@ import stat
 import sys
 import tempfile
 import time
+from enum import Enum
 from importlib import metadata
 from pathlib import Path
 
@@ -509,13 +510,30 @@ def _copied(src: Path, listed: set[str] | None, odd: list[str] | None):
 
 def _relocated(exc: DomainGuardError, copy: Path, src: Path) -> DomainGuardError:
     """``exc`` with the private copy's paths written as the bundle's."""
-    a, b = str(copy), str(src)
-    exc.message = exc.message.replace(a, b)
+    exc.message = relocate_paths(exc.message, copy, src)
     exc.args = (exc.message,)
-    exc.hint = exc.hint.replace(a, b) if exc.hint else exc.hint
+    exc.hint = relocate_paths(exc.hint, copy, src)
     if exc.location is not None:
-        exc.location = dataclasses.replace(exc.location, file=exc.location.file.replace(a, b))
+        exc.location = dataclasses.replace(exc.location, file=relocate_paths(exc.location.file, copy, src))
     return exc
+
+
+def relocate_paths(value, copy: Path, src: Path):
+    """``value`` (a string, or a dict, list, tuple or dataclass holding strings: a verdict, say) with the paths of
+    private copy ``copy`` written as those of the folder ``src`` it was copied from. Nothing else lives in the
+    copy's temporary parent, so its path occurs in no other path."""
+    if isinstance(value, Enum):
+        return value
+    if isinstance(value, str):
+        return value.replace(str(copy), str(src))
+    if isinstance(value, dict):
+        return {k: relocate_paths(v, copy, src) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(relocate_paths(v, copy, src) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: relocate_paths(getattr(value, f.name), copy, src)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value
 
 
 def _copy_listed(src: Path, dst: Path, listed: set[str] | None, room: int, odd: list[str] | None = None) -> None:

@@ -6,11 +6,8 @@ Exit codes: 0 proved / clean, 1 refuted (findings), 2 bad input or usage, 3 inco
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -155,22 +152,6 @@ def _artifact_results(path: Path, compiled, cert, problems: list[str], pubkey: s
     return results
 
 
-def _relocated(value, copy: str, path: str):
-    """``value`` (a verdict, its results, findings, strings within) with paths under ``copy`` written as ``path``'s."""
-    if isinstance(value, Enum):
-        return value
-    if isinstance(value, str):
-        return path if value == copy else value.replace(copy + os.sep, path + os.sep)
-    if isinstance(value, dict):
-        return {k: _relocated(v, copy, path) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_relocated(v, copy, path) for v in value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _relocated(getattr(value, f.name), copy, path)
-                                             for f in dataclasses.fields(value) if f.init})
-    return value
-
-
 def _certificate_result(path: Path, cert, verdict):
     """Does the certificate claim what was just re-derived? Its verdict must follow from its claims; a
     bundle's must also hold every claim a certification makes (the model's graph audit and leak test are
@@ -260,20 +241,19 @@ def verify_cmd(
             if profile is not None or layers is not None:
                 raise BundleError("--profile and --layers are fixed by the compiled directory's certificate",
                                   code="DG404")
-            from .bundle import snapshot
+            from .bundle import relocate_paths, snapshot
 
             # Every check reads one private copy: read in place, the signature could be checked on other
             # bytes than the files and proofs before it, if the folder changed in between.
             with snapshot(path) as (copy, odd):
                 compiled, cert, problems = load_dir(copy)
-                problems = [f"{copy / rel}: a link or special file has no place in a certified folder"
+                problems = [f"{path / rel}: a link or special file has no place in a certified folder"
                             for rel in odd] + problems
                 extra = _artifact_results(copy, compiled, cert, problems, pubkey)
                 verdict = verify(compiled, suggest=suggest)
                 results = verdict.results + tuple(extra) + (_certificate_result(copy, cert, verdict),)
-                verdict = _relocated(Verdict(combine_status(r.status for r in results), results, verdict.reach,
-                                             verdict.findings, verdict.suggestion), str(copy), str(path))
-                compiled = dataclasses.replace(compiled, source=_relocated(compiled.source, str(copy), str(path)))
+                verdict = relocate_paths(Verdict(combine_status(r.status for r in results), results, verdict.reach,
+                                                 verdict.findings, verdict.suggestion), copy, path)
         else:
             if pubkey is not None:
                 raise BundleError("--pubkey needs a compiled directory or bundle", code="DG404")
