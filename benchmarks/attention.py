@@ -21,7 +21,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import platform
 import random
 import sys
@@ -542,7 +541,7 @@ def time_configs(guard, layout, q, k, v, pairs, names=tuple(SWEEP), totals=False
     out, ready = {}, {}
     do = torch.randn_like(q)
     base = default_config(q.dtype, q.shape[-1])
-    ref_out = None
+    ref_out = ref_grads = None
     unknown = sorted(set(names) - set(SWEEP))
     if unknown:
         raise SystemExit(f"--sweep: unknown configuration(s) {', '.join(unknown)}; known: {', '.join(SWEEP)}")
@@ -556,7 +555,12 @@ def time_configs(guard, layout, q, k, v, pairs, names=tuple(SWEEP), totals=False
             ref_out = got if ref_out is None else ref_out
             run_ours(g, plan, q, k, v, layout, do)[1]()  # compiles the backward
             torch.cuda.synchronize()
+            grads = [x.grad.float() for x in (q, k, v)]
+            ref_grads = grads if ref_grads is None else ref_grads
             out[name] = {"max_diff_vs_default": (got.float() - ref_out.float()).abs().max().item(),
+                         # dq, dk, dv: largest difference over the default's largest magnitude
+                         "grad_rel_diff_vs_default": [float(f"{((a - r).abs().max() / r.abs().max()).item():.3g}")
+                                                      for a, r in zip(grads, ref_grads)],
                          "compiled": {kk: vv for kk, vv in kernel_resources().items() if kk not in seen}}
             ready[name] = (g, plan)
         except Exception as err:  # report and go on: this is a sweep

@@ -7,8 +7,13 @@ registers from shared memory on every step, so this probe writes the loop in Glu
 can stay in registers as the A operand of ``wgmma`` for the whole loop. Q and dO tiles arrive by
 TMA in a ring of ``STAGES`` slots, issued ``STAGES - 1`` steps ahead.
 
+The ``split_*`` variants give dV's and dK's accumulators a warpgroup each (9 warps per 64-key
+program: one warpgroup computes S^T, P^T and dV, hands P^T to the other through shared memory,
+and the other computes dP^T, dS^T and dK; a loader warp feeds both by TMA), so that each has the
+registers for 64- or 128-query products with its K or V operand in registers.
+
 A probe, not a product kernel: dense, non-causal, bf16, head dim 128, one 64-key block per
-program (4 warps), no masks. It times, in turns, the Gluon variants and the same unmasked loop
+program (4 warps; 9 for ``split_*``), no masks. It times, in turns, the Gluon variants and the same unmasked loop
 written with the product kernel's ``_dkdv_step`` (the Triton baseline), checks each against a
 float32 reference, and prints TF/s of the four products.
 
@@ -35,6 +40,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from domainguard.kernels.backward import _dkdv_step
+
+_sync_warps = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
 
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 KEYS = 64  # keys per program (one warpgroup's wgmma M)
@@ -120,6 +127,136 @@ def _dkdv_gluon(q_desc, do_desc, K, V, Lse2, Delta, DK, DV, N, qk_scale, sm_scal
     gl.store(DV + out, dv.to(dtype))
 
 
+@gluon.jit
+def _key_rows_operand(X, pid, row0, HEAD_DIM: gl.constexpr, SUB_M: gl.constexpr):
+    """This program's 64 rows of K or V as the register (A) operand of a [64, SUB_M] wgmma."""
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, SUB_M, 16])
+    ld_l: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (HEAD_DIM // 8), HEAD_DIM // 8], [4, 1], [1, 0])
+    keys = pid * 64 + gl.arange(0, 64, gl.SliceLayout(1, ld_l))
+    d_ld = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, ld_l))
+    x = gl.load(X + (row0 + keys).to(gl.int64)[:, None] * HEAD_DIM + d_ld[None, :])
+    return gl.convert_layout(x, gl.DotOperandLayout(operand_index=0, parent=s_l, k_width=2))
+
+
+@gluon.jit
+def _store_key_rows(Out, acc, pid, row0, HEAD_DIM: gl.constexpr):
+    """A [64, HEAD_DIM] accumulator to this program's 64 rows of ``Out``."""
+    o_l: gl.constexpr = acc.type.layout
+    keys_o = pid * 64 + gl.arange(0, 64, gl.SliceLayout(1, o_l))
+    d_o = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, o_l))
+    gl.store(Out + (row0 + keys_o).to(gl.int64)[:, None] * HEAD_DIM + d_o[None, :], acc.to(Out.dtype.element_ty))
+
+
+@gluon.jit
+def _split_v_group(q_smem, do_smem, p_smem, ready, free, p_ready, p_free, K, Lse2, DV, pid, row0, n_steps, qk_scale,
+                   HEAD_DIM: gl.constexpr, SUB_M: gl.constexpr, STAGES: gl.constexpr, P_STAGES: gl.constexpr):
+    """Warpgroup 1 of a split program: S^T = K Q^T, P^T (handed to the other warpgroup through
+    shared memory), dV += P^T dO. Holds only dV's accumulator."""
+    dtype: gl.constexpr = q_smem.dtype
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, SUB_M, 16])
+    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, HEAD_DIM, 16])
+    a_o: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+    k_op = _key_rows_operand(K, pid, row0, HEAD_DIM, SUB_M)
+    cols = gl.arange(0, SUB_M, gl.SliceLayout(0, s_l))
+    zero = gl.zeros([64, SUB_M], gl.float32, s_l)
+    dv = warpgroup_mma_init(gl.zeros([64, HEAD_DIM], gl.float32, o_l))
+    for j in range(n_steps):
+        s = j % STAGES
+        mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+        st = warpgroup_mma(k_op, q_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        lse = gl.load(Lse2 + row0 + j * SUB_M + cols)
+        st = warpgroup_mma_wait(0, deps=(st, ))  # this step's S^T, and (all groups) the last step's dV product
+        if j > 0:
+            mbarrier.arrive(free.index((j - 1) % STAGES), count=1)
+        pt = gl.exp2(st * qk_scale - lse[None, :]).to(dtype)
+        sp = j % P_STAGES
+        mbarrier.wait(p_free.index(sp), ((j // P_STAGES) & 1) ^ 1)
+        p_smem.index(sp).store(pt)
+        _sync_warps()
+        mbarrier.arrive(p_ready.index(sp), count=1)
+        dv = warpgroup_mma(gl.convert_layout(pt, a_o), do_smem.index(s), dv, is_async=True)
+    dv = warpgroup_mma_wait(0, deps=(dv, ))
+    _store_key_rows(DV, dv, pid, row0, HEAD_DIM)
+
+
+@gluon.jit
+def _split_k_group(q_smem, do_smem, p_smem, ready, free, p_ready, p_free, V, Delta, DK, pid, row0, n_steps, sm_scale,
+                   HEAD_DIM: gl.constexpr, SUB_M: gl.constexpr, STAGES: gl.constexpr, P_STAGES: gl.constexpr):
+    """Warpgroup 2: dP^T = V dO^T, dS^T = P^T (dP^T - Delta) with P^T from warpgroup 1, dK += dS^T Q.
+    Holds only dK's accumulator."""
+    dtype: gl.constexpr = q_smem.dtype
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, SUB_M, 16])
+    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                  instr_shape=[16, HEAD_DIM, 16])
+    a_o: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
+    v_op = _key_rows_operand(V, pid, row0, HEAD_DIM, SUB_M)
+    cols = gl.arange(0, SUB_M, gl.SliceLayout(0, s_l))
+    zero = gl.zeros([64, SUB_M], gl.float32, s_l)
+    dk = warpgroup_mma_init(gl.zeros([64, HEAD_DIM], gl.float32, o_l))
+    for j in range(n_steps):
+        s = j % STAGES
+        mbarrier.wait(ready.index(s), (j // STAGES) & 1)
+        dpt = warpgroup_mma(v_op, do_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        delta = gl.load(Delta + row0 + j * SUB_M + cols)
+        dpt = warpgroup_mma_wait(0, deps=(dpt, ))  # and the last step's dK product
+        if j > 0:
+            mbarrier.arrive(free.index((j - 1) % STAGES), count=1)
+        sp = j % P_STAGES
+        mbarrier.wait(p_ready.index(sp), (j // P_STAGES) & 1)
+        pt = p_smem.index(sp).load(s_l)
+        _sync_warps()
+        mbarrier.arrive(p_free.index(sp), count=1)
+        dst = (pt.to(gl.float32) * (dpt - delta[None, :])).to(dtype)
+        dk = warpgroup_mma(gl.convert_layout(dst, a_o), q_smem.index(s), dk, is_async=True)
+    dk = warpgroup_mma_wait(0, deps=(dk, ))
+    _store_key_rows(DK, dk * sm_scale, pid, row0, HEAD_DIM)
+
+
+@gluon.jit
+def _split_loader(q_desc, do_desc, q_smem, do_smem, ready, free, row0, n_steps,
+                  SUB_M: gl.constexpr, STAGES: gl.constexpr):
+    for j in range(n_steps):
+        s = j % STAGES
+        mbarrier.wait(free.index(s), ((j // STAGES) & 1) ^ 1)
+        _issue(q_desc, do_desc, q_smem, do_smem, ready, row0 + j * SUB_M, s)
+
+
+@gluon.jit
+def _dkdv_split(q_desc, do_desc, K, V, Lse2, Delta, DK, DV, N, qk_scale, sm_scale,
+                HEAD_DIM: gl.constexpr, SUB_M: gl.constexpr, STAGES: gl.constexpr, P_STAGES: gl.constexpr,
+                GROUP_REGS: gl.constexpr):
+    """64 keys per program, 9 warps: dV's and dK's accumulators in two warpgroups of their own (so
+    each has the registers for m64n64 products and its K or V operand), a TMA loader warp."""
+    pid = gl.program_id(0)
+    h = gl.program_id(1)
+    row0 = h * N
+    dtype: gl.constexpr = q_desc.dtype
+    p_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, SUB_M], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, SUB_M, HEAD_DIM], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, SUB_M, HEAD_DIM], do_desc.layout)
+    p_smem = gl.allocate_shared_memory(dtype, [P_STAGES, 64, SUB_M], p_sl)
+    bar_l: gl.constexpr = mbarrier.MBarrierLayout()
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
+    free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
+    p_ready = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_l)
+    p_free = gl.allocate_shared_memory(gl.int64, [P_STAGES, 1], bar_l)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(free.index(i), count=2)  # one arrival per warpgroup
+    for i in gl.static_range(P_STAGES):
+        mbarrier.init(p_ready.index(i), count=1)
+        mbarrier.init(p_free.index(i), count=1)
+    n_steps = N // SUB_M
+    gl.warp_specialize([
+        (_split_v_group, (q_smem, do_smem, p_smem, ready, free, p_ready, p_free, K, Lse2, DV, pid, row0, n_steps,
+                          qk_scale, HEAD_DIM, SUB_M, STAGES, P_STAGES)),
+        (_split_k_group, (q_smem, do_smem, p_smem, ready, free, p_ready, p_free, V, Delta, DK, pid, row0, n_steps,
+                          sm_scale, HEAD_DIM, SUB_M, STAGES, P_STAGES)),
+        (_split_loader, (q_desc, do_desc, q_smem, do_smem, ready, free, row0, n_steps, SUB_M, STAGES)),
+    ], [4, 1], [GROUP_REGS, 24])
+
+
 @triton.jit
 def _dkdv_triton(Q, DO, Lse2, Delta, K, V, DK, DV, N, qk_scale, sm_scale,
                  HEAD_DIM: tl.constexpr, SUB_N: tl.constexpr, SUB_M: tl.constexpr):
@@ -150,6 +287,11 @@ VARIANTS = {  # name: (K in registers, V in registers, query rows per step, ring
     "k_reg_m32": (True, False, 32, 3),
     "smem_m32": (False, False, 32, 3),
     "smem_m64": (False, False, 64, 2),
+}
+SPLIT = {  # name: (query rows per step, Q/dO ring slots, P^T slots, registers per warpgroup); K, V in registers
+    "split_m64": (64, 3, 2, 240),
+    "split_m64_s4": (64, 4, 2, 240),
+    "split_m128": (128, 2, 2, 240),
 }
 
 
@@ -182,6 +324,18 @@ def launcher(name: str, x: dict):
                                        x["scale"], HEAD_DIM=d, SUB_N=64, SUB_M=sub_m, num_warps=4, num_stages=stages)
             return dk, dv
         return run
+    if name in SPLIT:
+        sub_m, stages, p_stages, regs = SPLIT[name]
+        lay = gl.NVMMASharedLayout.get_default_for([sub_m, d], gl.bfloat16)
+        qd = TensorDescriptor.from_tensor(x["q"].view(-1, d), [sub_m, d], lay)
+        dod = TensorDescriptor.from_tensor(x["do"].view(-1, d), [sub_m, d], lay)
+
+        def run():
+            _dkdv_split[(n // KEYS, h)](qd, dod, x["k"], x["v"], x["lse2"], x["delta"], dk, dv, n, qk_scale,
+                                        x["scale"], HEAD_DIM=d, SUB_M=sub_m, STAGES=stages, P_STAGES=p_stages,
+                                        GROUP_REGS=regs, num_warps=4)
+            return dk, dv
+        return run
     k_reg, v_reg, sub_m, stages = VARIANTS[name]
     lay = gl.NVMMASharedLayout.get_default_for([sub_m, d], gl.bfloat16)
     qd = TensorDescriptor.from_tensor(x["q"].view(-1, d), [sub_m, d], lay)
@@ -207,7 +361,7 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--variants", default=",".join([*TRITON, *VARIANTS]))
+    ap.add_argument("--variants", default=",".join([*TRITON, *VARIANTS, *SPLIT]))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     names = args.variants.split(",")
@@ -229,6 +383,7 @@ def main(argv=None) -> None:
             res[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     res["_triton_compiled"] = resources(_dkdv_triton)
     res["_gluon_compiled"] = resources(_dkdv_gluon)
+    res["_split_compiled"] = resources(_dkdv_split)
     flops = 8.0 * args.n * args.n * 128 * args.heads
     times = {name: [] for name in runs}
     for rnd in range(args.rounds):
@@ -262,7 +417,7 @@ def compile_only() -> None:
     records, call = [], [None]
     sm90_compile._install(records, call)
     x = make_inputs(2, 256, 128, torch.device("cpu"))
-    for name in [*TRITON, *VARIANTS]:
+    for name in [*TRITON, *VARIANTS, *SPLIT]:
         call[0] = name
         try:
             launcher(name, x)()
