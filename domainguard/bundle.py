@@ -492,16 +492,20 @@ def snapshot(path):
 @contextlib.contextmanager
 def _copied(src: Path, listed: set[str] | None, odd: list[str] | None):
     """``_copy_listed`` into a fresh 0700 folder under the temporary directory, removed afterwards."""
+    from .certificate import hashed_copies
+
     base = Path(tempfile.mkdtemp(prefix="domainguard-load-"))
     copy = base / "bundle"
     try:
         try:
-            _copy_listed(src, copy, listed, shutil.disk_usage(base).free, odd)
+            digests = _copy_listed(src, copy, listed, shutil.disk_usage(base).free, odd)
         except OSError as exc:
             raise _bad(src, f"cannot copy it to check it ({exc.strerror or exc})", "DG440",
                        hint="Check the free space of the temporary directory (TMPDIR).") from None
         try:
-            yield copy
+            # Each file was hashed as it was copied: the checks inside do not read the weights again.
+            with hashed_copies(digests):
+                yield copy
         except DomainGuardError as exc:
             raise _relocated(exc, copy, src)
     finally:
@@ -536,12 +540,15 @@ def relocate_paths(value, copy: Path, src: Path):
     return value
 
 
-def _copy_listed(src: Path, dst: Path, listed: set[str] | None, room: int, odd: list[str] | None = None) -> None:
+def _copy_listed(src: Path, dst: Path, listed: set[str] | None, room: int, odd: list[str] | None = None) -> dict:
     """Copy the regular files of ``src`` into a new folder ``dst``, walking by file descriptors (no path is
     looked up twice, no link is followed); a file not in ``listed`` (None: every file is), a link, a special
     file or a tree deeper than ``_MAX_DEPTH`` is refused before anything large is read, and so is more data
     than ``room`` bytes. With an ``odd`` list, links and special files are left out and their relative paths
-    appended to it instead of refused."""
+    appended to it instead of refused. Returns each copy's sha256 of the bytes written, with its
+    identity (``certificate.hashed_copies``)."""
+    from .certificate import file_identity
+
     dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
     todo = [(os.open(src, dir_flags), "", dst)]
     os.mkdir(dst, 0o700)
@@ -574,14 +581,26 @@ def _copy_listed(src: Path, dst: Path, listed: set[str] | None, room: int, odd: 
             raise _bad(src, f"holds {need / 2**30:.1f} GiB, more than the {room / 2**30:.1f} GiB free where it "
                        "would be copied to be checked", "DG440", hint="Free space in the temporary directory, or "
                        "point TMPDIR at a larger one.")
+        digests = {}
         for fd, name, rel, target, _ in found:
             with open(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd), "rb") as fin, open(target, "xb") as fout:
                 if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
                     raise _bad(src / rel, "a link or special file has no place in a bundle", "DG446")
-                shutil.copyfileobj(fin, fout, 1 << 22)
+                digest = _copy_file(fin, fout)
+            digests[os.path.abspath(target)] = (file_identity(os.stat(target, follow_symlinks=False)), digest)
+        return digests
     finally:
         for fd in opened:
             os.close(fd)
+
+
+def _copy_file(fin, fout) -> str:
+    """Copy one open file to another; return the sha256 of the bytes written."""
+    h = hashlib.sha256()
+    while chunk := fin.read(1 << 22):
+        h.update(chunk)
+        fout.write(chunk)
+    return h.hexdigest()
 
 
 def stated_problems(cert, verdict) -> list[str]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
+import os
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -145,7 +148,39 @@ def overall(claims: list[Claim]) -> StatusName:
     return "PROVED"
 
 
+# Digests of files hashed as they were written (``hashed_copies``): absolute path -> (identity, sha256).
+_COPIED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("domainguard_copied_digests", default=None)
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What must not change for a recorded digest to stand: device, inode, size, modification time (ns)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@contextlib.contextmanager
+def hashed_copies(digests: dict):
+    """Inside the block, ``sha256_file`` answers from ``digests`` (absolute path -> (``file_identity``,
+    sha256)) for a file that still has the recorded identity, instead of reading it again: for the files
+    of a private copy, hashed while they were written. Any other file is read and hashed as usual."""
+    token = _COPIED.set(digests)
+    try:
+        yield
+    finally:
+        _COPIED.reset(token)
+
+
 def sha256_file(path: str | Path) -> str:
+    copied = _COPIED.get()
+    if copied is not None:
+        known = copied.get(os.path.abspath(path))
+        if known is not None:
+            with contextlib.suppress(OSError):
+                if file_identity(os.stat(path, follow_symlinks=False)) == known[0]:
+                    return known[1]
+    return _hash_file(path)
+
+
+def _hash_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -67,6 +67,14 @@ def copy(signed, tmp_path):
     return target, signed[1]
 
 
+def _flip_a_bit(f: Path) -> Path:
+    """Flip one bit in the middle of file ``f``; return ``f``."""
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    return f
+
+
 def test_bundle_report_shows_model_evidence_and_a_proved_verdict(signed):
     path, pub = signed
     data = report.build(path)
@@ -98,10 +106,7 @@ def test_signed_bundle_verifies_offline_and_loads(signed):
                                     "report/report.html", "relations.npy", "signature.json"])
 def test_one_byte_change_in_a_certified_bundle_names_the_file(copy, victim):
     path, pub = copy
-    f = path / victim
-    data = bytearray(f.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    f.write_bytes(bytes(data))
+    f = _flip_a_bit(path / victim)
     with pytest.raises(BundleError) as e:
         signing.verify_bundle_signature(path, pub)
     assert e.value.location.file == str(f)
@@ -155,11 +160,11 @@ def test_a_load_error_names_the_bundle_not_the_private_copy(copy):
 
 
 def test_an_added_or_deeply_nested_file_is_refused_before_anything_is_copied(copy, monkeypatch):
-    import shutil as sh
+    from domainguard import bundle as B
 
     path, pub = copy
     copied = []
-    monkeypatch.setattr(sh, "copyfileobj", lambda *a, **k: copied.append(a))
+    monkeypatch.setattr(B, "_copy_file", lambda *a: copied.append(a))
     (path / "zzz.bin").write_bytes(b"\0" * 1000)
     with pytest.raises(BundleError) as e:
         dg.load_certified(path, pubkey=str(pub))
@@ -170,6 +175,53 @@ def test_an_added_or_deeply_nested_file_is_refused_before_anything_is_copied(cop
     with pytest.raises(BundleError) as e:
         dg.load_certified(path)
     assert e.value.code == "DG446" and copied == []
+
+
+def test_a_load_hashes_each_file_once_as_it_is_copied(copy, monkeypatch, capsys):
+    """The signature check and the byte checks used to hash every file of the private copy again, each of
+    them (the weights twice more after copying them). The copy now hashes what it writes, and the checks
+    use those digests: no file of the copy is read to be hashed."""
+    from domainguard import certificate
+
+    path, pub = copy
+    hashed = []
+    real = certificate._hash_file
+    monkeypatch.setattr(certificate, "_hash_file", lambda p: hashed.append(str(p)) or real(p))
+    model = dg.load_certified(path, pubkey=str(pub))
+    assert guard_state(model).authenticated
+    assert [p for p in hashed if "domainguard-load-" in p] == []
+    assert cli.main(["verify", str(path), "--pubkey", str(pub)]) == 0
+    assert [p for p in hashed if "domainguard-load-" in p] == []
+
+
+@pytest.mark.parametrize("victim", ["model/model.safetensors", "model/config.json", "manifest.json",
+                                    "certificate.json", "signature.json"])
+def test_a_byte_changed_before_the_copy_still_fails_the_load(copy, victim):
+    """The digests the checks use are those of the copied bytes, not of what the manifest expects."""
+    path, pub = copy
+    f = _flip_a_bit(path / victim)
+    with pytest.raises(BundleError) as e:
+        dg.load_certified(path, pubkey=str(pub))
+    assert e.value.location.file == str(f), e.value
+
+
+def test_a_recorded_digest_stands_only_while_the_file_is_unchanged(tmp_path):
+    import hashlib
+
+    from domainguard import certificate
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 100)
+    ident = certificate.file_identity(os.stat(f))
+    with certificate.hashed_copies({os.path.abspath(f): (ident, "0" * 64)}):
+        assert certificate.sha256_file(f) == "0" * 64  # answered from the record
+        f.write_bytes(b"b" * 101)  # another size
+        assert certificate.sha256_file(f) == hashlib.sha256(b"b" * 101).hexdigest()
+        ident = certificate.file_identity(os.stat(f))
+        os.utime(f, ns=(ident[3] + 10**9, ident[3] + 10**9))  # same bytes and size, another time
+        with certificate.hashed_copies({os.path.abspath(f): (ident, "1" * 64)}):
+            assert certificate.sha256_file(f) == hashlib.sha256(b"b" * 101).hexdigest()
+    assert certificate.sha256_file(f) == hashlib.sha256(b"b" * 101).hexdigest()
 
 
 def test_a_tree_too_deep_for_recursion_is_a_bundle_error(copy):
