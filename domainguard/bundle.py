@@ -587,7 +587,9 @@ def _copy_listed(src: Path, dst: Path, listed: set[str] | None, room: int, odd: 
                 if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
                     raise _bad(src / rel, "a link or special file has no place in a bundle", "DG446")
                 digest = _copy_file(fin, fout)
-            digests[os.path.abspath(target)] = (file_identity(os.stat(target, follow_symlinks=False)), digest)
+                fout.flush()
+                os.fchmod(fout.fileno(), 0o400)  # read-only: a write into the copy fails instead of going unseen
+                digests[os.path.abspath(target)] = (file_identity(os.fstat(fout.fileno())), digest)
         return digests
     finally:
         for fd in opened:

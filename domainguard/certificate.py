@@ -152,21 +152,26 @@ def overall(claims: list[Claim]) -> StatusName:
 _COPIED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("domainguard_copied_digests", default=None)
 
 
-def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
-    """What must not change for a recorded digest to stand: device, inode, size, modification time (ns)."""
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What must not change for a recorded digest to stand: device, inode, size, modification and change
+    times (ns; no caller can set the change time back)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 @contextlib.contextmanager
 def hashed_copies(digests: dict):
     """Inside the block, ``sha256_file`` answers from ``digests`` (absolute path -> (``file_identity``,
     sha256)) for a file that still has the recorded identity, instead of reading it again: for the files
-    of a private copy, hashed while they were written. Any other file is read and hashed as usual."""
+    of a private copy, hashed while they were written, which nothing may write to inside the block. Any
+    other file is read and hashed as usual."""
     token = _COPIED.set(digests)
     try:
         yield
     finally:
-        _COPIED.reset(token)
+        try:
+            _COPIED.reset(token)
+        except ValueError:  # left in another context (a generator closed elsewhere): forget the record
+            _COPIED.set(None)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -177,7 +177,7 @@ def test_an_added_or_deeply_nested_file_is_refused_before_anything_is_copied(cop
     assert e.value.code == "DG446" and copied == []
 
 
-def test_a_load_hashes_each_file_once_as_it_is_copied(copy, monkeypatch, capsys):
+def test_a_load_hashes_each_file_once_as_it_is_copied(copy, monkeypatch):
     """The signature check and the byte checks used to hash every file of the private copy again, each of
     them (the weights twice more after copying them). The copy now hashes what it writes, and the checks
     use those digests: no file of the copy is read to be hashed."""
@@ -205,6 +205,22 @@ def test_a_byte_changed_before_the_copy_still_fails_the_load(copy, victim):
     assert e.value.location.file == str(f), e.value
 
 
+def test_a_changed_weight_fails_the_byte_checks_and_verify_through_the_copy(copy, capsys):
+    """Without a signature the manifest's digests are what catches a change: compared with the digests
+    recorded while copying (the load), and by the CLI's verify."""
+    path, _ = copy
+    f = _flip_a_bit(path / "model" / "model.safetensors")
+    assert cli.main(["verify", str(path)]) != 0
+    assert f"{f}: error DG415" in capsys.readouterr().err  # the signature's digests, first
+    (path / "signature.json").unlink()
+    assert cli.main(["verify", str(path)]) != 0
+    out = capsys.readouterr().out.replace("\n", "")  # then the manifest's: a problem of a REFUTED verdict
+    assert f"{f}: contents changed since certification" in out and "verdict: REFUTED" in out
+    with pytest.raises(BundleError) as e:
+        dg.load_certified(path)
+    assert e.value.code == "DG443" and e.value.location.file == str(f)
+
+
 def test_a_recorded_digest_stands_only_while_the_file_is_unchanged(tmp_path):
     import hashlib
 
@@ -221,7 +237,13 @@ def test_a_recorded_digest_stands_only_while_the_file_is_unchanged(tmp_path):
         os.utime(f, ns=(ident[3] + 10**9, ident[3] + 10**9))  # same bytes and size, another time
         with certificate.hashed_copies({os.path.abspath(f): (ident, "1" * 64)}):
             assert certificate.sha256_file(f) == hashlib.sha256(b"b" * 101).hexdigest()
-    assert certificate.sha256_file(f) == hashlib.sha256(b"b" * 101).hexdigest()
+        ident = certificate.file_identity(os.stat(f))
+        other = tmp_path / "new.bin"
+        other.write_bytes(b"c" * 101)  # same size, another file moved over the path
+        os.replace(other, f)
+        with certificate.hashed_copies({os.path.abspath(f): (ident, "2" * 64)}):
+            assert certificate.sha256_file(f) == hashlib.sha256(b"c" * 101).hexdigest()
+    assert certificate.sha256_file(f) == hashlib.sha256(b"c" * 101).hexdigest()
 
 
 def test_a_tree_too_deep_for_recursion_is_a_bundle_error(copy):
