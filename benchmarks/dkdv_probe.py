@@ -10,8 +10,7 @@ TMA in a ring of ``STAGES`` slots, issued ``STAGES - 1`` steps ahead.
 The ``split_*`` variants give dV's and dK's accumulators a warpgroup each (9 warps per 64-key
 program: one warpgroup computes S^T, P^T and dV, hands P^T to the other through shared memory,
 and the other computes dP^T, dS^T and dK; a loader warp feeds both by TMA), so that each has the
-registers for 64- or 128-query products with its K or V operand in registers; ``split_ahead_*``
-also issue each warpgroup's next product before this step's softmax (or dS).
+registers for 64- or 128-query products with its K or V operand in registers.
 
 A probe, not a product kernel: dense, non-causal, bf16, head dim 128, one 64-key block per
 program (4 warps; 9 for ``split_*``), no masks. It times, in turns, the Gluon variants and the same unmasked loop
@@ -215,83 +214,6 @@ def _split_k_group(q_smem, do_smem, p_smem, ready, free, p_ready, p_free, V, Del
 
 
 @gluon.jit
-def _split_v_ahead(q_smem, do_smem, p_smem, ready, free, p_ready, p_free, K, Lse2, DV, pid, row0, n_steps, qk_scale,
-                   HEAD_DIM: gl.constexpr, SUB_M: gl.constexpr, STAGES: gl.constexpr, P_STAGES: gl.constexpr):
-    """``_split_v_group`` with the next step's S^T issued before this step's softmax, so that product runs
-    under it (a second S^T accumulator). A Q/dO slot is released two steps late, once the dV product that
-    read it is known to be done."""
-    dtype: gl.constexpr = q_smem.dtype
-    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, SUB_M, 16])
-    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                  instr_shape=[16, HEAD_DIM, 16])
-    a_o: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-    k_op = _key_rows_operand(K, pid, row0, HEAD_DIM, SUB_M)
-    cols = gl.arange(0, SUB_M, gl.SliceLayout(0, s_l))
-    zero = gl.zeros([64, SUB_M], gl.float32, s_l)
-    dv = warpgroup_mma_init(gl.zeros([64, HEAD_DIM], gl.float32, o_l))
-    mbarrier.wait(ready.index(0), 0)
-    st_next = warpgroup_mma(k_op, q_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
-    # A product adding exactly 0, so that every step's wait(1) finds its S^T followed by one dV product.
-    dv = warpgroup_mma(gl.convert_layout(zero.to(dtype), a_o), do_smem.index(0), dv, is_async=True)
-    for j in range(n_steps):
-        s = j % STAGES
-        lse = gl.load(Lse2 + row0 + j * SUB_M + cols)
-        st = warpgroup_mma_wait(1, deps=(st_next, ))  # this step's S^T; the last dV product may still run
-        if j >= 2:
-            mbarrier.arrive(free.index((j - 2) % STAGES), count=1)
-        if j + 1 < n_steps:
-            s1 = (j + 1) % STAGES
-            mbarrier.wait(ready.index(s1), ((j + 1) // STAGES) & 1)
-            st_next = warpgroup_mma(k_op, q_smem.index(s1).permute((1, 0)), zero, use_acc=False, is_async=True)
-        pt = gl.exp2(st * qk_scale - lse[None, :]).to(dtype)
-        sp = j % P_STAGES
-        mbarrier.wait(p_free.index(sp), ((j // P_STAGES) & 1) ^ 1)
-        p_smem.index(sp).store(pt)
-        _sync_warps()
-        mbarrier.arrive(p_ready.index(sp), count=1)
-        dv = warpgroup_mma(gl.convert_layout(pt, a_o), do_smem.index(s), dv, is_async=True)
-    dv = warpgroup_mma_wait(0, deps=(dv, ))
-    _store_key_rows(DV, dv, pid, row0, HEAD_DIM)
-
-
-@gluon.jit
-def _split_k_ahead(q_smem, do_smem, p_smem, ready, free, p_ready, p_free, V, Delta, DK, pid, row0, n_steps, sm_scale,
-                   HEAD_DIM: gl.constexpr, SUB_M: gl.constexpr, STAGES: gl.constexpr, P_STAGES: gl.constexpr):
-    """``_split_k_group`` with the next step's dP^T issued before this step's dS^T."""
-    dtype: gl.constexpr = q_smem.dtype
-    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, SUB_M, 16])
-    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                  instr_shape=[16, HEAD_DIM, 16])
-    a_o: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_l, k_width=2)
-    v_op = _key_rows_operand(V, pid, row0, HEAD_DIM, SUB_M)
-    cols = gl.arange(0, SUB_M, gl.SliceLayout(0, s_l))
-    zero = gl.zeros([64, SUB_M], gl.float32, s_l)
-    dk = warpgroup_mma_init(gl.zeros([64, HEAD_DIM], gl.float32, o_l))
-    mbarrier.wait(ready.index(0), 0)
-    dpt_next = warpgroup_mma(v_op, do_smem.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
-    dk = warpgroup_mma(gl.convert_layout(zero.to(dtype), a_o), q_smem.index(0), dk, is_async=True)  # adds 0
-    for j in range(n_steps):
-        s = j % STAGES
-        delta = gl.load(Delta + row0 + j * SUB_M + cols)
-        dpt = warpgroup_mma_wait(1, deps=(dpt_next, ))
-        if j >= 2:
-            mbarrier.arrive(free.index((j - 2) % STAGES), count=1)
-        if j + 1 < n_steps:
-            s1 = (j + 1) % STAGES
-            mbarrier.wait(ready.index(s1), ((j + 1) // STAGES) & 1)
-            dpt_next = warpgroup_mma(v_op, do_smem.index(s1).permute((1, 0)), zero, use_acc=False, is_async=True)
-        sp = j % P_STAGES
-        mbarrier.wait(p_ready.index(sp), (j // P_STAGES) & 1)
-        pt = p_smem.index(sp).load(s_l)
-        _sync_warps()
-        mbarrier.arrive(p_free.index(sp), count=1)
-        dst = (pt.to(gl.float32) * (dpt - delta[None, :])).to(dtype)
-        dk = warpgroup_mma(gl.convert_layout(dst, a_o), q_smem.index(s), dk, is_async=True)
-    dk = warpgroup_mma_wait(0, deps=(dk, ))
-    _store_key_rows(DK, dk * sm_scale, pid, row0, HEAD_DIM)
-
-
-@gluon.jit
 def _split_loader(q_desc, do_desc, q_smem, do_smem, ready, free, row0, n_steps,
                   SUB_M: gl.constexpr, STAGES: gl.constexpr):
     for j in range(n_steps):
@@ -303,7 +225,7 @@ def _split_loader(q_desc, do_desc, q_smem, do_smem, ready, free, row0, n_steps,
 @gluon.jit
 def _dkdv_split(q_desc, do_desc, K, V, Lse2, Delta, DK, DV, N, qk_scale, sm_scale,
                 HEAD_DIM: gl.constexpr, SUB_M: gl.constexpr, STAGES: gl.constexpr, P_STAGES: gl.constexpr,
-                GROUP_REGS: gl.constexpr, AHEAD: gl.constexpr = False):
+                GROUP_REGS: gl.constexpr):
     """64 keys per program, 9 warps: dV's and dK's accumulators in two warpgroups of their own (so
     each has the registers for m64n64 products and its K or V operand), a TMA loader warp."""
     pid = gl.program_id(0)
@@ -326,22 +248,13 @@ def _dkdv_split(q_desc, do_desc, K, V, Lse2, Delta, DK, DV, N, qk_scale, sm_scal
         mbarrier.init(p_ready.index(i), count=1)
         mbarrier.init(p_free.index(i), count=1)
     n_steps = N // SUB_M
-    if AHEAD:
-        gl.warp_specialize([
-            (_split_v_ahead, (q_smem, do_smem, p_smem, ready, free, p_ready, p_free, K, Lse2, DV, pid, row0, n_steps,
-                              qk_scale, HEAD_DIM, SUB_M, STAGES, P_STAGES)),
-            (_split_k_ahead, (q_smem, do_smem, p_smem, ready, free, p_ready, p_free, V, Delta, DK, pid, row0, n_steps,
-                              sm_scale, HEAD_DIM, SUB_M, STAGES, P_STAGES)),
-            (_split_loader, (q_desc, do_desc, q_smem, do_smem, ready, free, row0, n_steps, SUB_M, STAGES)),
-        ], [4, 1], [GROUP_REGS, 24])
-    else:
-        gl.warp_specialize([
-            (_split_v_group, (q_smem, do_smem, p_smem, ready, free, p_ready, p_free, K, Lse2, DV, pid, row0, n_steps,
-                              qk_scale, HEAD_DIM, SUB_M, STAGES, P_STAGES)),
-            (_split_k_group, (q_smem, do_smem, p_smem, ready, free, p_ready, p_free, V, Delta, DK, pid, row0, n_steps,
-                              sm_scale, HEAD_DIM, SUB_M, STAGES, P_STAGES)),
-            (_split_loader, (q_desc, do_desc, q_smem, do_smem, ready, free, row0, n_steps, SUB_M, STAGES)),
-        ], [4, 1], [GROUP_REGS, 24])
+    gl.warp_specialize([
+        (_split_v_group, (q_smem, do_smem, p_smem, ready, free, p_ready, p_free, K, Lse2, DV, pid, row0, n_steps,
+                          qk_scale, HEAD_DIM, SUB_M, STAGES, P_STAGES)),
+        (_split_k_group, (q_smem, do_smem, p_smem, ready, free, p_ready, p_free, V, Delta, DK, pid, row0, n_steps,
+                          sm_scale, HEAD_DIM, SUB_M, STAGES, P_STAGES)),
+        (_split_loader, (q_desc, do_desc, q_smem, do_smem, ready, free, row0, n_steps, SUB_M, STAGES)),
+    ], [4, 1], [GROUP_REGS, 24])
 
 
 @triton.jit
@@ -375,14 +288,10 @@ VARIANTS = {  # name: (K in registers, V in registers, query rows per step, ring
     "smem_m32": (False, False, 32, 3),
     "smem_m64": (False, False, 64, 2),
 }
-SPLIT = {  # name: (query rows per step, Q/dO ring slots, P^T slots, registers per warpgroup, next product
-    #         issued ahead); K, V in registers
-    "split_m64": (64, 3, 2, 240, False),
-    "split_m64_s4": (64, 4, 2, 240, False),
-    "split_m128": (128, 2, 2, 240, False),
-    "split_ahead_m64_s4": (64, 4, 2, 240, True),
-    "split_ahead_m64_s5": (64, 5, 2, 240, True),
-    "split_ahead_m64_s4_p3": (64, 4, 3, 240, True),
+SPLIT = {  # name: (query rows per step, Q/dO ring slots, P^T slots, registers per warpgroup); K, V in registers
+    "split_m64": (64, 3, 2, 240),
+    "split_m64_s4": (64, 4, 2, 240),
+    "split_m128": (128, 2, 2, 240),
 }
 
 
@@ -416,7 +325,7 @@ def launcher(name: str, x: dict):
             return dk, dv
         return run
     if name in SPLIT:
-        sub_m, stages, p_stages, regs, ahead = SPLIT[name]
+        sub_m, stages, p_stages, regs = SPLIT[name]
         lay = gl.NVMMASharedLayout.get_default_for([sub_m, d], gl.bfloat16)
         qd = TensorDescriptor.from_tensor(x["q"].view(-1, d), [sub_m, d], lay)
         dod = TensorDescriptor.from_tensor(x["do"].view(-1, d), [sub_m, d], lay)
@@ -424,7 +333,7 @@ def launcher(name: str, x: dict):
         def run():
             _dkdv_split[(n // KEYS, h)](qd, dod, x["k"], x["v"], x["lse2"], x["delta"], dk, dv, n, qk_scale,
                                         x["scale"], HEAD_DIM=d, SUB_M=sub_m, STAGES=stages, P_STAGES=p_stages,
-                                        GROUP_REGS=regs, AHEAD=ahead, num_warps=4)
+                                        GROUP_REGS=regs, num_warps=4)
             return dk, dv
         return run
     k_reg, v_reg, sub_m, stages = VARIANTS[name]
