@@ -35,15 +35,13 @@ import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
-    mbarrier, tma, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
+    mbarrier, warpgroup_mma, warpgroup_mma_init, warpgroup_mma_wait,
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from domainguard.kernels.backward import _dkdv_step
+from domainguard.kernels.forward_sm90 import _sync_warps, _tma_load  # Gluon names that differ between releases
 
-_sync_warps = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
-
-_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 KEYS = 64  # keys per program (one warpgroup's wgmma M)
 
 
