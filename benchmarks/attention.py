@@ -485,7 +485,9 @@ SWEEP = {  # name: KernelConfig overrides (the measured outcomes are in BENCHMAR
     "fwd_bm64_w4": dict(block_m=64, num_warps=4),
     "fwd_nocheck": dict(check_full=False),  # cost of the in-kernel FULL-tile relation check (not a candidate)
     "fwd_tma_s2": dict(num_stages=2),
-    "dq_ptr": dict(dq_tma=False),  # dq reading K/V by pointer loads (the default before the descriptors)
+    "dq_triton": dict(dq_gluon=False),  # the Triton dq kernel on sm_90 too
+    "dq_gluon_s2": dict(dq=(("SUB_M", 128), ("SUB_N", 64), ("num_warps", 8), ("num_stages", 3), ("GLUON_STAGES", 2))),
+    "dq_ptr": dict(dq_tma=False, dq_gluon=False),  # dq reading K/V by pointer loads (the default before the descriptors)
     "bwd_one_stream": dict(bwd_concurrent=False),  # dq after dk/dv on one stream (compare with --totals)
     "bwd_a": _bwd((64, 64, 8, 2), (64, 32, 4, 3)),
     "bwd_b": _bwd((32, 64, 4, 3), (128, 64, 8, 2)),

@@ -262,6 +262,7 @@ class KernelConfig:
     fwd_gluon: bool = True  # on an sm_90 GPU, the warp-specialised Gluon forward (kernels/forward_sm90.py)
     fwd_gluon_per: int = 2  # its 64-key tiles per step of a trusted run (2: 128-key products)
     dq_tma: bool = True  # the dq kernel reads K/V through tensor descriptors
+    dq_gluon: bool = True  # on an sm_90 GPU, the warp-specialised Gluon dq kernel (kernels/dq_sm90.py)
     bwd_concurrent: bool = True  # dq on a side stream beside dk/dv (a GPU only)
     head_group: int = 0  # heads per group of a launch (kernels.forward._schedule); 0: by the GPU's L2 cache
 
@@ -569,7 +570,7 @@ class _GuardedAttentionFn(torch.autograd.Function):
             qp, dop, lse2, delta_s, kp, vp, dq, dk, dv, plan.qs, plan.ks, plan.runs, plan.runs_t, plan.order,
             plan.order_t, ctx.tables, ctx.scale, block_m=cfg.block_m, block_n=cfg.block_n, block_kt=cfg.block_kt,
             dkdv_cfg=dict(cfg.dkdv), dq_cfg=dict(cfg.dq), check_full=cfg.check_full, dq_tma=cfg.dq_tma,
-            concurrent=cfg.bwd_concurrent, head_group=cfg.head_group,
+            concurrent=cfg.bwd_concurrent, head_group=cfg.head_group, dq_gluon=cfg.dq_gluon,
         )
         return dq, dk, dv, None, None, None
 

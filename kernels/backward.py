@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 from .forward import (
-    LOG2E, _dot, _group_for_kv, _key_attrs, _masked_run, _query_trust, _schedule, dot_precision, pick_head_group,
+    LOG2E, _dot, _group_for_kv, _key_attrs, _masked_run, _query_trust, _schedule, _sm90, dot_precision,
+    pick_head_group,
 )
 from .masks import _domain_pair_allowed, _key_readable, _tile_mask
 
@@ -241,21 +242,22 @@ def _bwd_checks_kernel(
     KTrust, QTrust, QDom, KDom, KIdx,
     FullRunsT, FullStartT, FullEndT, PartRunsT, PartStartT, PartEndT,
     FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd,
-    Sq, Sk, Tk, Tq, RFT, RPT, RF, RP, Hm,
+    Sq, Sk, Tk, Tq, RFT, RPT, RF, RP, Hm, Merged,
     REL: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KT: tl.constexpr,
-    CHECK_FULL: tl.constexpr,
+    CHECK_FULL: tl.constexpr, MERGE: tl.constexpr,
 ):
     """Both table checks of a backward in one launch (one launch less of host time): programs
     [0, Tk) check the key-major tables for dk/dv (``_key_trust``), programs [Tk, Tk + Tq) the
-    query-major tables for dq (``forward._query_trust``); axis 1 is batch * Hm + mask head."""
+    query-major tables for dq (``forward._query_trust``, with ``MERGE`` also the merged runs the Gluon
+    dq kernel walks); axis 1 is batch * Hm + mask head."""
     pid = tl.program_id(0)
     bm = tl.program_id(1)
     if pid < Tk:
         _key_trust(pid, bm, KTrust, QDom, KDom, FullRunsT, FullStartT, FullEndT, PartRunsT, PartStartT, PartEndT,
                    Sq, Sk, Tk, RFT, RPT, Hm, REL, DP, BLOCK_M, BLOCK_KT, CHECK_FULL)
     else:
-        _query_trust(pid - Tk, bm, QTrust, QTrust, QDom, KDom, KIdx, FullRuns, FullStart, FullEnd, PartRuns, PartStart,
-                     PartEnd, Sq, Sk, Tq, RF, RP, Hm, REL, DP, BLOCK_M, BLOCK_N, CHECK_FULL, False)
+        _query_trust(pid - Tk, bm, QTrust, Merged, QDom, KDom, KIdx, FullRuns, FullStart, FullEnd, PartRuns, PartStart,
+                     PartEnd, Sq, Sk, Tq, RF, RP, Hm, REL, DP, BLOCK_M, BLOCK_N, CHECK_FULL, MERGE)
 
 
 @triton.jit
@@ -427,9 +429,10 @@ def launch_key_trust(qs, ks, runs_t, tables, *, block_m, block_kt, check_full):
     return trust
 
 
-def launch_backward_checks(qs, ks, runs, runs_t, tables, *, block_m, block_n, block_kt, check_full):
+def launch_backward_checks(qs, ks, runs, runs_t, tables, *, block_m, block_n, block_kt, check_full, merge=False):
     """Launch ``_bwd_checks_kernel``: (key trust [B * Hm * Tk, 2], query trust [B * Hm * Tq, 2]),
-    int32, what ``launch_key_trust`` and ``forward.launch_query_trust`` return, from one launch."""
+    int32, what ``launch_key_trust`` and ``forward.launch_query_trust`` return, from one launch;
+    ``merge`` adds a third item, the merged query-major runs (``forward.launch_query_trust``'s)."""
     full_t, part_t = runs_t
     full, part = runs
     b, hm, tk = full_t.num.shape
@@ -437,22 +440,24 @@ def launch_backward_checks(qs, ks, runs, runs_t, tables, *, block_m, block_n, bl
     dev = full_t.num.device
     key_trust = torch.empty(b * hm * tk, 2, dtype=torch.int32, device=dev)
     q_trust = torch.empty(b * hm * tq, 2, dtype=torch.int32, device=dev)
+    rf, rp = full.start.shape[-1], part.start.shape[-1]
+    merged = torch.empty(b * hm * tq, 1 + 3 * (rf + rp), dtype=torch.int32, device=dev) if merge else q_trust
     _bwd_checks_kernel[(tk + tq, b * hm)](
         key_trust, q_trust, qs.dom, ks.dom, ks.idx,
         full_t.num, full_t.start, full_t.end, part_t.num, part_t.start, part_t.end,
         full.num, full.start, full.end, part.num, part.start, part.end,
         qs.size, ks.size, tk, tq, full_t.start.shape[-1], part_t.start.shape[-1], full.start.shape[-1],
-        part.start.shape[-1], hm,
+        part.start.shape[-1], hm, merged,
         REL=tables.rel_bits, DP=tables.dp, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KT=block_kt, CHECK_FULL=check_full,
-        num_warps=4, num_stages=1,
+        MERGE=merge, num_warps=4, num_stages=1,
     )
-    return key_trust, q_trust
+    return (key_trust, q_trust, merged) if merge else (key_trust, q_trust)
 
 
 def launch_backward(
     qp, dop, lse2, delta, kp, vp, dq, dk, dv, qs, ks, runs, runs_t, order, order_t, tables, scale,
     *, block_m, block_n, dkdv_cfg, dq_cfg, check_full=True, block_kt=None, dq_tma=False, concurrent=False,
-    head_group=0,
+    head_group=0, dq_gluon=False,
 ):
     """Fill dq [B, Hq, Nq, D], dk/dv [B, Hkv, Nk, D] (caller's order) from slot-order inputs.
 
@@ -469,6 +474,9 @@ def launch_backward(
     caller's stream waits for it.
     ``order`` / ``order_t``: query / key tiles (of ``runs`` / ``runs_t``) in launch order
     (``plan.launch_order``); ``head_group``: heads per group of each launch (0: by the L2 cache).
+    ``dq_gluon``: on an sm_90 GPU, dq by the warp-specialised Gluon kernel (``dq_sm90``) where it
+    takes the shape (16-bit, head dim 64 or 128, 128-query dq programs over 128 x 64 tiles); dq_cfg's
+    GLUON_STAGES sets its ring of K/V slots (default 3: with 2, H100 dq was 25% slower, BENCHMARKS.md).
     """
     b, hq, sq, d = qp.shape
     hkv, sk = kp.shape[1], kp.shape[2]
@@ -485,8 +493,11 @@ def launch_backward(
     # A KV head's programs share the Q and dO rows of its GQA group's query heads.
     hg = pick_head_group(hkv, 2 * sq * d * qp.element_size() * (hq // hkv), qp.device, head_group)
     common_kt = dict(common, BLOCK_N=block_kt or block_n)
-    key_trust, q_trust = launch_backward_checks(qs, ks, runs, runs_t, tables, block_m=block_m, block_n=block_n,
-                                                block_kt=block_kt or block_n, check_full=check_full)
+    cq = dict(dq_cfg)
+    gluon = dq_gluon and cq["SUB_M"] == block_m and _sm90(qp, block_m=block_m, block_n=block_n, use_tma=True)
+    checks = launch_backward_checks(qs, ks, runs, runs_t, tables, block_m=block_m, block_n=block_n,
+                                    block_kt=block_kt or block_n, check_full=check_full, merge=gluon)
+    key_trust, q_trust = checks[:2]
     if side is not None:
         side.wait_stream(main)  # dq reads the checks' results
     _dkdv_kernel[grid](
@@ -501,8 +512,15 @@ def launch_backward(
         num_stages=c["num_stages"], **common_kt,
     )
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        _launch_dq(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, order, q_trust, common, dict(dq_cfg), scale,
-                   dq_tma, head_group)
+        if gluon:
+            from .dq_sm90 import launch_dq_sm90
+
+            launch_dq_sm90(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, order, q_trust, checks[2], tables,
+                           scale * LOG2E, scale, stages=cq.get("GLUON_STAGES", 3),
+                           head_group=_group_for_kv(hq, hkv, sk, d, kp, head_group))
+        else:
+            _launch_dq(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, order, q_trust, common, cq, scale, dq_tma,
+                       head_group)
     if side is not None:
         main.wait_stream(side)
 

@@ -87,6 +87,45 @@ def _load_step(desc, z_desc, row, second, bar, dst, BLOCK_N: gl.constexpr, PER: 
 
 
 @gluon.jit
+def _ring(STAGES: gl.constexpr):
+    """The mbarriers of a ring of ``STAGES`` K/V slots: (k_ready, v_ready, k_free, v_free); the loader
+    arrives on "ready" (with the bytes it loads), each of the two consumer warpgroups on "free"."""
+    bar_l: gl.constexpr = mbarrier.MBarrierLayout()
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
+    k_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
+    v_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_free.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(v_free.index(i), count=2)
+    return k_ready, v_ready, k_free, v_free
+
+
+@gluon.jit
+def _stage_untrusted(K, V, KDom, kv_row0, kslot0, kt, tile_dom, kx, vx, d_ld, REL: gl.constexpr, DP: gl.constexpr,
+                     HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, SELECT_V: gl.constexpr, ld_l: gl.constexpr):
+    """Tile ``kt``'s K and V rows, loaded by pointer, into one warpgroup's ``kx`` / ``vx`` for the
+    untrusted path, the rows of keys ``tile_dom`` may not read replaced by zeros in V (``SELECT_V``,
+    the forward: P V) or else in K (dq: dS K)."""
+    kv_rows = (kv_row0 + kt * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, ld_l))).to(gl.int64)
+    k = gl.load(K + kv_rows[:, None] * HEAD_DIM + d_ld[None, :])
+    v = gl.load(V + kv_rows[:, None] * HEAD_DIM + d_ld[None, :])
+    ld_cols = kslot0 + kt * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, ld_l))
+    readable = _key_readable(tile_dom, gl.load(KDom + ld_cols), REL, DP)[:, None]
+    if SELECT_V:
+        v = gl.where(readable, v, 0.0)
+    else:
+        k = gl.where(readable, k, 0.0)
+    _sync_warps()  # every warp is done with the previous tile's copies
+    kx.store(k)
+    vx.store(v)
+    fence_async_shared()
+    _sync_warps()
+
+
+@gluon.jit
 def _next_run(MB, RM, r, n_runs):
     """The first non-empty merged run after run ``r``: (run, first tile, first PARTIAL tile, end)."""
     r += 1
@@ -238,16 +277,8 @@ def _consumer(q_base, sqn, o_base, son, Lse2, lse_row0, slot_row0, q_smem, k_sme
     for r in range(n_slow_full + n_part - n_part_fast):
         kt0, kt1 = _masked_run(r, n_slow_full, FS, FE, PS, PE)
         for kt in range(kt0, kt1):
-            kv_rows = (kv_row0 + kt * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, ld_l))).to(gl.int64)
-            k = gl.load(K + kv_rows[:, None] * HEAD_DIM + d_ld[None, :])
-            v = gl.load(V + kv_rows[:, None] * HEAD_DIM + d_ld[None, :])
-            ld_cols = kslot0 + kt * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(1, ld_l))
-            v = gl.where(_key_readable(tile_dom, gl.load(KDom + ld_cols), REL, DP)[:, None], v, 0.0)
-            _sync_warps()  # every warp is done with the previous tile's copies
-            kx.store(k)
-            vx.store(v)
-            fence_async_shared()
-            _sync_warps()
+            _stage_untrusted(K, V, KDom, kv_row0, kslot0, kt, tile_dom, kx, vx, d_ld, REL, DP, HEAD_DIM, BLOCK_N,
+                             True, ld_l)
             s = warpgroup_mma(q_s, kx.permute((1, 0)), zero_x, use_acc=False)
             cols = kslot0 + kt * BLOCK_N + gl.arange(0, BLOCK_N, col_x)
             k_idx = gl.load(KIdx + cols)
@@ -315,16 +346,7 @@ def _fwd_sm90_kernel(
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, PER * BLOCK_N, HEAD_DIM], v_desc.layout)
     kx_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_desc.layout)
     vx_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)
-    bar_l: gl.constexpr = mbarrier.MBarrierLayout()
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
-    k_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
-    v_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_l)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_free.index(i), count=2)  # one arrival per consumer warpgroup
-        mbarrier.init(v_free.index(i), count=2)
+    k_ready, v_ready, k_free, v_free = _ring(STAGES)
     FS = FullStart + lrow * RF
     FE = FullEnd + lrow * RF
     PS = PartStart + lrow * RP

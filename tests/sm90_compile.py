@@ -99,10 +99,12 @@ def _install(records: list, call: list) -> None:
 def _calls():
     """(label, thunk) for each call whose kernels get compiled: the shapes and dtypes the product
     supports (head dims 64 and 128; bf16, fp16, fp32; GQA; a policy with window and global-token
-    patterns), forward with backward (16-bit forwards through the Gluon kernel, and once through the
-    Triton one that other GPUs run), and decode."""
+    patterns), forward with backward (16-bit forwards and 128-query dq through the Gluon kernels, and
+    once each through the Triton ones that other GPUs run), and decode."""
     import domainguard as dg
-    from domainguard.attention import GuardedAttention, KernelConfig
+    import dataclasses
+
+    from domainguard.attention import GuardedAttention, KernelConfig, default_config
 
     plain = dg.compile(dg.load_policy(REPO / "policies" / "prompt_injection.yaml"))
     patterned = dg.compile(dg.load_policy(REPO / "policies" / "clinical.yaml"))
@@ -134,7 +136,15 @@ def _calls():
         ("bf16 d128 MHA, dk/dv FULL_M 64",
          train(plain, torch.bfloat16, 128, 2, 2, config=KernelConfig(dkdv=KernelConfig().dkdv + (
              ("FULL_M", 64), ("FULL_STAGES", 2))))),
+        # the Triton dq in 128-query programs (what other GPUs run with the bf16 d128 default)
+        ("bf16 d128 MHA, Triton dq",
+         train(plain, torch.bfloat16, 128, 2, 2, config=dataclasses.replace(default_config(torch.bfloat16, 128),
+                                                                            dq_gluon=False))),
         ("fp16 d64 GQA 4:1, patterns", train(patterned, torch.float16, 64, 4, 1)),
+        # the Gluon dq at head dim 64 (taken with 128-query dq programs)
+        ("fp16 d64 GQA 4:1, patterns, Gluon dq",
+         train(patterned, torch.float16, 64, 4, 1, config=KernelConfig(dq=(("SUB_M", 128), ("SUB_N", 64),
+                                                                            ("num_warps", 8), ("num_stages", 3))))),
         ("fp32 d64 GQA 2:1", train(plain, torch.float32, 64, 2, 1)),
         ("fp32 d128 MHA", train(plain, torch.float32, 128, 2, 2)),
         ("decode bf16 d128 GQA 3:1, patterns", decode(patterned, torch.bfloat16, 128, 3, 1)),  # 2 splits

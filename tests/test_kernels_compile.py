@@ -39,13 +39,17 @@ def test_every_kernel_compiles_for_sm90(compiled_for_hopper):
     # one launch moves K/V into slot order beside the forward's table check, one runs both of the
     # backward's table checks
     train = {"_kv_checks_kernel", "_fwd_kernel", "_bwd_prep_kernel", "_bwd_checks_kernel", "_dkdv_kernel", "_dq_kernel"}
-    # 16-bit forwards on sm_90 run the warp-specialised Gluon kernel (kernels/forward_sm90.py)
+    # 16-bit forwards on sm_90 run the warp-specialised Gluon kernel (kernels/forward_sm90.py), and
+    # so does dq in 128-query programs (kernels/dq_sm90.py; the bf16 d128 default)
     gluon = (train - {"_fwd_kernel"}) | {"_fwd_sm90_kernel"}
+    gluon_dq = (gluon - {"_dq_kernel"}) | {"_dq_sm90_kernel"}
     assert by_call == {
-        "bf16 d128 MHA": gluon,
+        "bf16 d128 MHA": gluon_dq,
         "bf16 d128 MHA, Triton forward": train,
         "bf16 d128 MHA, dk/dv FULL_M 64": gluon,
+        "bf16 d128 MHA, Triton dq": gluon,
         "fp16 d64 GQA 4:1, patterns": gluon,
+        "fp16 d64 GQA 4:1, patterns, Gluon dq": gluon_dq,
         "fp32 d64 GQA 2:1": train,
         "fp32 d128 MHA": train,
         "decode bf16 d128 GQA 3:1, patterns": {"_decode_kernel"},
