@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 
 from .forward import (
-    LOG2E, _dot, _group_for_kv, _key_attrs, _masked_run, _query_trust, _schedule, _sm90, dot_precision,
-    pick_head_group,
+    LOG2E, _dot, _group_for_kv, _key_attrs, _masked_run, _query_trust, _runs_outside, _schedule, _sm90,
+    dot_precision, pick_head_group,
 )
 from .masks import _domain_pair_allowed, _key_readable, _tile_mask
 
@@ -174,7 +174,7 @@ def _dkdv_kernel(
         # masked, rows selected.
         n_slow_full = n_full - n_fast
         for r in range(n_slow_full + n_part - n_part_fast):
-            t0, t1 = _masked_run(r, n_slow_full, FS, FE, PS, PE)
+            t0, t1 = _masked_run(r, n_slow_full, FS, FE, PS, PE, Sq // BLOCK_M)
             dk, dv = _dkdv_masked_run(dk, dv, k, v, Qp, DOp, Lse2, Delta, QDom, QIdx, QRank, q_off, qslot0, t0, t1,
                                       k_dom, k_idx, k_rank, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_M,
                                       SUB_M, True, PREC)
@@ -278,15 +278,18 @@ def _key_trust(
     qslot0 = b * Sq
     k_tile_dom = tl.load(KDom + b * Sk + u * BLOCK_N)
     lrow = (bm * Tk + u).to(tl.int64)
+    FS, FE, n_full = FullStart + lrow * RF, FullEnd + lrow * RF, tl.load(FullRuns + lrow)
+    PS, PE, n_part = PartStart + lrow * RP, PartEnd + lrow * RP, tl.load(PartRuns + lrow)
+    # Runs reaching outside the row's query tiles (``forward._runs_outside``) are never trusted.
+    inside = (_runs_outside(FS, FE, tl.minimum(n_full, RF), Sq // BLOCK_M) == 0) & (n_full <= RF)
     if CHECK_FULL:
-        full_ok = _runs_readers_bad(FullStart + lrow * RF, FullEnd + lrow * RF, tl.load(FullRuns + lrow), QDom, qslot0,
-                                    k_tile_dom, True, REL, DP, BLOCK_M, 16) == 0
-        part_ok = _runs_readers_bad(PartStart + lrow * RP, PartEnd + lrow * RP, tl.load(PartRuns + lrow), QDom, qslot0,
-                                    k_tile_dom, False, REL, DP, BLOCK_M, 16) == 0
+        inside = inside & (_runs_outside(PS, PE, tl.minimum(n_part, RP), Sq // BLOCK_M) == 0) & (n_part <= RP)
+        full_ok = inside & (_runs_readers_bad(FS, FE, n_full, QDom, qslot0, k_tile_dom, True, REL, DP, BLOCK_M, 16) == 0)
+        part_ok = inside & (_runs_readers_bad(PS, PE, n_part, QDom, qslot0, k_tile_dom, False, REL, DP, BLOCK_M, 16) == 0)
         tl.store(Trust + lrow * 2, full_ok.to(tl.int32))
         tl.store(Trust + lrow * 2 + 1, part_ok.to(tl.int32))
     else:
-        tl.store(Trust + lrow * 2, 1)
+        tl.store(Trust + lrow * 2, inside.to(tl.int32))
         tl.store(Trust + lrow * 2 + 1, 0)
 
 
@@ -404,7 +407,7 @@ def _dq_kernel(
                      PAT, HAS_PAT, HEAD_DIM, BLOCK_N, SUB_N, True, False, PREC, True, USE_TMA)
     n_slow_full = n_full - n_fast
     for r in range(n_slow_full + n_part - n_part_fast):
-        u0, u1 = _masked_run(r, n_slow_full, FS, FE, PS, PE)
+        u0, u1 = _masked_run(r, n_slow_full, FS, FE, PS, PE, Sk // BLOCK_N)
         dq = _dq_run(dq, q, do, lse2, delta, Kp, Vp, Kd, Vd, kv_off, kv_row0, KDom, KIdx, KRank, kslot0, u0, u1, row_ok,
                      q_idx, q_rank, tile_dom, qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_N, SUB_N,
                      True, True, PREC, False, USE_TMA)
@@ -475,8 +478,9 @@ def launch_backward(
     ``order`` / ``order_t``: query / key tiles (of ``runs`` / ``runs_t``) in launch order
     (``plan.launch_order``); ``head_group``: heads per group of each launch (0: by the L2 cache).
     ``dq_gluon``: on an sm_90 GPU, dq by the warp-specialised Gluon kernel (``dq_sm90``) where it
-    takes the shape (16-bit, head dim 64 or 128, 128-query dq programs over 128 x 64 tiles); dq_cfg's
-    GLUON_STAGES sets its ring of K/V slots (default 3: with 2, H100 dq was 25% slower, BENCHMARKS.md).
+    takes the shape (16-bit, head dim 64 or 128, 128-query dq programs over 128 x 64 tiles); it always
+    loads K/V by TMA, whatever ``dq_tma`` says (that is the Triton dq's). dq_cfg's GLUON_STAGES sets its
+    ring of K/V slots (2 or 3; default 3: with 2, H100 dq was 25% slower, BENCHMARKS.md).
     """
     b, hq, sq, d = qp.shape
     hkv, sk = kp.shape[1], kp.shape[2]

@@ -38,7 +38,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .forward import _masked_run, _schedule
 from .forward_sm90 import (
-    CONSUMER_REGS, LOADER_REGS, ROWS, _loader, _next_run, _ring, _smem_layout, _stage_untrusted, _sync_warps, _zero_tile,
+    CONSUMER_REGS, LOADER_REGS, ROWS, _loader, _next_run, _ring, _smem_layout, _stage_untrusted, _sync_warps,
 )
 from .masks import _key_readable, _tile_mask
 
@@ -72,8 +72,8 @@ def _scores(s, dp, lse2, delta, kt, ktm, KIdx, KRank, kslot0, row_ok, q_idx, q_r
 @gluon.jit
 def _consumer(qp_base, dop_base, Lse2, Delta, lse_row0, slot_row0, dq_base, sdqn, q_smem, do_smem, k_smem, v_smem,
               kx_smem, vx_smem, k_ready, v_ready, k_free, v_free, K, V, QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
-              FS, FE, PS, PE, MB, RM, n_full, n_part, n_fast, n_part_fast, kslot0, kv_row0, tile_dom, qk_scale,
-              sm_scale, REL: gl.constexpr, CAUSAL: gl.constexpr, DP: gl.constexpr, PAT: gl.constexpr,
+              FS, FE, PS, PE, MB, RM, n_full, n_part, n_fast, n_part_fast, kslot0, kv_row0, n_kt, tile_dom,
+              qk_scale, sm_scale, REL: gl.constexpr, CAUSAL: gl.constexpr, DP: gl.constexpr, PAT: gl.constexpr,
               HAS_PAT: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
               HALF: gl.constexpr):
     """One warpgroup: query rows [64 * HALF, 64 * HALF + 64) of the tile at ``slot_row0``, all its runs."""
@@ -158,7 +158,7 @@ def _consumer(qp_base, dop_base, Lse2, Delta, lse_row0, slot_row0, dq_base, sdqn
     vx = vx_smem.index(HALF)
     n_slow_full = n_full - n_fast
     for r in range(n_slow_full + n_part - n_part_fast):
-        kt0, kt1 = _masked_run(r, n_slow_full, FS, FE, PS, PE)
+        kt0, kt1 = _masked_run(r, n_slow_full, FS, FE, PS, PE, n_kt)
         for kt in range(kt0, kt1):
             _stage_untrusted(K, V, KDom, kv_row0, kslot0, kt, tile_dom, kx, vx, d_ld, REL, DP, HEAD_DIM, BLOCK_N,
                              False, ld_l)
@@ -181,7 +181,7 @@ def _consumer(qp_base, dop_base, Lse2, Delta, lse_row0, slot_row0, dq_base, sdqn
 
 @gluon.jit
 def _dq_sm90_kernel(
-    Qp, DOp, Lse2, Delta, K, V, k_desc, v_desc, z_desc, DQ,
+    Qp, DOp, Lse2, Delta, K, V, k_desc, v_desc, DQ,
     sdqb, sdqh, sdqn,
     QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
     FullRuns, FullStart, FullEnd, PartRuns, PartStart, PartEnd, Order, Trust, Merged,
@@ -229,24 +229,29 @@ def _dq_sm90_kernel(
         (_consumer, (
             Qp, DOp, Lse2, Delta, lse_row0, slot_row0, dq_base, sdqn, q_smem, do_smem, k_smem, v_smem,
             kx_smem, vx_smem, k_ready, v_ready, k_free, v_free, K, V, QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
-            FS, FE, PS, PE, MB, RM, n_full, n_part, n_fast, n_part_fast, kslot0, kv_row0, tile_dom, qk_scale,
-            sm_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_N, STAGES, 0)),
+            FS, FE, PS, PE, MB, RM, n_full, n_part, n_fast, n_part_fast, kslot0, kv_row0, Sk // BLOCK_N, tile_dom,
+            qk_scale, sm_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_N, STAGES, 0)),
         (_consumer, (
             Qp, DOp, Lse2, Delta, lse_row0, slot_row0, dq_base, sdqn, q_smem, do_smem, k_smem, v_smem,
             kx_smem, vx_smem, k_ready, v_ready, k_free, v_free, K, V, QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
-            FS, FE, PS, PE, MB, RM, n_full, n_part, n_fast, n_part_fast, kslot0, kv_row0, tile_dom, qk_scale,
-            sm_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_N, STAGES, 1)),
-        (_loader, (k_desc, v_desc, z_desc, k_smem, v_smem, k_ready, v_ready, k_free, v_free, MB, RM, kv_row0,
+            FS, FE, PS, PE, MB, RM, n_full, n_part, n_fast, n_part_fast, kslot0, kv_row0, Sk // BLOCK_N, tile_dom,
+            qk_scale, sm_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_N, STAGES, 1)),
+        # (one tile per slot: the loader never loads the tile of zeros, so K's descriptor stands in for it)
+        (_loader, (k_desc, v_desc, k_desc, k_smem, v_smem, k_ready, v_ready, k_free, v_free, MB, RM, kv_row0,
                    BLOCK_N, 1, STAGES)),
     ], [4, 1], [CONSUMER_NREG, LOADER_NREG])
 
 
 def launch_dq_sm90(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, order, trust, merged, tables, qk_scale, sm_scale,
-                   *, stages=2, head_group=1):
+                   *, stages=3, head_group=1):
     """Launch ``_dq_sm90_kernel``: dq [B, Hq, Nq, D] (caller's order) from slot-order inputs (qp/dop
     [B, Hq, Sq, D], kp/vp [B, Hkv, Sk, D], lse2/delta [B, Hq, Sq]); ``trust``/``merged`` from
-    ``forward._query_trust`` with merged runs on ``runs``; ``head_group``: heads per group of the
-    launch (a divisor of the query heads)."""
+    ``forward._query_trust`` with merged runs on ``runs``; ``stages``: K/V ring slots, 2 or 3 (a
+    tile's K slot is held until the next tile's dS K is done, so one slot would wait on itself, and
+    four do not fit in shared memory at head dim 128); ``head_group``: heads per group of the launch
+    (a divisor of the query heads)."""
+    if stages not in (2, 3):
+        raise ValueError(f"the Gluon dq kernel takes 2 or 3 K/V ring slots, got {stages!r}")
     b, hq, sq, d = qp.shape
     hkv, sk = kp.shape[1], kp.shape[2]
     full, part = runs
@@ -256,11 +261,10 @@ def launch_dq_sm90(qp, dop, lse2, delta, kp, vp, dq, qs, ks, runs, order, trust,
     k2, v2 = kp.view(-1, d), vp.view(-1, d)
     kd = TensorDescriptor.from_tensor(k2, [block_n, d], lay)
     vd = TensorDescriptor.from_tensor(v2, [block_n, d], lay)
-    zd = _zero_tile(kp.device, kp.dtype, d, block_n)
     if hq % head_group:
         raise ValueError(f"head_group {head_group} does not divide {hq} heads")
     _dq_sm90_kernel[(tq * hq, b)](
-        qp, dop, lse2, delta, k2, v2, kd, vd, zd, dq,
+        qp, dop, lse2, delta, k2, v2, kd, vd, dq,
         dq.stride(0), dq.stride(1), dq.stride(2),
         qs.tok, qs.dom, qs.idx, qs.rank, ks.dom, ks.idx, ks.rank,
         full.num, full.start, full.end, part.num, part.start, part.end, order, trust, merged,

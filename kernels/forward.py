@@ -183,12 +183,27 @@ def _runs_impure(Start, End, n_runs, KDom, KIdx, kslot0, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
-def _masked_run(r, n_slow_full, FS, FE, PS, PE):
+def _masked_run(r, n_slow_full, FS, FE, PS, PE, hi):
     """Bounds of run ``r`` of the masked pass: the ``n_slow_full`` FULL runs not taken as FULL, then
-    every PARTIAL run."""
+    every PARTIAL run; empty if it reaches outside tiles [0, ``hi``) (a table altered after its check
+    may list such tiles, which hold no token of this row and head: reading them would read another's)."""
     in_full = r < n_slow_full
-    return (tl.load(tl.where(in_full, FS + r, PS + (r - n_slow_full))),
-            tl.load(tl.where(in_full, FE + r, PE + (r - n_slow_full))))
+    t0 = tl.load(tl.where(in_full, FS + r, PS + (r - n_slow_full)))
+    t1 = tl.load(tl.where(in_full, FE + r, PE + (r - n_slow_full)))
+    return t0, tl.where((t0 >= 0) & (t1 <= hi), t1, t0)
+
+
+@triton.jit
+def _runs_outside(Start, End, n_runs, hi):
+    """Number of the runs that are not empty and reach outside tiles [0, ``hi``). A check reads the
+    labels of batch row b at tile t and a kernel the K/V rows of (b, head) at tile t, so past the
+    row's tiles the two would be another row's labels and another head's keys."""
+    bad = 0
+    for r in range(n_runs):
+        t0 = tl.load(Start + r)
+        t1 = tl.load(End + r)
+        bad += ((t0 < t1) & ((t0 < 0) | (t1 > hi))).to(tl.int32)
+    return bad
 
 
 @triton.jit
@@ -244,7 +259,7 @@ def _query_trust(
     head, query tile), so heads that share a mask check once. Trust [B * Hm * Tq, 2] int32.
 
     All of them when the tile's rows are all of its first row's domain, its run counts fit its table
-    rows, and — with ``CHECK_FULL`` — the frozen relation lets that domain read the key domain of
+    rows, its runs lie inside the row's key tiles, and — with ``CHECK_FULL`` — the frozen relation lets that domain read the key domain of
     every tile the runs list and every slot of a listed PARTIAL tile is of its tile's domain or
     padding (index < 0; such tiles are masked by index alone); otherwise none, and every tile runs
     masked with unreadable rows replaced. Unchecked tables: no PARTIAL run skips its select. With
@@ -264,6 +279,8 @@ def _query_trust(
     FE = FullEnd + lrow * RF
     PS = PartStart + lrow * RP
     PE = PartEnd + lrow * RP
+    if trusted:  # (loads inside the table's row only)
+        trusted = (_runs_outside(FS, FE, n_full, Sk // BLOCK_N) + _runs_outside(PS, PE, n_part, Sk // BLOCK_N)) == 0
     if CHECK_FULL:
         kslot0 = b * Sk
         bad = _runs_readable(FS, FE, n_full, KDom, kslot0, tile_dom, REL, DP, BLOCK_N, 64)
@@ -430,7 +447,7 @@ def _fwd_kernel(
     # Untrusted: the FULL runs not taken above, then the PARTIAL runs, all masked, V selected.
     n_slow_full = n_full - n_fast
     for r in range(n_slow_full + n_part - n_part_fast):
-        kt0, kt1 = _masked_run(r, n_slow_full, FS, FE, PS, PE)
+        kt0, kt1 = _masked_run(r, n_slow_full, FS, FE, PS, PE, Sk // BLOCK_N)
         for kt in range(kt0, kt1):
             k, v = _load_kv(K, V, Kd, Vd, kv_row0 + kt * BLOCK_N, d, BLOCK_N, HEAD_DIM, USE_TMA)
             acc, l_i, m_i = _masked_step(acc, l_i, m_i, q, k, v, row_ok, q_idx, q_rank, tile_dom, KDom, KIdx, KRank,

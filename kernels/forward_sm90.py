@@ -177,8 +177,8 @@ def _step_mask(s, kt, ktm, kt1, KIdx, KRank, kslot0, row_ok, q_idx, q_rank, tile
 @gluon.jit
 def _consumer(q_base, sqn, o_base, son, Lse2, lse_row0, slot_row0, q_smem, k_smem, v_smem, kx_smem, vx_smem,
               k_ready, v_ready, k_free, v_free, K, V, QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
-              FS, FE, PS, PE, MB, RM, n_full, n_part, n_fast, n_part_fast, kslot0, kv_row0, tile_dom, qk_scale,
-              REL: gl.constexpr, CAUSAL: gl.constexpr, DP: gl.constexpr, PAT: gl.constexpr, HAS_PAT: gl.constexpr,
+              FS, FE, PS, PE, MB, RM, n_full, n_part, n_fast, n_part_fast, kslot0, kv_row0, n_kt, tile_dom,
+              qk_scale, REL: gl.constexpr, CAUSAL: gl.constexpr, DP: gl.constexpr, PAT: gl.constexpr, HAS_PAT: gl.constexpr,
               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PER: gl.constexpr, STAGES: gl.constexpr,
               HALF: gl.constexpr):
     """One warpgroup: query rows [64 * HALF, 64 * HALF + 64) of the tile at ``slot_row0``, all its runs."""
@@ -275,7 +275,7 @@ def _consumer(q_base, sqn, o_base, son, Lse2, lse_row0, slot_row0, q_smem, k_sme
     x_ok = gl.convert_layout(row_ok, row_x)
     zero_x = gl.zeros([ROWS, BLOCK_N], gl.float32, x_l)
     for r in range(n_slow_full + n_part - n_part_fast):
-        kt0, kt1 = _masked_run(r, n_slow_full, FS, FE, PS, PE)
+        kt0, kt1 = _masked_run(r, n_slow_full, FS, FE, PS, PE, n_kt)
         for kt in range(kt0, kt1):
             _stage_untrusted(K, V, KDom, kv_row0, kslot0, kt, tile_dom, kx, vx, d_ld, REL, DP, HEAD_DIM, BLOCK_N,
                              True, ld_l)
@@ -357,13 +357,13 @@ def _fwd_sm90_kernel(
         (_consumer, (
             q_base, sqn, o_base, son, Lse2, lse_row0, slot_row0, q_smem, k_smem, v_smem, kx_smem, vx_smem,
             k_ready, v_ready, k_free, v_free, K, V, QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
-            FS, FE, PS, PE, MB, RM, n_full, n_part, n_fast, n_part_fast, kslot0, kv_row0, tile_dom, qk_scale,
-            REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_N, PER, STAGES, 0)),
+            FS, FE, PS, PE, MB, RM, n_full, n_part, n_fast, n_part_fast, kslot0, kv_row0, Sk // BLOCK_N, tile_dom,
+            qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_N, PER, STAGES, 0)),
         (_consumer, (
             q_base, sqn, o_base, son, Lse2, lse_row0, slot_row0, q_smem, k_smem, v_smem, kx_smem, vx_smem,
             k_ready, v_ready, k_free, v_free, K, V, QTok, QDom, QIdx, QRank, KDom, KIdx, KRank,
-            FS, FE, PS, PE, MB, RM, n_full, n_part, n_fast, n_part_fast, kslot0, kv_row0, tile_dom, qk_scale,
-            REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_N, PER, STAGES, 1)),
+            FS, FE, PS, PE, MB, RM, n_full, n_part, n_fast, n_part_fast, kslot0, kv_row0, Sk // BLOCK_N, tile_dom,
+            qk_scale, REL, CAUSAL, DP, PAT, HAS_PAT, HEAD_DIM, BLOCK_N, PER, STAGES, 1)),
         (_loader, (k_desc, v_desc, z_desc, k_smem, v_smem, k_ready, v_ready, k_free, v_free, MB, RM, kv_row0,
                    BLOCK_N, PER, STAGES)),
     ], [4, 1], [CONSUMER_NREG, LOADER_NREG])

@@ -68,9 +68,11 @@ def test_hopper_bf16_d128_backward_takes_the_gluon_dq(compiled, dq_calls):
 
 @pytest.mark.parametrize("dtype,hd,hq,hkv,b,n", CASES, ids=lambda x: str(x).replace("torch.", ""))
 @pytest.mark.parametrize("policy", ["kernel-test", "clinical"])
-def test_gluon_and_triton_dq_agree(compiled, patterned, policy, dtype, hd, hq, hkv, b, n, dq_calls):
-    """Same tables, same dS: the two dq kernels agree up to the order of their fp32 sums, and both
-    match the reference; dk/dv (the Triton kernel either way) is the same to the bit."""
+@pytest.mark.parametrize("stages", [3, 2], ids=["3-slots", "2-slots"])
+def test_gluon_and_triton_dq_agree(compiled, patterned, policy, dtype, hd, hq, hkv, b, n, stages, dq_calls):
+    """Same tables, same dS: the two dq kernels agree row by row up to the order of their fp32 sums
+    (with either ring of K/V slots), and both match the reference; dk/dv (the Triton kernel either
+    way) is the same to the bit."""
     comp = compiled if policy == "kernel-test" else patterned
     ids = _ids(b, n, seed=hd + n, d=comp.num_domains)
     if b > 1:
@@ -78,12 +80,14 @@ def test_gluon_and_triton_dq_agree(compiled, patterned, policy, dtype, hd, hq, h
     layout = dg.Layout.from_ids(comp, ids).to(DEV)
     q, k, v = _qkv(b, hq, hkv, n, hd, dtype, seed=n)
     do = torch.randn_like(q)
-    ours = _grads(GuardedAttention(comp, GLUON_DQ), q, k, v, layout, do)
+    ours = _grads(GuardedAttention(comp, KernelConfig(dq=DQ128 + (("GLUON_STAGES", stages),))), q, k, v, layout, do)
     theirs = _grads(GuardedAttention(comp, TRITON_DQ), q, k, v, layout, do)
     assert dq_calls == [1]
     real = (ids != comp.pad_id).to(DEV)[:, None, :, None]
     assert torch.isfinite(ours[0]).all()
-    assert (ours[0] - theirs[0]).abs().max().item() <= 2e-2 * theirs[0].abs().max().item(), "dq"
+    # per row: a tile dropped or doubled in one row shows there, whatever the largest row holds
+    row_err = (ours[0] - theirs[0]).float().abs().amax(-1) / theirs[0].float().abs().amax(-1).clamp_min(1e-3)
+    assert row_err[real[..., 0].expand_as(row_err)].max().item() <= 2e-2, "dq"
     assert torch.equal(ours[1], theirs[1]) and torch.equal(ours[2], theirs[2]), "dk/dv"
     qf, kf, vf = (x.detach().float().requires_grad_(True) for x in (q, k, v))
     ref = torch.autograd.grad(attention_reference(qf, kf, vf, layout, comp, 0), (qf, kf, vf), do.float())
@@ -99,7 +103,8 @@ POISONS = {"nan_inf": (float("nan"), float("inf")), "huge_neginf": (1e30, float(
     ("honest_full_plus_partial", True), ("honest_full_plus_partial", False),
 ])
 @pytest.mark.parametrize("poison", list(POISONS))
-def test_gluon_dq_keeps_forged_plans_exact(compiled, forgery, check_full, poison, dq_calls, monkeypatch):
+@pytest.mark.parametrize("hd", [128, 64])
+def test_gluon_dq_keeps_forged_plans_exact(compiled, forgery, check_full, poison, hd, dq_calls, monkeypatch):
     """A plan forged after check_plan: every key tile claimed FULL, or listed PARTIAL. With the
     tables checked, the query-side check finds a tile the query tile may not read and the Gluon dq
     walks that query tile on its untrusted path (K selected); unchecked, every PARTIAL tile does.
@@ -109,7 +114,7 @@ def test_gluon_dq_keeps_forged_plans_exact(compiled, forgery, check_full, poison
     monkeypatch.setattr(att, "check_plan", lambda *a, **kw: None)
     ids, layout, secret, (q, k, v), guard, plan = _forgery_case(
         compiled, dataclasses.replace(GLUON_DQ, check_full=check_full), 600, seed=31, qkv_seed=8, heads=2,
-        dtype=torch.bfloat16)
+        dtype=torch.bfloat16, head_dim=hd)
     forged = dataclasses.replace(plan, runs=_forged_runs(plan, forgery))
     do = torch.randn_like(q)
     k2, v2 = k.detach().clone(), v.detach().clone()

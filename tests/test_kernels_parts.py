@@ -422,11 +422,25 @@ def test_table_checks_trust_exactly_the_tiles_they_should(compiled, check_full):
         want_k = _key_trust_expected(qs, ks, plan.runs_t, tables, bm, bkt, check_full)
         assert torch.equal(got_q.cpu().view_as(want_q), want_q)
         assert torch.equal(got_k.cpu().view_as(want_k), want_k)
-        # The backward's single launch of both checks gives the same answers.
+        # The backward's single launch of both checks gives the same answers, and with ``merge`` (the
+        # Gluon dq's) the merged runs the forward's check writes.
         fused_k, fused_q = launch_backward_checks(qs, ks, plan.runs, plan.runs_t, tables, block_m=bm, block_n=bn,
                                                   block_kt=bkt, check_full=check_full)
         assert torch.equal(fused_q.cpu().view_as(want_q), want_q)
         assert torch.equal(fused_k.cpu().view_as(want_k), want_k)
+        merged_k, merged_q, merged = launch_backward_checks(qs, ks, plan.runs, plan.runs_t, tables, block_m=bm,
+                                                            block_n=bn, block_kt=bkt, check_full=check_full,
+                                                            merge=True)
+        trust_f, merged_f = launch_query_trust(qs, ks, plan.runs, tables, block_m=bm, block_n=bn,
+                                               check_full=check_full, merge=True)
+        assert torch.equal(merged_q, trust_f) and torch.equal(merged_k, fused_k)
+        counts = merged[:, 0].long()
+        assert torch.equal(counts, merged_f[:, 0].long())
+        rm = (merged.shape[1] - 1) // 3
+        live = torch.arange(rm, device=merged.device)[None, :] < counts[:, None]  # entries past the count are unset
+        for part in range(3):
+            got, want = (m[:, 1 + part * rm: 1 + (part + 1) * rm] for m in (merged, merged_f))
+            assert torch.equal(torch.where(live, got, 0), torch.where(live, want, 0))
         return want_q, want_k
 
     honest_q, honest_k = both(plan.qs, plan.ks)
