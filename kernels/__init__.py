@@ -2,8 +2,8 @@
 
 ``tables`` freezes a compiled policy into compile-time constants; ``plan`` sorts tokens
 into domain-pure tiles; ``forward``, ``backward`` and ``decode`` are the kernels, each
-with a PyTorch reference beside it (``forward_sm90`` is the forward's warp-specialised
-Gluon form for sm_90 GPUs); ``permute`` moves rows between token orders.
+with a PyTorch reference beside it (``forward_sm90`` and ``dq_sm90`` are the forward's and the
+dq kernel's warp-specialised Gluon forms for sm_90 GPUs); ``permute`` moves rows between token orders.
 ``source_digest()`` is the sha256 a certificate records for the code that enforces
 the relation.
 """
