@@ -771,6 +771,24 @@ class GuardedAttention:
         return out, lse2.gather(2, inv) * LN2
 
 
+_FIELDS_OF: dict = {}
+
+
+def _dataclass_fields(cls) -> tuple | None:
+    """Field names ``_fingerprint`` walks in instances of ``cls`` (None: not a dataclass), looked up once
+    per class: ``dataclasses.fields`` on every call was most of a fingerprint's host time. A layout's
+    compiled policy and a plan's frozen KernelConfig hold no tensor: skipped, they are the slow part."""
+    try:
+        return _FIELDS_OF[cls]
+    except KeyError:
+        pass
+    names = None
+    if dataclasses.is_dataclass(cls):
+        names = tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("compiled", "config"))
+    _FIELDS_OF[cls] = names
+    return names
+
+
 def _fingerprint(obj, depth: int = 0):
     """Identity and version counter of every tensor ``obj`` holds (dataclass fields, tuples, lists, dicts):
     equal fingerprints mean nothing was replaced or changed in place. None where a tensor keeps no
@@ -782,10 +800,9 @@ def _fingerprint(obj, depth: int = 0):
             return None
     if depth > 4:
         return ()
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        # (a layout's compiled policy and a plan's frozen KernelConfig hold no tensor: skipped, they are the slow part)
-        parts = [_fingerprint(getattr(obj, f.name), depth + 1) for f in dataclasses.fields(obj)
-                 if f.name not in ("compiled", "config")]
+    names = _dataclass_fields(type(obj))
+    if names is not None:
+        parts = [_fingerprint(getattr(obj, name), depth + 1) for name in names]
     elif isinstance(obj, (tuple, list)):
         if not obj or not (isinstance(obj[0], (torch.Tensor, tuple, list, dict)) or dataclasses.is_dataclass(obj[0])):
             return ()  # numbers and names (a mask key, a config): nothing a kernel reads in place
